@@ -1,0 +1,272 @@
+"""Low-rank adapters on any transformers model.
+
+Two parameterisations of the update of a frozen weight W0 (d_out x d_in):
+    LoRA:     W0 + s B A        A: r x d_in, B: d_out x r
+    LoRA-SB:  W0 + s B R A      R: r x r
+and a third, "full", where the target weights themselves are the federated state.
+
+The federated state of a model is a flat dict of tensors:
+    "<layer>.lora_A", "<layer>.lora_B", "<layer>.lora_R"   adapter factors
+    "<layer>.weight"                                        full-weight mode
+    "<head param>" (e.g. "classifier.weight")               task head, trained by every method
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import ConfigError
+
+Parameterisation = Literal["lora", "lorasb", "full"]
+FACTORS = ("lora_A", "lora_B", "lora_R")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) whatever the storage layout: Conv1D stores its weight as d_in x d_out."""
+    d0, d1 = module.weight.shape
+    return (d1, d0) if isinstance(module, Conv1D) else (d0, d1)
+
+
+class LowRankLayer(nn.Module):
+    """A frozen linear layer plus the low-rank update s * B [R] A."""
+
+    def __init__(self, base: nn.Module, rank: int, scaling: float, with_r: bool, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.transposed = isinstance(base, Conv1D)
+        self.d_out, self.d_in = weight_shape(base)
+        self.rank = rank
+        self.scaling = scaling
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.zeros(rank, self.d_in, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.d_out, rank, **factory))
+        self.lora_R = nn.Parameter(torch.eye(rank, **factory)) if with_r else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.linear(self.dropout(x), self.lora_A)
+        if self.lora_R is not None:
+            h = nn.functional.linear(h, self.lora_R)
+        return self.base(x) + self.scaling * nn.functional.linear(h, self.lora_B)
+
+    def add_to_base(self, delta: torch.Tensor) -> None:
+        """Add a d_out x d_in update to W0 in the weight's own layout."""
+        with torch.no_grad():
+            self.base.weight.add_(delta.T if self.transposed else delta)
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 as d_out x d_in (a view)."""
+        return self.base.weight.T if self.transposed else self.base.weight
+
+
+def low_rank_delta(state: dict[str, torch.Tensor], layer: str, scaling: float) -> torch.Tensor:
+    """s B [R] A for one layer, from a flat state dict."""
+    B, A = state[f"{layer}.lora_B"], state[f"{layer}.lora_A"]
+    R = state.get(f"{layer}.lora_R")
+    return scaling * (B @ (R @ A if R is not None else A))
+
+
+def _match(name: str, targets: Iterable[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _in_any(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class AdaptedModel:
+    """A transformers model with low-rank adapters (or trainable full target weights) and a task head."""
+
+    def __init__(self, model: nn.Module, *, parameterisation: Parameterisation, rank: int, scaling: float,
+                 target_modules: list[str], head_modules: list[str], dropout: float = 0.0):
+        self.model = model
+        self.parameterisation = parameterisation
+        self.rank = rank
+        self.scaling = scaling
+        self.target_modules = list(target_modules)
+        self.head_modules = list(head_modules)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+        named = dict(model.named_modules())
+        missing = [h for h in head_modules if h not in named]
+        if missing:
+            raise ConfigError(f"adapter.modules_to_save: no module named {missing} in {type(model).__name__}")
+        targets = [n for n, m in named.items()
+                   if is_adaptable(m) and _match(n, target_modules) and not _in_any(n, head_modules)]
+        if not targets:
+            raise ConfigError(f"adapter.target_modules {target_modules} matches no linear layer of "
+                              f"{type(model).__name__} (examples of names: {_linear_names(model)[:6]})")
+        self.layers: dict[str, LowRankLayer] = {}
+        self.full_layers: dict[str, nn.Module] = {}
+        for name in targets:
+            module = named[name]
+            if parameterisation == "full":
+                self.full_layers[name] = module
+                continue
+            d_out, d_in = weight_shape(module)
+            if rank > min(d_out, d_in):
+                raise ConfigError(f"adapter.rank {rank} is larger than layer {name} ({d_out} x {d_in})")
+            layer = LowRankLayer(module, rank, scaling, with_r=parameterisation == "lorasb", dropout=dropout)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            self.layers[name] = layer
+        self.head_params = {n: p for n, p in model.named_parameters() if _in_any(n, head_modules)}
+        # full mode measures its update against the pretrained weights
+        self.pretrained = ({n: m.weight.detach().clone() for n, m in self.full_layers.items()}
+                           if parameterisation == "full" else {})
+
+    # -- the flat federated state ------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers or self.full_layers)
+
+    def parameters_by_key(self) -> dict[str, nn.Parameter]:
+        params: dict[str, nn.Parameter] = {}
+        for name, layer in self.layers.items():
+            for factor in FACTORS:
+                p = getattr(layer, factor)
+                if p is not None:
+                    params[f"{name}.{factor}"] = p
+        for name, module in self.full_layers.items():
+            params[f"{name}.weight"] = module.weight
+        params.update(self.head_params)
+        return params
+
+    def state(self, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        params = self.parameters_by_key()
+        keys = params.keys() if keys is None else keys
+        return {k: params[k].detach().clone() for k in keys}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.parameters_by_key()
+        unknown = set(state) - set(params)
+        if unknown:
+            raise KeyError(f"unknown state keys: {sorted(unknown)[:5]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    def keys_of(self, kinds: Iterable[str], head: bool = True) -> list[str]:
+        """State keys of the given factor kinds ("lora_A", "lora_B", "lora_R", "weight"), plus the head."""
+        kinds = tuple(kinds)
+        keys = [k for k in self.parameters_by_key() if k not in self.head_params and k.rpartition(".")[2] in kinds]
+        return keys + (list(self.head_params) if head else [])
+
+    def set_trainable(self, keys: Iterable[str]) -> list[nn.Parameter]:
+        keys = set(keys)
+        trainable = []
+        for k, p in self.parameters_by_key().items():
+            p.requires_grad_(k in keys)
+            if k in keys:
+                trainable.append(p)
+        return trainable
+
+    # -- initialisation -----------------------------------------------------------------------
+    def lora_init(self, generator: torch.Generator, layers: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """PEFT's LoRA init (A Kaiming-uniform with a = sqrt(5), B = 0); one generator for all layers,
+        so every layer draws its own A."""
+        state = {}
+        for name in (self.layers if layers is None else layers):
+            layer = self.layers[name]
+            A = torch.empty(layer.rank, layer.d_in, dtype=layer.lora_A.dtype)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+            state[f"{name}.lora_A"] = A.to(layer.lora_A.device)
+            state[f"{name}.lora_B"] = torch.zeros_like(layer.lora_B)
+            if layer.lora_R is not None:
+                state[f"{name}.lora_R"] = torch.eye(layer.rank, dtype=layer.lora_R.dtype, device=layer.lora_R.device)
+        return state
+
+    def head_init(self, generator: torch.Generator, std: float = 0.02) -> dict[str, torch.Tensor]:
+        """A seeded task head (normal weights, zero biases), identical wherever the seed is."""
+        state = {}
+        for k, p in self.head_params.items():
+            t = torch.zeros(p.shape, dtype=p.dtype)
+            if p.dim() > 1:
+                t.normal_(0.0, std, generator=generator)
+            state[k] = t.to(p.device)
+        return state
+
+    # -- deltas and the base weights ----------------------------------------------------------
+    def layer_delta(self, state: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
+        """The update this state applies to one layer's weight, as d_out x d_in."""
+        if self.parameterisation == "full":
+            module = self.full_layers[layer]
+            w = state[f"{layer}.weight"] - self.pretrained[layer]
+            return w.T if isinstance(module, Conv1D) else w
+        return low_rank_delta(state, layer, self.scaling)
+
+    def add_to_base(self, deltas: dict[str, torch.Tensor]) -> None:
+        for layer, delta in deltas.items():
+            self.layers[layer].add_to_base(delta)
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        return {n: layer.base.weight.detach().clone() for n, layer in self.layers.items()}
+
+    def load_base_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, w in weights.items():
+                self.layers[n].base.weight.copy_(w)
+
+    def base_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights under their original names, adapters left out."""
+        out = {}
+        for k, v in self.model.state_dict().items():
+            if any(f in k.split(".") for f in FACTORS):
+                continue
+            out[k.replace(".base.", ".")] = v
+        return out
+
+    # -- export -------------------------------------------------------------------------------
+    def export_peft(self, out_dir: str | Path, state: dict[str, torch.Tensor], *, base_model: str | None,
+                    task_type: str | None, alpha: float | None = None) -> Path:
+        """Write a standard PEFT LoRA adapter. LoRA-SB exports as lora_B = B R, lora_A = A."""
+        if self.parameterisation == "full":
+            raise ValueError("full fine-tuning has no adapter to export")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name in self.layers:
+            B, A = state[f"{name}.lora_B"], state[f"{name}.lora_A"]
+            R = state.get(f"{name}.lora_R")
+            if R is not None:
+                B = B @ R
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().cpu().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().cpu().contiguous()
+        for k in self.head_params:
+            tensors[f"base_model.model.{k}"] = state[k].detach().cpu().contiguous()
+        save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+        fan_in_fan_out = any(layer.transposed for layer in self.layers.values())
+        config = {
+            "peft_type": "LORA",
+            "task_type": task_type,
+            "base_model_name_or_path": base_model,
+            "r": self.rank,
+            "lora_alpha": alpha if alpha is not None else self.scaling * self.rank,
+            "lora_dropout": 0.0,
+            "target_modules": sorted(self.layers),
+            "modules_to_save": self.head_modules or None,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": "none",
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        return out_dir
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_adaptable(m)]

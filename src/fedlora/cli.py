@@ -1,0 +1,80 @@
+"""Command line: `fedlora run` runs an experiment, `fedlora comm` counts communication for a model."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FedloraError
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .server import Simulation
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    summary = Simulation(cfg, out, progress=not args.quiet).run(resume=args.resume)
+    ev = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_eval"].items())
+    print(f"{summary['method']}: {summary['rounds']} rounds, final {ev}; "
+          f"{summary['bytes_up_total']:,} bytes up, {summary['bytes_down_total']:,} bytes down -> {out}")
+    return 0
+
+
+def cmd_comm(args) -> int:
+    from .comm import communication_report
+
+    report = communication_report(args.model, args.method, args.rank, args.clients, args.dtype,
+                                  args.target_modules.split(",") if args.target_modules else None)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['model']} / {report['method']} r={report['rank']} ({report['layers']} adapted layers, "
+          f"{report['clients']} clients, {report['dtype']})")
+    for what in ("round", "init"):
+        part = report[what]
+        if what == "init" and not (part["params_up"] or part["params_down"]):
+            continue
+        label = "per client per round" if what == "round" else "per client, once before round 1"
+        print(f"  {label}: up {part['params_up']:,} params ({part['bytes_up']:,} B), "
+              f"down {part['params_down']:,} params ({part['bytes_down']:,} B)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with low-rank adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federated experiment from a TOML config")
+    run.add_argument("config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--out", help="output folder (default: runs/<config name>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    comm = sub.add_parser("comm", help="parameters and bytes per client per round, without loading weights")
+    comm.add_argument("--model", required=True, help="preset name or local model folder")
+    comm.add_argument("--method", required=True)
+    comm.add_argument("--rank", type=int, required=True)
+    comm.add_argument("--clients", type=int, default=1, help="clients per round (FLoRA's download grows with it)")
+    comm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    comm.add_argument("--target-modules", help="comma-separated module-name suffixes")
+    comm.add_argument("--json", action="store_true")
+    comm.set_defaults(func=cmd_comm)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FedloraError as err:
+        print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted; the last finished round is checkpointed (continue with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

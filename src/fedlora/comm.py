@@ -1,0 +1,72 @@
+"""Communication accounting: bytes of the tensors that cross the network."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def payload_bytes(payload: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensor data in a payload (safetensors adds only a small JSON header to this)."""
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+def payload_params(payload: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in payload.values())
+
+
+def round_traffic(method, num_clients: int) -> dict[str, int]:
+    """Parameters one client sends and receives in a round, found by running the method's own download,
+    upload and aggregation on tensors of the real shapes (meta tensors work: nothing is computed)."""
+    adapted = method.adapted
+    method.global_state = adapted.state()
+    payloads = [method.upload(c, adapted.state()) for c in range(num_clients)]
+    down = payload_params(method.download(0))
+    weights = [1.0 / num_clients] * num_clients
+    broadcast = method.aggregate(payloads, weights, list(range(num_clients)), 1).broadcast
+    return {"params_up": payload_params(payloads[0]), "params_down": down + payload_params(broadcast)}
+
+
+
+def communication_report(model: str, method: str, rank: int, clients: int = 1, dtype: str = "float32",
+                         target_modules: list[str] | None = None) -> dict:
+    """Per-client traffic of a method on a model's real shapes, the model built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .adapters import AdaptedModel
+    from .config import Config
+    from .errors import ConfigError
+    from .methods import METHODS
+    from .models import PRESETS, default_target_modules, head_modules, meta_config
+
+    if method not in METHODS:
+        raise ConfigError(f"--method: unknown method '{method}' (known: {', '.join(METHODS)})")
+    if clients < 1 or rank < 1:
+        raise ConfigError("--clients and --rank must be positive")
+    if model in PRESETS:
+        config, task = meta_config(model), PRESETS[model].task
+    elif Path(model).is_dir():
+        config = AutoConfig.from_pretrained(model)
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        task = "causal-lm" if causal else "classification"
+    else:
+        raise ConfigError(f"--model: '{model}' is neither a preset ({', '.join(PRESETS)}) nor a local folder")
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        net = auto.from_config(config)
+    method_cls = METHODS[method]
+    adapted = AdaptedModel(net, parameterisation=method_cls.parameterisation, rank=rank, scaling=1.0,
+                           target_modules=target_modules or default_target_modules(config.model_type),
+                           head_modules=head_modules(net) if task == "classification" else [])
+    m = method_cls(adapted, Config(), [1] * clients)
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+    def with_bytes(up: int, down: int) -> dict:
+        return {"params_up": up, "params_down": down, "bytes_up": up * itemsize, "bytes_down": down * itemsize}
+
+    per_round = round_traffic(m, clients)
+    return {"model": model, "method": method, "rank": rank, "clients": clients, "dtype": dtype,
+            "layers": len(adapted.layer_names),
+            "head_params": sum(p.numel() for p in adapted.head_params.values()),
+            "round": with_bytes(per_round["params_up"], per_round["params_down"]),
+            "init": with_bytes(*m.init_traffic())}

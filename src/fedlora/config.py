@@ -1,0 +1,174 @@
+"""Experiment configuration: TOML file -> validated, typed settings.
+
+Every section rejects unknown keys; every error names the dotted key at fault.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodConfig(Section):
+    name: Literal["fedit", "ffa", "fedsb", "fedex", "flora", "fedsa", "full"] = "fedsb"
+
+
+class ModelConfig(Section):
+    name: str = Field("minilm-l6", description="preset name or Hugging Face hub id")
+    path: str | None = Field(None, description="local model folder; takes precedence over name")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class AdapterConfig(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default: rank (s = 1)")
+    target_modules: list[str] | None = Field(None, description="module-name suffixes; default by architecture")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    modules_to_save: list[str] | None = Field(
+        None, description="task-head modules trained by every method; default: the model's classifier head")
+
+
+class DataConfig(Section):
+    name: str | None = Field("sst2", description="preset: sst2, rte, imdb; None for plain files")
+    root: str | None = Field(None, description="folder holding the preset folders; else $FEDLORA_DATA_DIR")
+    source: Literal["auto", "local", "hub"] = "auto"
+    path: str | None = Field(None, description="training file (TSV/CSV/JSONL/JSON)")
+    eval_path: str | None = Field(None, description="evaluation file")
+    eval_split: str | None = Field(None, description="preset split used for evaluation (default: the dev split)")
+    hub_id: str | None = None
+    text_columns: list[str] | None = Field(None, min_length=1, max_length=2)
+    label_column: str | None = None
+    max_length: int = Field(128, gt=0)
+    max_train_examples: int | None = Field(None, gt=0)
+    partition: Literal["iid", "dirichlet", "label_proportion"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    label_proportions: list[list[float]] | None = None
+    min_client_examples: int = Field(2, ge=1)
+
+
+class FederationConfig(Section):
+    num_clients: int = Field(10, gt=0)
+    clients_per_round: int = Field(10, gt=0)
+    rounds: int = Field(10, ge=0)
+    weighting: Literal["examples", "uniform"] = "examples"
+
+    @model_validator(mode="after")
+    def _clients(self):
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) must be at most num_clients ({self.num_clients})")
+        return self
+
+
+class TrainConfig(Section):
+    local_steps: int = Field(10, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(None, gt=0)
+    keep_optimizer_state: bool = Field(False, description="carry each client's optimizer state across rounds")
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=0, description="evaluate every N rounds (0: only at the end)")
+    batch_size: int = Field(64, gt=0)
+    max_examples: int | None = Field(None, gt=0)
+
+
+class FedSBConfig(Section):
+    init_examples: int = Field(128, gt=0, description="examples, over all clients, for the first-step gradient")
+    init_lr: float | None = Field(None, gt=0, description="eta in G = -eta sign(grad); default train.lr")
+    svd_niter: int = Field(4, ge=4)
+
+
+class Config(Section):
+    seed: int = 0
+    device: str = "auto"
+    method: MethodConfig = MethodConfig()
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    fedsb: FedSBConfig = FedSBConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        d = self.data
+        if d.partition == "label_proportion":
+            if d.label_proportions is None:
+                raise ValueError("data.label_proportions is required when data.partition = 'label_proportion'")
+            if len(d.label_proportions) != self.federation.num_clients:
+                raise ValueError(
+                    f"data.label_proportions has {len(d.label_proportions)} rows but "
+                    f"federation.num_clients is {self.federation.num_clients}: give one row per client")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    if key:
+        return f"config key '{key}': {msg} (got {first.get('input')!r})"
+    return msg
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=0.1' -> (['train', 'lr'], 0.1); values are parsed as TOML, else kept as strings."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, text = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    return build_config(apply_overrides(raw, overrides or []))

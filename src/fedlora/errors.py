@@ -1,0 +1,13 @@
+"""User-facing errors: one line that names the config key, file or client at fault."""
+
+
+class FedloraError(Exception):
+    """An error caused by the user's input; the CLI prints it as one line, without a traceback."""
+
+
+class ConfigError(FedloraError):
+    pass
+
+
+class DataError(FedloraError):
+    pass

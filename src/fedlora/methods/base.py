@@ -1,0 +1,101 @@
+"""What every federated method shares: the global state, downloads, uploads, weighted averaging.
+
+A method says how its adapters are parameterised, which factors a client trains and uploads, what the
+server sends back and how it aggregates; the simulator (and any other runtime) only calls it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable
+
+import torch
+
+from ..adapters import AdaptedModel
+from ..config import Config
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class InitContext:
+    """Access to the clients' data for a method whose initialisation needs it (Fed-SB)."""
+    clients: list[int]
+    examples: dict[int, int]  # client -> number of its examples used
+    batches: Callable[[int, int], Iterable[dict]]  # (client, n) -> batches over its first n init examples
+    generator: torch.Generator
+
+
+@dataclass
+class Exchange:
+    """Tensors that crossed the network outside the per-client download/upload of a round."""
+    uploads: list[State] = field(default_factory=list)  # one payload per client
+    broadcast: State = field(default_factory=dict)  # sent to every client of the federation
+    clients: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Aggregate:
+    base_change: State = field(default_factory=dict)  # layer -> d_out x d_in added to W0 everywhere
+    broadcast: State = field(default_factory=dict)  # what every client receives after aggregation
+
+
+def weighted_sum(payloads: list[State], weights: list[float], key: str) -> torch.Tensor:
+    total = torch.zeros_like(payloads[0][key])
+    for payload, w in zip(payloads, weights):
+        total.add_(payload[key], alpha=w)
+    return total
+
+
+class Method:
+    name: ClassVar[str]
+    parameterisation: ClassVar[str] = "lora"
+    trains: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")  # factor kinds a client trains (+ the head)
+    uploads: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")  # factor kinds a client sends (+ the head)
+    downloads: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")  # factor kinds a client receives (+ the head)
+    changes_base: ClassVar[bool] = False  # whether aggregation writes into W0 (FedEx-LoRA, FLoRA)
+
+    def __init__(self, adapted: AdaptedModel, cfg: Config, client_sizes: list[int]):
+        self.adapted = adapted
+        self.cfg = cfg
+        self.client_sizes = client_sizes
+        self.global_state: State = {}
+
+    # -- set-up -------------------------------------------------------------------------------
+    def initialise(self, ctx: InitContext) -> Exchange:
+        """Default: PEFT's LoRA init and the head from the run's seed, derived alike on every client."""
+        self.global_state = self.adapted.lora_init(ctx.generator) | self.adapted.head_init(ctx.generator)
+        return Exchange()
+
+    def init_traffic(self) -> tuple[int, int]:
+        """Parameters one client sends and receives in the set-up exchange, before round 1."""
+        return 0, 0
+
+    # -- one round ----------------------------------------------------------------------------
+    def client_state(self, client: int, round_: int) -> State:
+        """The state a client trains from (the global state, plus anything it keeps itself)."""
+        return self.global_state
+
+    def download(self, client: int) -> State:
+        return {k: self.global_state[k] for k in self.adapted.keys_of(self.downloads)}
+
+    def trainable_keys(self) -> list[str]:
+        return self.adapted.keys_of(self.trains)
+
+    def upload(self, client: int, trained: State) -> State:
+        return {k: trained[k] for k in self.adapted.keys_of(self.uploads)}
+
+    def aggregate(self, payloads: list[State], weights: list[float], clients: list[int], round_: int) -> Aggregate:
+        for key in payloads[0]:
+            self.global_state[key] = weighted_sum(payloads, weights, key)
+        return Aggregate()
+
+    def eval_state(self) -> State:
+        """The global model that is evaluated and exported."""
+        return self.global_state
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"global": self.global_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_state = state["global"]

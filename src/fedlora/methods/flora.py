@@ -1,0 +1,35 @@
+"""FLoRA: stack the clients' factors, merge s B_s A_s = s sum w_i B_i A_i into W0, restart from a fresh LoRA.
+
+B_s = [w_1 B_1 ... w_n B_n] (d_out x n r), A_s = [A_1; ...; A_n] (n r x d_in). The stacked factors are
+broadcast to every client, which merges them into its W0. Each client starts every round with a fresh
+LoRA (A random from the client's and round's seed, B = 0), so only the head is downloaded.
+"""
+import torch
+
+from ..seeding import generator
+from .base import Aggregate, Method
+
+
+class FLoRA(Method):
+    name = "flora"
+    trains = uploads = ("lora_A", "lora_B")
+    downloads = ()
+    changes_base = True
+
+    def client_state(self, client, round_):
+        return self.global_state | self.adapted.lora_init(generator(self.cfg.seed, "fresh_lora", round_, client))
+
+    def aggregate(self, payloads, weights, clients, round_):
+        s = self.adapted.scaling
+        merged, broadcast = {}, {}
+        for layer in self.adapted.layers:
+            B_s = torch.cat([w * p[f"{layer}.lora_B"] for p, w in zip(payloads, weights)], dim=1)
+            A_s = torch.cat([p[f"{layer}.lora_A"] for p in payloads], dim=0)
+            merged[layer] = s * (B_s @ A_s)
+            broadcast[f"{layer}.stacked_B"], broadcast[f"{layer}.stacked_A"] = B_s, A_s
+        for key in self.adapted.head_params:
+            self.global_state[key] = sum(w * p[key] for p, w in zip(payloads, weights))
+        for key in self.adapted.keys_of(("lora_B",), head=False):
+            self.global_state[key] = torch.zeros_like(self.global_state[key])  # all is in W0 now
+        self.adapted.add_to_base(merged)
+        return Aggregate(base_change=merged, broadcast=broadcast)

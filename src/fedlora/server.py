@@ -1,0 +1,266 @@
+"""The in-process federation: one base model in memory, clients differing only in their adapter and
+optimizer states; rounds of sampling, local training, aggregation, evaluation, logging and checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import AdaptedModel
+from .client import local_train, make_optimizer
+from .comm import payload_bytes
+from .config import Config
+from .data import load_classification, partition
+from .errors import ConfigError, FedloraError
+from .methods import METHODS, InitContext
+from .models import default_target_modules, head_modules, load_classifier, pick_device, resolve_model_source
+from .seeding import derive_seed, generator, rng
+from .tasks import ClassificationTask
+
+CHECKPOINT = "checkpoint.pt"
+ROUNDS_LOG = "rounds.jsonl"
+
+
+def aggregation_error(adapted: AdaptedModel, client_states: list[dict], weights: list[float],
+                      global_state: dict, base_change: dict) -> float:
+    """sum_l ||sum_i w_i delta_i,l - global delta_l||_F / sum_l ||sum_i w_i delta_i,l||_F, where the global
+    delta is the new global adapter's update plus whatever aggregation wrote into W0 this round."""
+    err, norm = 0.0, 0.0
+    for layer in adapted.layer_names:
+        ideal = sum(w * adapted.layer_delta(s, layer) for s, w in zip(client_states, weights))
+        actual = adapted.layer_delta(global_state, layer)
+        if layer in base_change:
+            actual = actual + base_change[layer]
+        err += (ideal - actual).norm().item()
+        norm += ideal.norm().item()
+    return err / norm if norm > 0 else err
+
+
+def build_adapted_model(cfg: Config, num_labels: int):
+    """(AdaptedModel, tokenizer, model source) for a config."""
+    method = METHODS[cfg.method.name]
+    source = resolve_model_source(cfg.model.name, cfg.model.path)
+    model, tokenizer = load_classifier(source, num_labels, cfg.model.dtype)
+    rank, alpha = cfg.adapter.rank, cfg.adapter.alpha
+    if method.parameterisation == "lorasb" and alpha not in (None, rank):
+        raise ConfigError(f"adapter.alpha: Fed-SB fixes the scaling s = 1 (alpha = rank = {rank}); got {alpha}")
+    heads = cfg.adapter.modules_to_save if cfg.adapter.modules_to_save is not None else head_modules(model)
+    adapted = AdaptedModel(
+        model, parameterisation=method.parameterisation, rank=rank, scaling=(alpha or rank) / rank,
+        target_modules=cfg.adapter.target_modules or default_target_modules(model.config.model_type),
+        head_modules=heads, dropout=cfg.adapter.dropout)
+    return adapted, tokenizer, source
+
+
+class Simulation:
+    def __init__(self, cfg: Config, out_dir: str | Path, *, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        data = load_classification(cfg.data)
+        self.adapted, tokenizer, self.model_source = build_adapted_model(cfg, data.num_labels)
+        self.model = self.adapted.model.to(self.device)
+        self.task = ClassificationTask(data, tokenizer, cfg.data.max_length, self.device)
+        d = cfg.data
+        self.shards = partition(data.train.labels, cfg.federation.num_clients, d.partition,
+                                seed=derive_seed(cfg.seed, "partition"), dirichlet_alpha=d.dirichlet_alpha,
+                                label_proportions=d.label_proportions, min_client_examples=d.min_client_examples)
+        self.client_sizes = [len(s) for s in self.shards]
+        self.method = METHODS[cfg.method.name](self.adapted, cfg, self.client_sizes)
+        self.optimizer_states: dict[int, dict] = {}
+        self.totals = {"bytes_up": 0, "bytes_down": 0}
+        self.last_eval: dict | None = None
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        if resume and (self.out / CHECKPOINT).exists():
+            start = self._load_checkpoint() + 1
+        else:
+            if (self.out / ROUNDS_LOG).exists():
+                raise FedloraError(f"{self.out} already holds a run: pass --resume to continue it, or choose "
+                                   "another --out")
+            self._log(self._initialise())
+            self._save_checkpoint(0)
+            start = 1
+        rounds = self.cfg.federation.rounds
+        bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not self.progress, initial=start - 1,
+                   total=rounds)
+        for r in bar:
+            record = self._round(r)
+            self._log(record)
+            self._save_checkpoint(r)
+            if record["eval"]:
+                bar.set_postfix({k: round(v, 4) for k, v in record["eval"].items()})
+        if self.last_eval is None:
+            self.last_eval = self._evaluate()
+        self._export()
+        summary = {
+            "method": self.cfg.method.name,
+            "rounds": rounds,
+            "final_eval": self.last_eval,
+            "bytes_up_total": self.totals["bytes_up"],
+            "bytes_down_total": self.totals["bytes_down"],
+            "client_sizes": self.client_sizes,
+            "model_source": self.model_source,
+            "seconds_this_session": round(time.time() - started, 2),
+            "config": self.cfg.to_dict(),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _initialise(self) -> dict:
+        """Round 0: the method's set-up exchange (Fed-SB's gradient init) and the initial evaluation."""
+        t0 = time.time()
+        cfg = self.cfg
+        clients = self._sample_clients(0)
+        share = cfg.fedsb.init_examples / sum(self.client_sizes[c] for c in clients)
+        examples = {c: max(1, min(self.client_sizes[c], round(share * self.client_sizes[c]))) for c in clients}
+
+        def init_batches(client: int, n: int):
+            torch.manual_seed(derive_seed(cfg.seed, "init", client))
+            chosen = rng(cfg.seed, "init", client).permutation(self.shards[client])[:n]
+            for i in range(0, n, cfg.train.batch_size):
+                yield self.task.batch(chosen[i:i + cfg.train.batch_size])
+
+        exchange = self.method.initialise(InitContext(clients, examples, init_batches, generator(cfg.seed, "init")))
+        bytes_up = sum(payload_bytes(p) for p in exchange.uploads)
+        bytes_down = payload_bytes(exchange.broadcast) * cfg.federation.num_clients
+        return self._record(0, exchange.clients, None, bytes_up, bytes_down, 0.0, self._maybe_evaluate(0), t0)
+
+    def _round(self, r: int) -> dict:
+        t0 = time.time()
+        cfg, adapted, method = self.cfg, self.adapted, self.method
+        clients = self._sample_clients(r)
+        sizes = [self.client_sizes[c] for c in clients]
+        weights = ([n / sum(sizes) for n in sizes] if cfg.federation.weighting == "examples"
+                   else [1 / len(clients)] * len(clients))
+        payloads, trained_states, losses = [], [], []
+        bytes_down = 0
+        for c in tqdm(clients, desc=f"round {r}", leave=False, disable=not self.progress):
+            bytes_down += payload_bytes(method.download(c))
+            adapted.load_state(method.client_state(c, r))
+            optimizer = make_optimizer(adapted.set_trainable(method.trainable_keys()), cfg.train)
+            if cfg.train.keep_optimizer_state and c in self.optimizer_states:
+                optimizer.load_state_dict(self.optimizer_states[c])
+            torch.manual_seed(derive_seed(cfg.seed, "client", r, c))  # dropout
+            batches = self.task.client_batches(self.shards[c], cfg.train.batch_size, cfg.train.local_steps,
+                                               rng(cfg.seed, "client", r, c))
+            step_losses = local_train(self.model, optimizer, batches, cfg.train.max_grad_norm)
+            if cfg.train.keep_optimizer_state:
+                self.optimizer_states[c] = optimizer.state_dict()
+            trained = adapted.state()
+            payloads.append(method.upload(c, trained))
+            trained_states.append(trained)
+            losses.append(float(np.mean(step_losses)))
+        adapted.set_trainable([])
+        aggregate = method.aggregate(payloads, weights, clients, r)
+        bytes_up = sum(payload_bytes(p) for p in payloads)
+        bytes_down += payload_bytes(aggregate.broadcast) * cfg.federation.num_clients
+        agg_error = aggregation_error(adapted, trained_states, weights, method.eval_state(), aggregate.base_change)
+        train_loss = float(np.dot(weights, losses))
+        return self._record(r, clients, train_loss, bytes_up, bytes_down, agg_error, self._maybe_evaluate(r), t0)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _sample_clients(self, r: int) -> list[int]:
+        fed = self.cfg.federation
+        return sorted(int(c) for c in rng(self.cfg.seed, "sample", r).choice(
+            fed.num_clients, fed.clients_per_round, replace=False))
+
+    def _evaluate(self) -> dict:
+        self.adapted.load_state(self.method.eval_state())
+        e = self.cfg.eval
+        return self.task.evaluate(self.model, e.batch_size, e.max_examples)
+
+    def _maybe_evaluate(self, r: int) -> dict | None:
+        every = self.cfg.eval.every
+        if (every and r % every == 0) or r == self.cfg.federation.rounds:
+            self.last_eval = self._evaluate()
+            return self.last_eval
+        return None
+
+    def _record(self, r, clients, train_loss, bytes_up, bytes_down, agg_error, evaluation, t0) -> dict:
+        self.totals["bytes_up"] += bytes_up
+        self.totals["bytes_down"] += bytes_down
+        return {"round": r, "clients": clients, "train_loss": train_loss, "eval": evaluation,
+                "bytes_up": bytes_up, "bytes_down": bytes_down, "agg_error": agg_error, "epsilon": None,
+                "seconds": round(time.time() - t0, 3)}
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / ROUNDS_LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _save_checkpoint(self, r: int) -> None:
+        state = {
+            "round": r,
+            "config": self.cfg.to_dict(),
+            "method": self.method.state_dict(),
+            "base_weights": self.adapted.base_weights() if self.method.changes_base else None,
+            "optimizer_states": self.optimizer_states,
+            "totals": self.totals,
+            "last_eval": self.last_eval,
+        }
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def _load_checkpoint(self) -> int:
+        path = self.out / CHECKPOINT
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:  # a truncated or foreign file
+            raise FedloraError(f"{path}: not a readable fedlora checkpoint ({type(err).__name__})") from None
+        saved, now = dict(state["config"]), self.cfg.to_dict()
+        for cfg_dict in (saved, now):
+            cfg_dict["federation"] = {k: v for k, v in cfg_dict["federation"].items() if k != "rounds"}
+        if saved != now:
+            key = _first_difference(saved, now)
+            raise FedloraError(f"{path} was written by a different config (key '{key}' differs); "
+                               "resume with the same config or choose another --out")
+        self.method.load_state_dict(state["method"])
+        if state["base_weights"] is not None:
+            self.adapted.load_base_weights(state["base_weights"])
+        self.optimizer_states = state["optimizer_states"]
+        self.totals = state["totals"]
+        self.last_eval = state["last_eval"]
+        r = state["round"]
+        log = self.out / ROUNDS_LOG
+        if log.exists():  # drop rounds logged after the checkpoint was written
+            kept = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["round"] <= r]
+            log.write_text("".join(ln + "\n" for ln in kept))
+        return r
+
+    # -- export -------------------------------------------------------------------------------
+    def _export(self) -> None:
+        state = self.method.eval_state()
+        self.adapted.load_state(state)
+        tokenizer = self.task.tokenizer
+        if self.adapted.parameterisation == "full":
+            self.model.save_pretrained(self.out / "model")
+            tokenizer.save_pretrained(self.out / "model")
+            return
+        base = self.model_source
+        if self.method.changes_base:  # W0 itself was trained: ship it beside the adapter
+            base_dir = self.out / "base_model"
+            self.model.save_pretrained(base_dir, state_dict=self.adapted.base_model_state_dict())
+            tokenizer.save_pretrained(base_dir)
+            base = str(base_dir.resolve())
+        self.adapted.export_peft(self.out / "adapter", state, base_model=base, task_type=self.task.task_type)
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                return _first_difference(a[k], b[k], f"{prefix}{k}.")
+            return prefix + k
+    return prefix.rstrip(".")

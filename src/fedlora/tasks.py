@@ -1,0 +1,71 @@
+"""Turning examples into model batches, and evaluating the global model."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .data import ClassificationData, ClassificationSplit
+
+
+class ClassificationTask:
+    """Sequence classification: one or two texts -> label; accuracy on a fixed evaluation split."""
+
+    task_type = "SEQ_CLS"
+
+    def __init__(self, data: ClassificationData, tokenizer, max_length: int, device: torch.device):
+        self.data = data
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.device = device
+        self._eval_batches: dict[tuple[int, int | None], list[dict]] = {}
+
+    @property
+    def train_labels(self) -> list[int]:
+        return self.data.train.labels
+
+    def batch(self, indices: Sequence[int], split: ClassificationSplit | None = None) -> dict[str, torch.Tensor]:
+        split = split or self.data.train
+        texts = [split.text_a[i] for i in indices]
+        pairs = [split.text_b[i] for i in indices] if split.text_b is not None else None
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
+                             return_tensors="pt")
+        enc["labels"] = torch.tensor([split.labels[i] for i in indices], dtype=torch.long)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def client_batches(self, shard: np.ndarray, batch_size: int, steps: int,
+                       rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        """`steps` batches drawn without replacement from a shuffled shard, reshuffled when exhausted."""
+        order = rng.permutation(shard)
+        pos = 0
+        for _ in range(steps):
+            if pos + batch_size > len(order) and pos > 0:
+                order, pos = rng.permutation(shard), 0
+            chosen = order[pos:pos + batch_size]
+            pos += len(chosen)
+            yield self.batch(chosen)
+
+    def _eval_set(self, batch_size: int, max_examples: int | None) -> list[dict]:
+        key = (batch_size, max_examples)
+        if key not in self._eval_batches:
+            split = self.data.eval
+            n = len(split.labels) if max_examples is None else min(max_examples, len(split.labels))
+            lengths = [len(split.text_a[i]) + len(split.text_b[i] if split.text_b else "") for i in range(n)]
+            order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
+            self._eval_batches[key] = [self.batch(order[i:i + batch_size], split) for i in range(0, n, batch_size)]
+        return self._eval_batches[key]
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batch_size: int, max_examples: int | None = None) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        correct, loss_sum, count = 0, 0.0, 0
+        for batch in self._eval_set(batch_size, max_examples):
+            out = model(**batch)
+            n = batch["labels"].shape[0]
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+            loss_sum += out.loss.item() * n
+            count += n
+        model.train(was_training)
+        return {"accuracy": correct / count, "loss": loss_sum / count}
