@@ -1,0 +1,133 @@
+"""Split a training set's indices among federated clients.
+
+`partition` returns one sorted index array per client (clients shuffle their own batches);
+the arrays are disjoint and the result depends only on the arguments, including `seed`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import DataError
+
+SCHEMES = ("iid", "dirichlet", "label_proportion")
+MAX_DIRICHLET_DRAWS = 1000
+
+
+def partition(labels: Sequence[int] | np.ndarray, num_clients: int, scheme: str, *, seed: int,
+              dirichlet_alpha: float = 0.5, label_proportions: Sequence[Sequence[float]] | None = None,
+              min_client_examples: int = 1, num_labels: int | None = None) -> list[np.ndarray]:
+    """Indices of each client's examples.
+
+    iid: a random permutation cut into near-equal shards.
+    dirichlet: per class, proportions over clients ~ Dir(alpha); redrawn until every client
+        has at least `min_client_examples`.
+    label_proportion: client i's label mix is `label_proportions[i]`; every client gets the same
+        number of examples, as many as the labels allow.
+    `num_labels` defaults to max(labels) + 1.
+    """
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    n = len(labels)
+    if num_clients < 1:
+        raise DataError(f"config key 'federation.num_clients': need at least 1 client, got {num_clients}")
+    if n < num_clients:
+        raise DataError(f"config key 'federation.num_clients': {num_clients} clients but only {n} training examples")
+    if n and labels.min() < 0:
+        raise DataError(f"labels must be non-negative, got {labels.min()}")
+    if num_clients * min_client_examples > n:
+        raise DataError(f"config key 'data.min_client_examples': {num_clients} clients x {min_client_examples} "
+                        f"examples exceeds the {n} training examples")
+    num_labels = int(labels.max()) + 1 if num_labels is None else num_labels
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(n), num_clients)
+    elif scheme == "dirichlet":
+        parts = _dirichlet(labels, num_clients, rng, dirichlet_alpha, min_client_examples)
+    elif scheme == "label_proportion":
+        parts = _label_proportion(labels, num_clients, rng, label_proportions, num_labels, min_client_examples)
+    else:
+        raise DataError(f"config key 'data.partition': unknown scheme '{scheme}' (schemes: {', '.join(SCHEMES)})")
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _dirichlet(labels: np.ndarray, num_clients: int, rng: np.random.Generator, alpha: float,
+               min_client_examples: int) -> list[np.ndarray]:
+    if alpha <= 0:
+        raise DataError(f"config key 'data.dirichlet_alpha': must be positive, got {alpha}")
+    class_indices = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    smallest = 0
+    for _ in range(MAX_DIRICHLET_DRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for indices in class_indices:
+            shuffled = rng.permutation(indices)
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(shuffled)).astype(np.int64)
+            for client, piece in enumerate(np.split(shuffled, cuts)):
+                parts[client].append(piece)
+        sizes = [sum(len(p) for p in client) for client in parts]
+        smallest = max(smallest, min(sizes))
+        if min(sizes) >= min_client_examples:
+            return [np.concatenate(client) for client in parts]
+    raise DataError(
+        f"config key 'data.dirichlet_alpha' = {alpha}: in {MAX_DIRICHLET_DRAWS} draws no partition of "
+        f"{len(labels)} examples over {num_clients} clients gave every client at least {min_client_examples} "
+        f"examples (data.min_client_examples; best draw: {smallest}); raise data.dirichlet_alpha or lower "
+        f"data.min_client_examples or federation.num_clients")
+
+
+def _label_proportion(labels: np.ndarray, num_clients: int, rng: np.random.Generator,
+                      label_proportions, num_labels: int, min_client_examples: int) -> list[np.ndarray]:
+    proportions = _check_proportions(label_proportions, num_clients, num_labels)
+    available = np.bincount(labels, minlength=num_labels)[:num_labels]
+    demand = proportions.sum(axis=0)  # examples of each label per unit of client size
+    used = demand > 0
+    size = int(np.floor(np.min(available[used] / demand[used])))
+    size = min(size, len(labels) // num_clients)
+    # rounding can take up to one extra example per client from a label: shrink until it fits
+    while size > 0 and np.any(_client_counts(proportions, size).sum(axis=0) > available):
+        size -= 1
+    if size < min_client_examples:
+        raise DataError(
+            f"config key 'data.label_proportions': the training labels (counts {available.tolist()}) allow only "
+            f"{size} examples per client, fewer than data.min_client_examples = {min_client_examples}")
+    counts = _client_counts(proportions, size)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for label in range(num_labels):
+        shuffled = rng.permutation(np.flatnonzero(labels == label))
+        start = 0
+        for client in range(num_clients):
+            parts[client].append(shuffled[start:start + counts[client, label]])
+            start += counts[client, label]
+    return [np.concatenate(client) for client in parts]
+
+
+def _check_proportions(label_proportions, num_clients: int, num_labels: int) -> np.ndarray:
+    key = "config key 'data.label_proportions'"
+    if label_proportions is None:
+        raise DataError(f"{key} is required when data.partition = 'label_proportion'")
+    rows = list(label_proportions)
+    if len(rows) != num_clients:
+        raise DataError(f"{key}: {len(rows)} rows for {num_clients} clients; give one row per client")
+    for i, row in enumerate(rows):
+        row = list(row)
+        if len(row) != num_labels:
+            raise DataError(f"{key} row {i}: {len(row)} entries, but the data has {num_labels} labels")
+        if any(not np.isfinite(p) or p < 0 for p in row):
+            raise DataError(f"{key} row {i}: entries must be non-negative, got {row}")
+        if abs(sum(row) - 1.0) > 1e-6:
+            raise DataError(f"{key} row {i}: entries must sum to 1, got {sum(row):.6g}")
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _client_counts(proportions: np.ndarray, size: int) -> np.ndarray:
+    """Per-client label counts summing to `size`: largest-remainder rounding of proportions * size."""
+    exact = proportions * size
+    counts = np.floor(exact).astype(np.int64)
+    for client in range(len(counts)):
+        short = size - counts[client].sum()
+        if short > 0:
+            # stable sort: ties go to the lower label
+            order = np.argsort(-(exact[client] - counts[client]), kind="stable")
+            counts[client, order[:short]] += 1
+    return counts

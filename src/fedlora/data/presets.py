@@ -1,0 +1,173 @@
+"""Named data sets (sst2, rte, imdb) and `load_classification`, which picks local files or the hub."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import DataError
+from .sources import ClassificationData, ClassificationSplit, _load_hub_table, _read_file, build_data
+
+DATA_DIR_ENV = "FEDLORA_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    folder: str                     # folder under the data root
+    files: dict[str, str]           # split -> file name in the folder
+    text_columns: list[str]
+    label_column: str
+    eval_split: str                 # default evaluation split
+    hub_id: str
+    hub_subset: str | None
+    hub_splits: dict[str, str]      # split -> hub split name (only labelled splits)
+    label_names: list[str]
+
+
+PRESETS: dict[str, Preset] = {
+    "sst2": Preset(
+        name="sst2", folder="sst2",
+        files={"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"},
+        text_columns=["sentence"], label_column="label", eval_split="dev",
+        hub_id="nyu-mll/glue", hub_subset="sst2",
+        hub_splits={"train": "train", "dev": "validation"},  # the hub's GLUE test split has no labels
+        label_names=["negative", "positive"],
+    ),
+    "rte": Preset(
+        name="rte", folder="rte",
+        files={"train": "train.tsv", "dev": "dev.tsv"},
+        text_columns=["sentence1", "sentence2"], label_column="label", eval_split="dev",
+        hub_id="nyu-mll/glue", hub_subset="rte",
+        hub_splits={"train": "train", "dev": "validation"},
+        label_names=["entailment", "not_entailment"],
+    ),
+    "imdb": Preset(
+        name="imdb", folder="imdb",
+        files={"train": "train.jsonl", "test": "test.jsonl"},
+        text_columns=["text"], label_column="label", eval_split="test",
+        hub_id="stanfordnlp/imdb", hub_subset=None,
+        hub_splits={"train": "train", "test": "test"},
+        label_names=["negative", "positive"],
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise DataError(f"config key 'data.name': unknown data set preset '{name}' "
+                        f"(presets: {', '.join(PRESETS)}; or set data.name to none and give data.path)")
+    return PRESETS[name]
+
+
+def data_root(cfg: DataConfig) -> Path | None:
+    """`data.root`, else $FEDLORA_DATA_DIR, else None."""
+    root = cfg.root or os.environ.get(DATA_DIR_ENV) or None
+    return Path(root).expanduser() if root else None
+
+
+def load_classification(cfg: DataConfig) -> ClassificationData:
+    """Load the training and evaluation splits described by `cfg`.
+
+    Source order: `data.path` (plain files); else a preset from local files under the data root
+    (`data.source` "local", or "auto" when root/<folder>/ exists); else the Hugging Face hub.
+    """
+    preset = get_preset(cfg.name) if cfg.name else None
+    if cfg.path:
+        data = _load_from_paths(cfg, preset)
+    elif preset is not None:
+        data = _load_preset(cfg, preset)
+    elif cfg.hub_id:
+        text_columns, label_column = _columns(cfg, None)
+        eval_split = cfg.eval_split or "validation"
+        data = build_data(_load_hub_table(cfg.hub_id, None, "train", text_columns, label_column),
+                          _load_hub_table(cfg.hub_id, None, eval_split, text_columns, label_column))
+    else:
+        raise DataError("no data given: set data.name to a preset "
+                        f"({', '.join(PRESETS)}), or data.path to a training file, or data.hub_id")
+    if cfg.max_train_examples is not None:
+        data.train = _subsample(data.train, cfg.max_train_examples)
+    return data
+
+
+def _subsample(split: ClassificationSplit, max_examples: int) -> ClassificationSplit:
+    """A fixed random subset (numpy default_rng(0)), kept in file order.
+
+    Random rather than the first rows so that the class balance is representative of the split
+    (files such as GLUE's can be ordered by label); the seed is fixed so that every run and every
+    method sees the same examples whatever the experiment seed.
+    """
+    if len(split) <= max_examples:
+        return split
+    chosen = np.sort(np.random.default_rng(0).permutation(len(split))[:max_examples])
+    return split.select(chosen)
+
+
+def _columns(cfg: DataConfig, preset: Preset | None) -> tuple[list[str], str]:
+    text_columns = cfg.text_columns or (preset.text_columns if preset else None)
+    label_column = cfg.label_column or (preset.label_column if preset else None)
+    if text_columns is None:
+        raise DataError("config key 'data.text_columns' is required when data.name is not a preset "
+                        "(e.g. text_columns = [\"sentence\"])")
+    if label_column is None:
+        raise DataError("config key 'data.label_column' is required when data.name is not a preset "
+                        "(e.g. label_column = \"label\")")
+    return list(text_columns), label_column
+
+
+def _check_split(preset: Preset, split: str, available: dict[str, str], where: str) -> None:
+    if split not in available:
+        raise DataError(f"config key 'data.eval_split': preset '{preset.name}' has no split '{split}' "
+                        f"{where} (available: {', '.join(available)})")
+
+
+def _load_from_paths(cfg: DataConfig, preset: Preset | None) -> ClassificationData:
+    text_columns, label_column = _columns(cfg, preset)
+    train_path = Path(cfg.path)
+    if not train_path.is_file():
+        raise DataError(f"config key 'data.path': file not found: {train_path}")
+    if cfg.eval_path:
+        eval_path = Path(cfg.eval_path)
+        if not eval_path.is_file():
+            raise DataError(f"config key 'data.eval_path': file not found: {eval_path}")
+    elif preset is not None:
+        # a copy of the preset's folder: the evaluation file sits next to the training file
+        split = cfg.eval_split or preset.eval_split
+        _check_split(preset, split, preset.files, "in local files")
+        eval_path = train_path.parent / preset.files[split]
+        if not eval_path.is_file():
+            raise DataError(f"config key 'data.eval_path' is not set and the '{split}' file of preset "
+                            f"'{preset.name}' is not next to data.path: {eval_path} not found")
+    else:
+        raise DataError("config key 'data.eval_path' is required with data.path when data.name is not a preset")
+    return build_data(_read_file(train_path, text_columns, label_column),
+                      _read_file(eval_path, text_columns, label_column),
+                      preset.label_names if preset else None)
+
+
+def _load_preset(cfg: DataConfig, preset: Preset) -> ClassificationData:
+    text_columns, label_column = _columns(cfg, preset)
+    eval_split = cfg.eval_split or preset.eval_split
+    root = data_root(cfg)
+    folder = root / preset.folder if root is not None else None
+    use_local = cfg.source == "local" or (cfg.source == "auto" and folder is not None and folder.is_dir())
+    if use_local:
+        if folder is None:
+            raise DataError(f"config key 'data.source' is 'local' but no data root is set: set data.root or "
+                            f"{DATA_DIR_ENV} to the folder that holds '{preset.folder}/'")
+        _check_split(preset, eval_split, preset.files, "in local files")
+        paths = [folder / preset.files["train"], folder / preset.files[eval_split]]
+        for path in paths:
+            if not path.is_file():
+                raise DataError(f"{path} not found: set data.root or {DATA_DIR_ENV} to the folder that holds "
+                                f"'{preset.folder}/{path.name}'")
+        tables = [_read_file(path, text_columns, label_column) for path in paths]
+    else:
+        _check_split(preset, eval_split, preset.hub_splits, "on the hub")
+        hub_id = cfg.hub_id or preset.hub_id
+        tables = [_load_hub_table(hub_id, preset.hub_subset, preset.hub_splits[split], text_columns, label_column)
+                  for split in ("train", eval_split)]
+    return build_data(*tables, label_names=preset.label_names)

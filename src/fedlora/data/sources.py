@@ -1,0 +1,316 @@
+"""Classification data from local files (TSV, CSV, JSONL, JSON) or the Hugging Face hub.
+
+Every problem with the data raises DataError naming the file and line (or hub row) at fault.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DataError
+
+SUPPORTED_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+
+
+@dataclass
+class ClassificationSplit:
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: list[int]
+    source: str  # file path or hub id, for messages
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, indices) -> ClassificationSplit:
+        indices = [int(i) for i in indices]
+        return ClassificationSplit(
+            text_a=[self.text_a[i] for i in indices],
+            text_b=None if self.text_b is None else [self.text_b[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            source=self.source,
+        )
+
+
+@dataclass
+class ClassificationData:
+    train: ClassificationSplit
+    eval: ClassificationSplit
+    num_labels: int
+    label_names: list[str]
+
+
+@dataclass
+class _Table:
+    """Rows as read, before validation; `where(i)` names row i for messages ("line 57")."""
+    text_a: list[Any]
+    text_b: list[Any] | None
+    labels: list[Any]
+    source: str
+    where: Callable[[int], str]
+
+    def error(self, i: int, message: str) -> DataError:
+        return DataError(f"{self.source} {self.where(i)}: {message}")
+
+
+# ---------------------------------------------------------------- local files
+
+def read_table(path: str | Path, text_columns: list[str], label_column: str
+               ) -> tuple[list[str], list[str] | None, list[int | str]]:
+    """Read one file into (text_a, text_b or None, raw labels).
+
+    Raw labels are ints or stripped strings; `encode_labels` turns them into ids.
+    """
+    table = _read_file(Path(path), text_columns, label_column)
+    return table.text_a, table.text_b, table.labels
+
+
+def _read_file(path: Path, text_columns: list[str], label_column: str) -> _Table:
+    if not 1 <= len(text_columns) <= 2:
+        raise DataError(f"{path}: expected 1 or 2 text columns, got {len(text_columns)}")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    text = _decode_utf8(path)
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    columns = [*text_columns, label_column]
+    if suffix in (".tsv", ".csv"):
+        rows, where = _read_delimited(path, text, columns, delimiter="\t" if suffix == ".tsv" else ",")
+    elif suffix == ".jsonl":
+        rows, where = _read_jsonl(path, text, columns)
+    else:
+        rows, where = _read_json(path, text, columns)
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    table = _Table(
+        text_a=[r[0] for r in rows],
+        text_b=[r[1] for r in rows] if len(text_columns) == 2 else None,
+        labels=[r[-1] for r in rows],
+        source=str(path),
+        where=where,
+    )
+    _validate(table)
+    return table
+
+
+def _decode_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def _missing_columns_error(path: Path, where: str, missing: list[str], available: list[str]) -> DataError:
+    return DataError(
+        f"{path}{where}: no column {', '.join(repr(c) for c in missing)} "
+        f"(available: {', '.join(available) or 'none'}); set data.text_columns / data.label_column")
+
+
+def _read_delimited(path: Path, text: str, columns: list[str], delimiter: str):
+    # GLUE TSV files contain unbalanced quotes inside sentences, so TSV is read without quoting.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    try:
+        header = next(reader)
+        header = [h.strip() for h in header]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise _missing_columns_error(path, " line 1", missing, header)
+        positions = [header.index(c) for c in columns]
+        rows, lines = [], []
+        previous_end = reader.line_num
+        for fields in reader:
+            start, previous_end = previous_end + 1, reader.line_num
+            if not fields:  # blank line
+                continue
+            if len(fields) != len(header):
+                sep = "tab-separated" if delimiter == "\t" else "comma-separated"
+                raise DataError(f"{path} line {start}: expected {len(header)} {sep} fields, got {len(fields)}")
+            rows.append([fields[p] for p in positions])
+            lines.append(start)
+    except csv.Error as err:
+        raise DataError(f"{path} line {reader.line_num}: {err}") from None
+    return rows, lambda i: f"line {lines[i]}"
+
+
+def _row_from_object(path: Path, where: str, obj: Any, columns: list[str]) -> list[Any]:
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} {where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [c for c in columns if c not in obj]
+    if missing:
+        raise _missing_columns_error(path, f" {where}", missing, list(obj))
+    return [obj[c] for c in columns]
+
+
+def _read_jsonl(path: Path, text: str, columns: list[str]):
+    rows, lines = [], []
+    # split on "\n" only: str.splitlines() also breaks at U+2028 and other characters inside strings
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {number}: invalid JSON: {err.msg} (column {err.colno})") from None
+        rows.append(_row_from_object(path, f"line {number}", obj, columns))
+        lines.append(number)
+    return rows, lambda i: f"line {lines[i]}"
+
+
+def _read_json(path: Path, text: str, columns: list[str]):
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(items).__name__}")
+    rows = [_row_from_object(path, f"item {i + 1}", obj, columns) for i, obj in enumerate(items)]
+    return rows, lambda i: f"item {i + 1}"
+
+
+# ---------------------------------------------------------------- validation and labels
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _validate(table: _Table) -> None:
+    """Check texts are non-empty strings and labels present; normalise labels to int or stripped str."""
+    for texts in (table.text_a, table.text_b):
+        for i, value in enumerate(texts or []):
+            if value is None:
+                raise table.error(i, "missing text")
+            if not isinstance(value, str):
+                raise table.error(i, f"text must be a string, got {type(value).__name__}")
+            if not value.strip():
+                raise table.error(i, "empty text")
+    for i, value in enumerate(table.labels):
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                raise table.error(i, "missing label")
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif value is None:
+            raise table.error(i, "missing label")
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise table.error(i, f"label must be an integer or a string, got {value!r}")
+        table.labels[i] = value
+
+
+def _as_int(value: int | str) -> int | None:
+    if isinstance(value, int):
+        return value
+    return int(value) if _INTEGER.fullmatch(value) else None
+
+
+def encode_labels(train: _Table, evaluation: _Table,
+                  label_names: list[str] | None = None) -> tuple[list[int], list[int], int, list[str]]:
+    """Map raw labels to ids: (train ids, eval ids, num_labels, label names).
+
+    Integer labels (or strings that are all integers) are used as ids, num_labels = max + 1.
+    Otherwise ids come from the sorted vocabulary of training labels.
+    """
+    if all(_as_int(v) is not None for v in train.labels):
+        train_ids = _integer_ids(train)
+        num_labels = max(train_ids) + 1
+        eval_ids = _integer_ids(evaluation)
+        for i, label in enumerate(eval_ids):
+            if label >= num_labels:
+                raise evaluation.error(
+                    i, f"label {label} does not occur in the training data {train.source} (labels 0..{num_labels - 1})")
+        if label_names is None or len(label_names) != num_labels:
+            label_names = [str(k) for k in range(num_labels)]
+        return train_ids, eval_ids, num_labels, list(label_names)
+
+    vocabulary = sorted({str(v) for v in train.labels})
+    index = {name: k for k, name in enumerate(vocabulary)}
+    eval_ids = []
+    for i, value in enumerate(evaluation.labels):
+        if str(value) not in index:
+            raise evaluation.error(
+                i, f"label {str(value)!r} does not occur in the training data {train.source} "
+                   f"(labels: {', '.join(vocabulary)})")
+        eval_ids.append(index[str(value)])
+    return [index[str(v)] for v in train.labels], eval_ids, len(vocabulary), vocabulary
+
+
+def _integer_ids(table: _Table) -> list[int]:
+    ids = []
+    for i, value in enumerate(table.labels):
+        label = _as_int(value)
+        if label is None:
+            raise table.error(i, f"label {value!r} is not an integer, but the training labels are")
+        if label < 0:
+            raise table.error(i, f"label {label} is negative (unlabelled rows cannot be used)")
+        ids.append(label)
+    return ids
+
+
+def build_data(train: _Table, evaluation: _Table, label_names: list[str] | None = None) -> ClassificationData:
+    train_ids, eval_ids, num_labels, names = encode_labels(train, evaluation, label_names)
+    return ClassificationData(
+        train=ClassificationSplit(train.text_a, train.text_b, train_ids, train.source),
+        eval=ClassificationSplit(evaluation.text_a, evaluation.text_b, eval_ids, evaluation.source),
+        num_labels=num_labels,
+        label_names=names,
+    )
+
+
+def read_classification_files(train_path: str | Path, eval_path: str | Path, text_columns: list[str],
+                              label_column: str, label_names: list[str] | None = None) -> ClassificationData:
+    """Read a training and an evaluation file and encode their labels together."""
+    return build_data(_read_file(Path(train_path), text_columns, label_column),
+                      _read_file(Path(eval_path), text_columns, label_column), label_names)
+
+
+# ---------------------------------------------------------------- Hugging Face hub
+
+def load_hub(hub_id: str, subset: str | None, split: str, text_columns: list[str], label_column: str
+             ) -> tuple[list[str], list[str] | None, list[int | str]]:
+    """Load one split from the hub into (text_a, text_b or None, raw labels)."""
+    table = _load_hub_table(hub_id, subset, split, text_columns, label_column)
+    return table.text_a, table.text_b, table.labels
+
+
+def _load_hub_table(hub_id: str, subset: str | None, split: str, text_columns: list[str],
+                    label_column: str) -> _Table:
+    name = f"{hub_id}/{subset}" if subset else hub_id
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"loading '{name}' from the Hugging Face hub needs the datasets package: "
+                        f"pip install 'fedlora[hub]' (or set data.root / FEDLORA_DATA_DIR to a local copy)") from None
+    try:
+        dataset = datasets.load_dataset(hub_id, subset, split=split)
+    except Exception as err:  # network, missing data set or split: many exception types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not load split '{split}' of '{name}' from the Hugging Face hub: {reason} "
+                        f"(set data.root or FEDLORA_DATA_DIR to use a local copy)") from None
+    source = f"{name}[{split}]"
+    missing = [c for c in [*text_columns, label_column] if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{source}: no column {', '.join(repr(c) for c in missing)} "
+                        f"(available: {', '.join(dataset.column_names)}); set data.text_columns / data.label_column")
+    if len(dataset) == 0:
+        raise DataError(f"{source}: no data rows")
+    table = _Table(
+        text_a=list(dataset[text_columns[0]]),
+        text_b=list(dataset[text_columns[1]]) if len(text_columns) == 2 else None,
+        labels=list(dataset[label_column]),
+        source=source,
+        where=lambda i: f"row {i}",
+    )
+    _validate(table)
+    return table
