@@ -71,7 +71,8 @@ class Simulation:
         d = cfg.data
         self.shards = partition(data.train.labels, cfg.federation.num_clients, d.partition,
                                 seed=derive_seed(cfg.seed, "partition"), dirichlet_alpha=d.dirichlet_alpha,
-                                label_proportions=d.label_proportions, min_client_examples=d.min_client_examples)
+                                label_proportions=d.label_proportions, min_client_examples=d.min_client_examples,
+                                num_labels=data.num_labels)
         self.client_sizes = [len(s) for s in self.shards]
         self.method = METHODS[cfg.method.name](self.adapted, cfg, self.client_sizes)
         self.optimizer_states: dict[int, dict] = {}
