@@ -78,7 +78,8 @@ eval_path = "{train}"
 
 def test_cli_unknown_model_folder(tmp_path, capsys, toy_data):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[model]\npath = "{tmp_path / "nowhere"}"\n[data]\npath = "{toy_data['path']}"\n')
+    train = toy_data["path"]
+    cfg.write_text(f'[model]\npath = "{tmp_path / "nowhere"}"\n[data]\npath = "{train}"\n')
     code, _, err = run_cli(capsys, "run", str(cfg), "--out", str(tmp_path / "o"))
     assert code == 2 and "model.path: no such folder" in err and err.count("\n") == 1
 
