@@ -55,8 +55,13 @@ def test_peft_export_reproduces_the_federated_model(sst2_config, tmp_path, metho
 
 def test_fedsb_learns_sst2(sst2_config, tmp_path):
     """A short Fed-SB run on real data gets well above chance on held-out sentences."""
-    cfg = sst2_config("fedsb", local_steps=10, batch_size=16)
-    cfg.federation.rounds = 4
+    cfg = sst2_config("fedsb", local_steps=10, batch_size=16, lr=3e-3)
+    cfg.data.partition = "iid"
+    cfg.adapter.rank = 32
+    cfg.fedsb.init_examples = 256
+    cfg.federation.num_clients = cfg.federation.clients_per_round = 2
+    cfg.federation.rounds = 5
+    cfg.eval.every = 5
     cfg.eval.max_examples = 256
     summary = Simulation(cfg, tmp_path, progress=False).run()
     assert summary["final_eval"]["accuracy"] > 0.6
