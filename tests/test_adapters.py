@@ -157,3 +157,19 @@ def test_bad_targets_and_rank_are_config_errors():
         adapt(tiny_bert(), rank=64)
     with pytest.raises(ConfigError, match="adapter.modules_to_save"):
         adapt(tiny_bert(), heads=("lm_head",))
+
+
+@pytest.mark.parametrize("model_fn,targets,heads", [(tiny_bert, ("query", "dense"), ("classifier",)),
+                                                    (tiny_gpt2, ("c_attn", "c_fc"), ("score",))])
+def test_merge_keeps_the_function(model_fn, targets, heads):
+    model = model_fn()
+    adapted = adapt(model, "lorasb", targets=targets, heads=heads)
+    randomise(adapted, seed=2)
+    batch = {"input_ids": torch.randint(2, 60, (2, 6))}
+    with torch.no_grad():
+        before = model(**batch).logits
+        adapted.merge()
+        after = model(**batch).logits
+    assert all(not layer.lora_B.any() for layer in adapted.layers.values())
+    assert (before - after).abs().max() < 1e-5
+    assert (after - model_fn()(**batch).logits).abs().max() > 1e-3  # W0 did change

@@ -112,3 +112,9 @@ def test_comm_methods_on_an_encoder(capsys):
     assert report("full")["round"]["params_up"] == layers * d * d + head
     code, _, err = run_cli(capsys, "comm", "--model", "nope", "--method", "fedsb", "--rank", "8")
     assert code == 2 and "--model" in err
+
+
+def test_data_name_none_means_plain_files():
+    assert build_config({"data": {"name": "none"}}).data.name is None
+    assert build_config({"data": {"name": ""}}).data.name is None
+    assert build_config({}).data.name == "sst2"

@@ -69,6 +69,21 @@ def test_exact_methods_give_the_average_update(name):
     assert aggregation_error(adapted, states, WEIGHTS, method.eval_state(), agg.base_change) < 1e-5
 
 
+@pytest.mark.parametrize("name,frozen", [("ffa", "lora_A"), ("fedsb", "lora_A"), ("fedsb", "lora_B")])
+def test_frozen_factors_are_shared_and_never_change(name, frozen):
+    adapted, method = setup(name)
+    keys = adapted.keys_of((frozen,), head=False)
+    before = {k: method.global_state[k].clone() for k in keys}
+    assert not set(keys) & set(method.trainable_keys())
+    states = local_updates(adapted, method)
+    assert all(torch.equal(st[k], before[k]) for st in states for k in keys)  # identical on every client
+    payloads = [method.upload(c, s) for c, s in enumerate(states)]
+    assert not set(keys) & {k for p in payloads for k in p}  # never uploaded
+    for r in (1, 2):
+        method.aggregate(payloads, WEIGHTS, [0, 1, 2], r)
+        assert all(torch.equal(method.global_state[k], before[k]) for k in keys)
+
+
 def test_fedit_is_inexact_and_agg_error_matches_hand_computation():
     adapted, method = setup("fedit")
     states = local_updates(adapted, method)

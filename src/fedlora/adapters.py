@@ -211,6 +211,14 @@ class AdaptedModel:
         for layer, delta in deltas.items():
             self.layers[layer].add_to_base(delta)
 
+    def merge(self) -> None:
+        """Fold the current adapters into W0 and zero B: the model computes the same function after."""
+        state = self.state(self.keys_of(FACTORS, head=False))
+        self.add_to_base({layer: self.layer_delta(state, layer) for layer in self.layers})
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.lora_B.zero_()
+
     def base_weights(self) -> dict[str, torch.Tensor]:
         return {n: layer.base.weight.detach().clone() for n, layer in self.layers.items()}
 

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -52,6 +52,11 @@ class DataConfig(Section):
     dirichlet_alpha: float = Field(0.5, gt=0)
     label_proportions: list[list[float]] | None = None
     min_client_examples: int = Field(2, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _no_preset(cls, name):  # TOML has no null: "none" or "" mean plain files
+        return None if name is None or name.lower() in ("", "none") else name
 
 
 class FederationConfig(Section):

@@ -59,7 +59,7 @@ PRESETS: dict[str, Preset] = {
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise DataError(f"config key 'data.name': unknown data set preset '{name}' "
-                        f"(presets: {', '.join(PRESETS)}; or set data.name to none and give data.path)")
+                        f"(presets: {', '.join(PRESETS)}; or set data.name = \"none\" and give data.path)")
     return PRESETS[name]
 
 
