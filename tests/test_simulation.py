@@ -157,3 +157,16 @@ def test_memory_is_shared_between_clients(sim_config, tmp_path):
     ids_before = {id(p) for p in sim.model.parameters()}
     sim.run()
     assert {id(p) for p in sim.model.parameters()} == ids_before
+
+
+def test_full_fedavg_exports_a_complete_model(sim_config, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    sim = Simulation(sim_config(method={"name": "full"}, federation={"rounds": 1}), tmp_path, progress=False)
+    sim.run()
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    sim.model.eval()
+    batch = sim.task.batch(range(8), sim.task.data.eval)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert (loaded(**batch).logits - sim.model(**batch).logits).abs().max() < 1e-5
