@@ -53,12 +53,16 @@ class LowRankLayer(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.d_out, rank, **factory))
         self.lora_R = nn.Parameter(torch.eye(rank, **factory)) if with_r else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.recorder = None  # set while per-example gradients are being recorded (privacy.grad_sample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.linear(self.dropout(x), self.lora_A)
-        if self.lora_R is not None:
-            h = nn.functional.linear(h, self.lora_R)
-        return self.base(x) + self.scaling * nn.functional.linear(h, self.lora_B)
+        xd = self.dropout(x)
+        h = nn.functional.linear(xd, self.lora_A)
+        u = nn.functional.linear(h, self.lora_R) if self.lora_R is not None else h
+        delta = nn.functional.linear(u, self.lora_B)
+        if self.recorder is not None:
+            self.recorder.record_factors(self, xd, h, u, delta)
+        return self.base(x) + self.scaling * delta
 
     def add_to_base(self, delta: torch.Tensor) -> None:
         """Add a d_out x d_in update to W0 in the weight's own layout."""

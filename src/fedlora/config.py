@@ -90,8 +90,27 @@ class EvalConfig(Section):
     max_examples: int | None = Field(None, gt=0)
 
 
+class PrivacyConfig(Section):
+    """Sample-level DP-SGD on every client. Enabled by giving epsilon (noise calibrated for the planned
+    steps) or noise_multiplier (epsilon reported), or both (the run must fit the target)."""
+    epsilon: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1, description="default: 1e-5, or 1/(10 n) for a client of n > 10^4 examples")
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(None, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_norm: Literal["auto", "ghost", "materialise"] = Field(
+        "auto", description="per-example norms from materialised gradients or by the ghost-norm identity")
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None or self.noise_multiplier is not None
+
+
 class FedSBConfig(Section):
     init_examples: int = Field(128, gt=0, description="examples, over all clients, for the first-step gradient")
+    init_data: Literal["clients", "public"] = Field(
+        "clients", description="whose data gives the init gradient: the clients' (private under DP) or public_data")
+    public_data: DataConfig | None = Field(None, description="a public data set (its train split) for init_data = 'public'")
     init_lr: float | None = Field(None, gt=0, description="eta in G = -eta sign(grad); default train.lr")
     svd_niter: int = Field(4, ge=4)
 
@@ -107,9 +126,12 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     fedsb: FedSBConfig = FedSBConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        if self.fedsb.init_data == "public" and self.fedsb.public_data is None:
+            raise ValueError("fedsb.public_data is required when fedsb.init_data = 'public'")
         d = self.data
         if d.partition == "label_proportion":
             if d.label_proportions is None:

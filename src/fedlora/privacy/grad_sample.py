@@ -1,0 +1,176 @@
+"""Per-example gradients of adapter factors and linear weights, from one forward and backward pass.
+
+Every gradient here has the form sum_t a_t b_t^T over the tokens t of one example, with (a, b):
+    LoRA / LoRA-SB layer y = W0 x + s B R A x   (R = I for LoRA), g = dL/d(B R A x) = s dL/dy
+        B:  (g,            R A x)
+        R:  (B^T g,        A x)
+        A:  (R^T B^T g,    x)
+    linear layer y = W x + b:  W: (dL/dy, x);  b: sum_t dL/dy_t
+So only the layer inputs and output gradients are recorded, and each example's gradient is either
+materialised (one einsum) or only its norm is computed with the ghost-norm identity
+    ||sum_t a_t b_t^T||_F^2 = sum_{t,t'} (a_t . a_t') (b_t . b_t'),
+which is cheaper when T (p + q) < p q. The clipped sum is then one einsum with per-example weights.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..adapters import LowRankLayer
+
+NormPath = Literal["auto", "ghost", "materialise"]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, ..., d) -> (B, T, d) in float32."""
+    t = t.float()
+    return t.unsqueeze(1) if t.dim() == 2 else t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+class _Outer:
+    """The per-example gradients sum_t a_t b_t^T of one parameter, shape (B, p, q) or (B, p) for biases."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor | None, path: NormPath):
+        self.a, self.b = a, b
+        if b is None:
+            self.ghost = False
+            self.grads = a.sum(1)
+            return
+        T, p, q = a.shape[1], a.shape[2], b.shape[2]
+        self.ghost = path == "ghost" or (path == "auto" and T * (p + q) < p * q)
+        self.grads = None if self.ghost else torch.einsum("btp,btq->bpq", a, b)
+
+    def squared_norms(self) -> torch.Tensor:
+        if self.ghost:
+            return ((self.a @ self.a.transpose(1, 2)) * (self.b @ self.b.transpose(1, 2))).sum((1, 2))
+        return self.grads.flatten(1).pow(2).sum(1)
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        if self.ghost:
+            return torch.einsum("btp,btq->pq", self.a * weights[:, None, None], self.b)
+        return torch.einsum("b,b...->...", weights, self.grads)
+
+
+class PerExampleGradients:
+    """Records what the per-example gradients of chosen parameters need during one forward/backward.
+
+    `factors`: state key -> (LowRankLayer, "lora_A" | "lora_B" | "lora_R")
+    `linears`: state key -> (nn.Linear or Conv1D module, "weight" | "bias")
+    """
+
+    def __init__(self, factors: dict[str, tuple[LowRankLayer, str]],
+                 linears: dict[str, tuple[nn.Module, str]], path: NormPath = "auto"):
+        self.factors = factors
+        self.linears = linears
+        self.path = path
+        self.token_mask: torch.Tensor | None = None
+        self._saved: dict[int, dict] = {}
+
+    # -- recording ----------------------------------------------------------------------------
+    def record_factors(self, layer: LowRankLayer, x: torch.Tensor, h: torch.Tensor, u: torch.Tensor,
+                       delta: torch.Tensor) -> None:
+        saved = self._saved.setdefault(id(layer), {})
+        saved.update(x=x.detach(), h=h.detach(), u=u.detach())
+        if delta.requires_grad:
+            delta.register_hook(lambda g: saved.__setitem__("g", g.detach()))
+
+    def _linear_hook(self, module, inputs, output):
+        saved = self._saved.setdefault(id(module), {})
+        saved["x"] = inputs[0].detach()
+        if output.requires_grad:
+            output.register_hook(lambda g: saved.__setitem__("g", g.detach()))
+
+    @contextmanager
+    def recording(self, token_mask: torch.Tensor | None = None):
+        """Record during the forward and backward run inside this block; `token_mask` (B, T) marks the
+        real tokens, so that padding can contribute nothing."""
+        self._saved = {}
+        self.token_mask = token_mask
+        layers = {id(layer): layer for layer, _ in self.factors.values()}
+        modules = {id(m): m for m, _ in self.linears.values()}
+        for layer in layers.values():
+            layer.recorder = self
+        handles = [m.register_forward_hook(self._linear_hook) for m in modules.values()]
+        try:
+            yield self
+        finally:
+            for layer in layers.values():
+                layer.recorder = None
+            for h in handles:
+                h.remove()
+
+    # -- per-example gradients ----------------------------------------------------------------
+    def _mask(self, a: torch.Tensor) -> torch.Tensor:
+        m = self.token_mask
+        if m is not None and a.shape[1] == m.shape[1]:
+            return a * m[:, :, None].to(a.dtype)
+        return a
+
+    def _outers(self) -> dict[str, _Outer]:
+        outers = {}
+        for key, (layer, factor) in self.factors.items():
+            s = self._saved[id(layer)]
+            g = self._mask(_rows(s["g"]))
+            gu = g @ layer.lora_B.detach().float()  # B^T g per token
+            if factor == "lora_B":
+                outers[key] = _Outer(g, _rows(s["u"]), self.path)
+            elif factor == "lora_R":
+                outers[key] = _Outer(gu, _rows(s["h"]), self.path)
+            else:
+                gh = gu @ layer.lora_R.detach().float() if layer.lora_R is not None else gu
+                outers[key] = _Outer(gh, _rows(s["x"]), self.path)
+        for key, (module, param) in self.linears.items():
+            s = self._saved[id(module)]
+            g = self._mask(_rows(s["g"]))
+            outers[key] = _Outer(g, None if param == "bias" else _rows(s["x"]), self.path)
+        return outers
+
+    def clipped_sum(self, clip_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(sum over examples of each example's whole gradient clipped to clip_norm, per-example norms)."""
+        outers = self._outers()
+        norms = torch.stack([o.squared_norms() for o in outers.values()]).sum(0).sqrt()
+        weights = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        sums = {}
+        for key, outer in outers.items():
+            total = outer.weighted_sum(weights)
+            module = self.linears.get(key, (None, ""))[0]
+            if isinstance(module, Conv1D) and total.dim() == 2:
+                total = total.T  # Conv1D stores its weight as d_in x d_out
+            sums[key] = total
+        return sums, norms
+
+    def per_example(self) -> dict[str, torch.Tensor]:
+        """Materialised per-example gradients, shaped like the parameters (for tests and inspection)."""
+        out = {}
+        for key, outer in self._outers().items():
+            grads = outer.grads if outer.grads is not None else torch.einsum("btp,btq->bpq", outer.a, outer.b)
+            module = self.linears.get(key, (None, ""))[0]
+            out[key] = grads.transpose(1, 2) if isinstance(module, Conv1D) and grads.dim() == 3 else grads
+        return out
+
+
+def for_trainable(adapted, keys: list[str], path: NormPath = "auto") -> PerExampleGradients:
+    """A recorder for the given state keys of an AdaptedModel (factors, head parameters, full weights)."""
+    from ..errors import ConfigError
+
+    factors, linears = {}, {}
+    for key in keys:
+        owner, _, param = key.rpartition(".")
+        if owner in adapted.layers:
+            factors[key] = (adapted.layers[owner], param)
+            continue
+        module = adapted.full_layers.get(owner) or adapted.model.get_submodule(owner)
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            raise ConfigError(f"privacy: no per-example gradient rule for '{key}' ({type(module).__name__}); "
+                              "only adapter factors and linear layers can be trained under DP")
+        linears[key] = (module, param)
+    return PerExampleGradients(factors, linears, path)
+
+
+def for_base_weights(adapted, path: NormPath = "auto") -> PerExampleGradients:
+    """A recorder for the frozen W0 of every adapted layer (LoRA-SB's private initialisation)."""
+    return PerExampleGradients({}, {name: (layer.base, "weight") for name, layer in adapted.layers.items()}, path)
