@@ -6,6 +6,7 @@ import torch
 
 from fedlora.adapters import AdaptedModel
 from fedlora.config import build_config
+from fedlora.init_sb import gradient_sums
 from fedlora.methods import METHODS, InitContext
 from fedlora.server import aggregation_error
 
@@ -23,8 +24,16 @@ def setup(method_name, model=None, targets=("query", "value"), heads=("classifie
     vocab = model.config.vocab_size
     batch = {"input_ids": torch.randint(2, vocab, (4, 6), generator=torch.Generator().manual_seed(9)),
              "labels": torch.tensor([0, 1, 1, 0])}
-    method.initialise(InitContext([0, 1], {0: 4, 1: 4}, lambda c, n: [batch], torch.Generator().manual_seed(0)))
+    method.initialise(InitContext([0, 1], torch.Generator().manual_seed(0),
+                                  gradient_sum=lambda c: gradient_sums(adapted, [batch], example_losses(model))))
     return adapted, method
+
+
+def example_losses(model):
+    def losses(batch):
+        logits = model(input_ids=batch["input_ids"]).logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    return losses
 
 
 def local_updates(adapted, method, seed=0):
@@ -196,7 +205,8 @@ def test_fedsb_init_is_the_svd_of_the_sign_of_the_clients_gradient_sum():
     for m in model.modules():  # no dropout: the reference below must see the same forward
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    ctx = InitContext([0, 1], {0: 4, 1: 4}, lambda c, n: [data[c]], torch.Generator().manual_seed(0))
+    ctx = InitContext([0, 1], torch.Generator().manual_seed(0),
+                      gradient_sum=lambda c: gradient_sums(adapted, [data[c]], example_losses(model)))
     exchange = method.initialise(ctx)
 
     # reference: the pooled gradient with every adapter off, by plain autograd on a copy

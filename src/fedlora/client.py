@@ -1,11 +1,12 @@
-"""Local training of one client: a plain loop over its batches."""
+"""Local training of one client: a plain loop over its batches, optionally DP-SGD."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
 from .config import TrainConfig
+from .privacy.dpsgd import DPSGD
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -14,18 +15,25 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
-                max_grad_norm: float | None = None) -> list[float]:
-    """One optimizer step per batch; returns the loss of every step."""
+def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict | None],
+                example_losses: Callable[[dict], torch.Tensor], max_grad_norm: float | None = None,
+                dp: DPSGD | None = None) -> list[float]:
+    """One optimizer step per batch; returns the mean loss of every non-empty batch.
+    With `dp`, gradients are DP-SGD's (a None batch, an empty Poisson draw, is a step of noise alone)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     losses = []
     for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if dp is not None:
+            loss = dp.set_gradients(example_losses, batch)
+        else:
+            loss_tensor = example_losses(batch).mean()
+            loss_tensor.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            loss = loss_tensor.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        if loss is not None:
+            losses.append(loss)
     return losses

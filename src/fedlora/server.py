@@ -17,8 +17,12 @@ from .comm import payload_bytes
 from .config import Config
 from .data import load_classification, partition
 from .errors import ConfigError, FedloraError
+from .init_sb import gradient_sums, private_gradient_sum
 from .methods import METHODS, InitContext
 from .models import default_target_modules, head_modules, load_classifier, pick_device, resolve_model_source
+from .privacy.accounting import PrivacyLedger, calibrate_noise, planned_epsilon
+from .privacy.dpsgd import DPSGD
+from .privacy.grad_sample import for_trainable
 from .seeding import derive_seed, generator, rng
 from .tasks import ClassificationTask
 
@@ -78,6 +82,70 @@ class Simulation:
         self.optimizer_states: dict[int, dict] = {}
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.last_eval: dict | None = None
+        self.ledger: PrivacyLedger | None = None  # set by run() when privacy is enabled
+        init_clients = self._sample_clients(0)
+        share = cfg.fedsb.init_examples / sum(self.client_sizes[c] for c in init_clients)
+        self.init_examples = {c: max(1, min(self.client_sizes[c], round(share * self.client_sizes[c])))
+                              for c in init_clients}
+
+    def _losses(self, batch: dict) -> torch.Tensor:
+        return self.task.example_losses(self.model, batch)
+
+    # -- privacy ------------------------------------------------------------------------------
+    def _sample_rate(self, client: int) -> float:
+        return min(1.0, self.cfg.train.batch_size / self.client_sizes[client])
+
+    def _private_init(self) -> bool:
+        return self.cfg.method.name == "fedsb" and self.cfg.fedsb.init_data == "clients"
+
+    def _privacy_plan(self) -> list[list[tuple[float, int]]]:
+        """Every client's planned DP-SGD steps as (sample rate, steps) segments; the client sampling of
+        every round is known in advance from the seed."""
+        plans: list[list[tuple[float, int]]] = [[] for _ in self.client_sizes]
+        if self._private_init():
+            for c, n in self.init_examples.items():
+                plans[c].append((n / self.client_sizes[c], 1))
+        rounds = np.zeros(len(self.client_sizes), dtype=int)
+        for r in range(1, self.cfg.federation.rounds + 1):
+            rounds[self._sample_clients(r)] += 1
+        for c, k in enumerate(rounds):
+            if k:
+                plans[c].append((self._sample_rate(c), int(k) * self.cfg.train.local_steps))
+        return plans
+
+    def _setup_privacy(self, saved: dict | None) -> None:
+        p = self.cfg.privacy
+        if not p.enabled:
+            return
+        plans = self._privacy_plan()
+        delta = p.delta or min(1e-5, 1 / (10 * max(self.client_sizes)))
+        if saved is not None:
+            sigma = saved["noise_multiplier"]
+        elif p.noise_multiplier is not None:
+            sigma = p.noise_multiplier
+        else:
+            sigma = calibrate_noise(p.accountant, p.epsilon, delta, plans)
+        if p.epsilon is not None:
+            planned = planned_epsilon(p.accountant, sigma, plans, delta)
+            if planned > p.epsilon * (1 + 1e-6):
+                worst = max(range(len(plans)), key=lambda c: sum(n for _, n in plans[c]))
+                steps = ", ".join(f"{n} steps at sample rate {q:.4g}" for q, n in plans[worst])
+                raise ConfigError(
+                    f"privacy: the planned training spends epsilon {planned:.3f} > privacy.epsilon {p.epsilon} "
+                    f"(noise_multiplier {sigma:.3f}, delta {delta:g}; e.g. client {worst}: {steps}); lower "
+                    "federation.rounds or train.local_steps, or raise privacy.noise_multiplier")
+        self.ledger = (PrivacyLedger.from_state_dict(saved) if saved is not None
+                       else PrivacyLedger(p.accountant, delta, sigma))
+        self._recorder = for_trainable(self.adapted, self.method.trainable_keys(), p.grad_norm)
+
+    def _client_dp(self, client: int, r: int) -> DPSGD | None:
+        if self.ledger is None:
+            return None
+        params = self.adapted.parameters_by_key()
+        noise = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.seed, "noise", r, client))
+        return DPSGD(self._recorder, {k: params[k] for k in self.method.trainable_keys()},
+                     self.cfg.privacy.clip_norm, self.ledger.noise_multiplier,
+                     self._sample_rate(client) * self.client_sizes[client], noise)
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -89,6 +157,7 @@ class Simulation:
             if (self.out / ROUNDS_LOG).exists():
                 raise FedloraError(f"{self.out} already holds a run: pass --resume to continue it, or choose "
                                    "another --out")
+            self._setup_privacy(None)
             self._log(self._initialise())
             self._save_checkpoint(0)
             start = 1
@@ -112,6 +181,10 @@ class Simulation:
             "bytes_down_total": self.totals["bytes_down"],
             "client_sizes": self.client_sizes,
             "model_source": self.model_source,
+            "privacy": None if self.ledger is None else {
+                "noise_multiplier": self.ledger.noise_multiplier, "delta": self.ledger.delta,
+                "accountant": self.ledger.kind, "epsilon_max": self.ledger.max_epsilon(),
+                "epsilon_per_client": {c: self.ledger.epsilon(c) for c in sorted(self.ledger.history)}},
             "seconds_this_session": round(time.time() - started, 2),
             "config": self.cfg.to_dict(),
         }
@@ -122,20 +195,41 @@ class Simulation:
         """Round 0: the method's set-up exchange (Fed-SB's gradient init) and the initial evaluation."""
         t0 = time.time()
         cfg = self.cfg
-        clients = self._sample_clients(0)
-        share = cfg.fedsb.init_examples / sum(self.client_sizes[c] for c in clients)
-        examples = {c: max(1, min(self.client_sizes[c], round(share * self.client_sizes[c]))) for c in clients}
-
-        def init_batches(client: int, n: int):
-            torch.manual_seed(derive_seed(cfg.seed, "init", client))
-            chosen = rng(cfg.seed, "init", client).permutation(self.shards[client])[:n]
-            for i in range(0, n, cfg.train.batch_size):
-                yield self.task.batch(chosen[i:i + cfg.train.batch_size])
-
-        exchange = self.method.initialise(InitContext(clients, examples, init_batches, generator(cfg.seed, "init")))
+        ctx = InitContext(sorted(self.init_examples), generator(cfg.seed, "init"),
+                          gradient_sum=self._client_gradient_sum, public_gradient_sum=self._public_gradient_sum)
+        exchange = self.method.initialise(ctx)
         bytes_up = sum(payload_bytes(p) for p in exchange.uploads)
         bytes_down = payload_bytes(exchange.broadcast) * cfg.federation.num_clients
         return self._record(0, exchange.clients, None, bytes_up, bytes_down, 0.0, self._maybe_evaluate(0), t0)
+
+    def _batches(self, indices: np.ndarray, split=None):
+        for i in range(0, len(indices), self.cfg.train.batch_size):
+            yield self.task.batch(indices[i:i + self.cfg.train.batch_size], split)
+
+    def _client_gradient_sum(self, client: int) -> dict[str, torch.Tensor]:
+        """A client's sum of dL/dW0 over its init examples; under DP a Poisson draw at the same expected
+        size, clipped per example, noised, and charged to the client's budget."""
+        cfg, n = self.cfg, self.init_examples[client]
+        torch.manual_seed(derive_seed(cfg.seed, "init", client))  # dropout
+        draw = rng(cfg.seed, "init", client)
+        if self.ledger is None:
+            return gradient_sums(self.adapted, self._batches(draw.permutation(self.shards[client])[:n]), self._losses)
+        q = n / self.client_sizes[client]
+        chosen = self.shards[client][draw.random(self.client_sizes[client]) < q]
+        noise = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, "noise", 0, client))
+        self.ledger.charge(client, q, 1)
+        return private_gradient_sum(self.adapted, self._batches(chosen), self._losses, cfg.privacy.clip_norm,
+                                    self.ledger.noise_multiplier, noise, cfg.privacy.grad_norm)
+
+    def _public_gradient_sum(self) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        public = load_classification(cfg.fedsb.public_data).train
+        if max(public.labels) >= self.task.data.num_labels:
+            raise ConfigError(f"fedsb.public_data has labels up to {max(public.labels)}, but the task has "
+                              f"{self.task.data.num_labels} classes")
+        chosen = rng(cfg.seed, "public").permutation(len(public))[:cfg.fedsb.init_examples]
+        torch.manual_seed(derive_seed(cfg.seed, "public"))
+        return gradient_sums(self.adapted, self._batches(chosen, public), self._losses)
 
     def _round(self, r: int) -> dict:
         t0 = time.time()
@@ -153,21 +247,26 @@ class Simulation:
             if cfg.train.keep_optimizer_state and c in self.optimizer_states:
                 optimizer.load_state_dict(self.optimizer_states[c])
             torch.manual_seed(derive_seed(cfg.seed, "client", r, c))  # dropout
+            dp = self._client_dp(c, r)
             batches = self.task.client_batches(self.shards[c], cfg.train.batch_size, cfg.train.local_steps,
-                                               rng(cfg.seed, "client", r, c))
-            step_losses = local_train(self.model, optimizer, batches, cfg.train.max_grad_norm)
+                                               rng(cfg.seed, "client", r, c),
+                                               sample_rate=self._sample_rate(c) if dp else None)
+            step_losses = local_train(self.model, optimizer, batches, self._losses, cfg.train.max_grad_norm, dp)
+            if dp is not None:
+                self.ledger.charge(c, self._sample_rate(c), cfg.train.local_steps)
             if cfg.train.keep_optimizer_state:
                 self.optimizer_states[c] = optimizer.state_dict()
             trained = adapted.state()
             payloads.append(method.upload(c, trained))
             trained_states.append(trained)
-            losses.append(float(np.mean(step_losses)))
+            losses.append(float(np.mean(step_losses)) if step_losses else float("nan"))
         adapted.set_trainable([])
         aggregate = method.aggregate(payloads, weights, clients, r)
         bytes_up = sum(payload_bytes(p) for p in payloads)
         bytes_down += payload_bytes(aggregate.broadcast) * cfg.federation.num_clients
         agg_error = aggregation_error(adapted, trained_states, weights, method.eval_state(), aggregate.base_change)
-        train_loss = float(np.dot(weights, losses))
+        seen = [(w, l) for w, l in zip(weights, losses) if l == l]  # a DP client may draw only empty batches
+        train_loss = sum(w * l for w, l in seen) / sum(w for w, _ in seen) if seen else None
         return self._record(r, clients, train_loss, bytes_up, bytes_down, agg_error, self._maybe_evaluate(r), t0)
 
     # -- pieces -------------------------------------------------------------------------------
@@ -192,7 +291,8 @@ class Simulation:
         self.totals["bytes_up"] += bytes_up
         self.totals["bytes_down"] += bytes_down
         return {"round": r, "clients": clients, "train_loss": train_loss, "eval": evaluation,
-                "bytes_up": bytes_up, "bytes_down": bytes_down, "agg_error": agg_error, "epsilon": None,
+                "bytes_up": bytes_up, "bytes_down": bytes_down, "agg_error": agg_error,
+                "epsilon": None if self.ledger is None else self.ledger.max_epsilon(),
                 "seconds": round(time.time() - t0, 3)}
 
     def _log(self, record: dict) -> None:
@@ -209,6 +309,7 @@ class Simulation:
             "optimizer_states": self.optimizer_states,
             "totals": self.totals,
             "last_eval": self.last_eval,
+            "privacy": None if self.ledger is None else self.ledger.state_dict(),
         }
         tmp = self.out / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -227,6 +328,7 @@ class Simulation:
             key = _first_difference(saved, now)
             raise FedloraError(f"{path} was written by a different config (key '{key}' differs); "
                                "resume with the same config or choose another --out")
+        self._setup_privacy(state["privacy"])
         self.method.load_state_dict(state["method"])
         if state["base_weights"] is not None:
             self.adapted.load_base_weights(state["base_weights"])

@@ -34,9 +34,22 @@ class ClassificationTask:
         enc["labels"] = torch.tensor([split.labels[i] for i in indices], dtype=torch.long)
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def client_batches(self, shard: np.ndarray, batch_size: int, steps: int,
-                       rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        """`steps` batches drawn without replacement from a shuffled shard, reshuffled when exhausted."""
+    def example_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of every example of the batch, shape (B,)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+    def client_batches(self, shard: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator,
+                       sample_rate: float | None = None) -> Iterator[dict[str, torch.Tensor] | None]:
+        """`steps` batches from a client's shard. Without `sample_rate`: drawn without replacement from a
+        shuffled shard, reshuffled when exhausted. With it: Poisson sampling, every example taken
+        independently with that probability (None for an empty draw), as DP-SGD's accounting assumes."""
+        if sample_rate is not None:
+            for _ in range(steps):
+                chosen = shard[rng.random(len(shard)) < sample_rate]
+                yield self.batch(chosen) if len(chosen) else None
+            return
         order = rng.permutation(shard)
         pos = 0
         for _ in range(steps):

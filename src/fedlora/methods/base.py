@@ -6,7 +6,7 @@ server sends back and how it aggregates; the simulator (and any other runtime) o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -18,11 +18,13 @@ State = dict[str, torch.Tensor]
 
 @dataclass
 class InitContext:
-    """Access to the clients' data for a method whose initialisation needs it (Fed-SB)."""
-    clients: list[int]
-    examples: dict[int, int]  # client -> number of its examples used
-    batches: Callable[[int, int], Iterable[dict]]  # (client, n) -> batches over its first n init examples
+    """What a method's initialisation may use (Fed-SB's needs the first-step gradient)."""
+    clients: list[int]  # the clients taking part in the set-up exchange
     generator: torch.Generator
+    # client -> its sum of dL/dW0 per adapted layer (clipped and noised under DP, and charged to its budget)
+    gradient_sum: Callable[[int], dict[str, torch.Tensor]] | None = None
+    # the same sum over a public data set, at no privacy cost
+    public_gradient_sum: Callable[[], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass

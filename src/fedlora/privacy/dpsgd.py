@@ -1,0 +1,36 @@
+"""One DP-SGD gradient: per-example clipping of the whole gradient, Gaussian noise once per step,
+normalisation by the expected batch size."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .grad_sample import PerExampleGradients
+
+
+class DPSGD:
+    def __init__(self, recorder: PerExampleGradients, params: dict[str, torch.nn.Parameter], clip_norm: float,
+                 noise_multiplier: float, expected_batch_size: float, generator: torch.Generator):
+        self.recorder = recorder
+        self.params = params
+        self.clip_norm = clip_norm
+        self.noise_std = noise_multiplier * clip_norm
+        self.expected_batch_size = expected_batch_size
+        self.generator = generator
+
+    def set_gradients(self, example_losses: Callable[[dict], torch.Tensor], batch: dict | None) -> float | None:
+        """Fill .grad of every trainable parameter with the private gradient; returns the batch's mean loss.
+        `batch` None is an empty Poisson draw: the step is noise alone."""
+        sums, loss = {}, None
+        if batch is not None:
+            with self.recorder.recording(batch.get("attention_mask")):
+                losses = example_losses(batch)
+                losses.sum().backward()
+            sums, _ = self.recorder.clipped_sum(self.clip_norm)
+            loss = losses.mean().item()
+        for key, p in self.params.items():
+            noise = torch.randn(p.shape, generator=self.generator, device=self.generator.device) * self.noise_std
+            total = sums[key] + noise.to(p.device) if key in sums else noise.to(p.device)
+            p.grad = (total / self.expected_batch_size).to(p.dtype)
+        return loss

@@ -1,0 +1,144 @@
+"""DP-SGD: noise, accounting over a whole federation against Opacus, calibration, refusal, private init."""
+import json
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from fedlora.errors import ConfigError
+from fedlora.methods import METHODS
+from fedlora.privacy.dpsgd import DPSGD
+from fedlora.privacy.grad_sample import for_trainable
+from fedlora.server import Simulation
+
+from test_grad_sample import build, padded_batch
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("empty", [True, False])
+def test_noise_std_is_sigma_clip_over_expected_batch(empty):
+    adapted, keys = build("ffa")
+    params = {k: adapted.parameters_by_key()[k] for k in keys}
+    adapted.set_trainable(keys)
+    ids, mask, labels = padded_batch(adapted.model.config.vocab_size)
+    batch = None if empty else {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def zero_losses(b):  # examples whose gradients are exactly zero
+        logits = adapted.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return 0.0 * torch.nn.functional.cross_entropy(logits, b["labels"], reduction="none")
+
+    sigma, clip, expected = 1.7, 0.5, 8.0
+    dp = DPSGD(for_trainable(adapted, keys), params, clip, sigma, expected, torch.Generator().manual_seed(0))
+    draws = []
+    for _ in range(40):
+        dp.set_gradients(zero_losses, batch)
+        draws.append(torch.cat([p.grad.flatten() for p in params.values()]))
+    draws = torch.stack(draws)
+    n = draws.numel()
+    expected_std = sigma * clip / expected
+    assert abs(draws.std().item() - expected_std) < 4 * expected_std / (2 * n) ** 0.5
+    assert abs(draws.mean().item()) < 4 * expected_std / n ** 0.5
+
+
+def opacus_epsilon(segments, delta):
+    """An independent accountant stepped once per DP-SGD step."""
+    acc = RDPAccountant()
+    for sigma, q, steps in segments:
+        for _ in range(steps):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    return acc.get_epsilon(delta)
+
+
+def test_epsilon_composes_every_step_of_every_round(sim_config, tmp_path):
+    cfg = sim_config(method={"name": "fedsb"}, federation={"num_clients": 4, "clients_per_round": 2, "rounds": 3},
+                     privacy={"noise_multiplier": 1.1, "clip_norm": 0.8})
+    sim = Simulation(cfg, tmp_path, progress=False)
+    summary = sim.run()
+    log = read_log(tmp_path)
+    delta = summary["privacy"]["delta"]
+    assert delta == 1e-5
+    rounds_of = {c: sum(c in r["clients"] for r in log[1:]) for c in range(4)}
+    spent = {int(c): e for c, e in summary["privacy"]["epsilon_per_client"].items()}
+    for c in range(4):
+        segments = []
+        if c in log[0]["clients"]:  # the private LoRA-SB initialisation: one Poisson-sampled release
+            segments.append((1.1, sim.init_examples[c] / sim.client_sizes[c], 1))
+        segments.append((1.1, min(1.0, 8 / sim.client_sizes[c]), rounds_of[c] * cfg.train.local_steps))
+        assert spent.get(c, 0.0) == pytest.approx(opacus_epsilon(segments, delta), rel=1e-6)
+    assert log[-1]["epsilon"] == pytest.approx(max(spent.values()))
+    assert all(a["epsilon"] <= b["epsilon"] for a, b in zip(log, log[1:]))
+    fewest = min(range(4), key=lambda c: (rounds_of[c], c in log[0]["clients"]))
+    most = max(range(4), key=lambda c: (rounds_of[c], c in log[0]["clients"]))
+    assert rounds_of[fewest] < rounds_of[most] and spent.get(fewest, 0.0) < spent[most]
+
+
+def test_calibrated_run_ends_within_5_percent_under_the_target(sim_config, tmp_path):
+    cfg = sim_config(method={"name": "ffa"}, privacy={"epsilon": 3.0})
+    summary = Simulation(cfg, tmp_path, progress=False).run()
+    assert 0.95 * 3.0 <= summary["privacy"]["epsilon_max"] <= 3.0
+    assert summary["privacy"]["noise_multiplier"] > 0
+
+
+def test_a_run_that_would_exceed_the_target_is_refused(sim_config, tmp_path):
+    cfg = sim_config(privacy={"epsilon": 1.0, "noise_multiplier": 0.3})
+    with pytest.raises(ConfigError, match=r"planned training spends epsilon [\d.]+ > privacy.epsilon 1.0"):
+        Simulation(cfg, tmp_path, progress=False).run()
+    assert not (tmp_path / "rounds.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_trains_under_dp(sim_config, tmp_path, name):
+    cfg = sim_config(method={"name": name}, federation={"rounds": 1}, privacy={"noise_multiplier": 0.9})
+    summary = Simulation(cfg, tmp_path, progress=False).run()
+    assert summary["privacy"]["epsilon_max"] > 0
+    assert read_log(tmp_path)[1]["epsilon"] > 0
+
+
+def test_private_fedsb_init_is_noised_and_charged(sim_config, tmp_path):
+    plain = Simulation(sim_config(method={"name": "fedsb"}), tmp_path / "plain", progress=False)
+    private = Simulation(sim_config(method={"name": "fedsb"}, privacy={"noise_multiplier": 1.0}),
+                         tmp_path / "private", progress=False)
+    private._setup_privacy(None)
+    client = sorted(private.init_examples)[0]
+    g_plain, g_private = plain._client_gradient_sum(client), private._client_gradient_sum(client)
+    assert private.ledger.history[client] == [(1.0, private.init_examples[client] / private.client_sizes[client], 1)]
+    for layer in g_plain:
+        assert not torch.allclose(g_plain[layer], g_private[layer])
+
+
+def test_public_fedsb_init_costs_no_privacy_and_no_upload(sim_config, toy_data, tmp_path):
+    public = {"name": "none", "path": toy_data["eval_path"], "eval_path": toy_data["eval_path"],
+              "text_columns": ["sentence"], "label_column": "label"}
+    cfg = sim_config(method={"name": "fedsb"}, fedsb={"init_data": "public", "public_data": public},
+                     privacy={"noise_multiplier": 1.0})
+    Simulation(cfg, tmp_path, progress=False).run()
+    log = read_log(tmp_path)
+    assert log[0]["bytes_up"] == 0 and log[0]["epsilon"] == 0.0 and log[0]["bytes_down"] > 0
+    with pytest.raises(ConfigError, match="fedsb.public_data is required"):
+        sim_config(fedsb={"init_data": "public"})
+
+
+def test_resume_under_dp_is_bit_identical(sim_config, tmp_path, monkeypatch):
+    cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 3}, privacy={"epsilon": 5.0})
+    whole = Simulation(cfg, tmp_path / "whole", progress=False)
+    whole.run()
+    cut = Simulation(cfg, tmp_path / "cut", progress=False)
+    real_save = cut._save_checkpoint
+
+    def save_then_die(r):
+        real_save(r)
+        if r == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cut, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cut.run()
+    resumed = Simulation(cfg, tmp_path / "cut", progress=False)
+    resumed.run(resume=True)
+    a, b = whole.method.eval_state(), resumed.method.eval_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.ledger.history == resumed.ledger.history
+    strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
+    assert strip(read_log(tmp_path / "whole")) == strip(read_log(tmp_path / "cut"))
