@@ -97,6 +97,16 @@ def test_every_method_trains_under_dp(sim_config, tmp_path, name):
     assert read_log(tmp_path)[1]["epsilon"] > 0
 
 
+def test_init_noise_of_its_own_is_charged_and_calibrated_around(sim_config, tmp_path):
+    cfg = sim_config(method={"name": "fedsb"}, privacy={"epsilon": 3.0}, fedsb={"init_noise_multiplier": 8.0})
+    sim = Simulation(cfg, tmp_path, progress=False)
+    summary = sim.run()
+    first = sim.ledger.history[sorted(sim.init_examples)[0]][0]
+    assert first[0] == 8.0 and first[2] == 1
+    assert 0.95 * 3.0 <= summary["privacy"]["epsilon_max"] <= 3.0
+    assert summary["privacy"]["noise_multiplier"] != 8.0
+
+
 def test_private_fedsb_init_is_noised_and_charged(sim_config, tmp_path):
     plain = Simulation(sim_config(method={"name": "fedsb"}), tmp_path / "plain", progress=False)
     private = Simulation(sim_config(method={"name": "fedsb"}, privacy={"noise_multiplier": 1.0}),

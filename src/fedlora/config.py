@@ -111,6 +111,8 @@ class FedSBConfig(Section):
     init_data: Literal["clients", "public"] = Field(
         "clients", description="whose data gives the init gradient: the clients' (private under DP) or public_data")
     public_data: DataConfig | None = Field(None, description="a public data set (its train split) for init_data = 'public'")
+    init_noise_multiplier: float | None = Field(
+        None, gt=0, description="under DP, the noise of the clients' init release (default: privacy's noise multiplier)")
     init_lr: float | None = Field(None, gt=0, description="eta in G = -eta sign(grad); default train.lr")
     svd_niter: int = Field(4, ge=4)
 

@@ -98,19 +98,19 @@ class Simulation:
     def _private_init(self) -> bool:
         return self.cfg.method.name == "fedsb" and self.cfg.fedsb.init_data == "clients"
 
-    def _privacy_plan(self) -> list[list[tuple[float, int]]]:
-        """Every client's planned DP-SGD steps as (sample rate, steps) segments; the client sampling of
-        every round is known in advance from the seed."""
-        plans: list[list[tuple[float, int]]] = [[] for _ in self.client_sizes]
+    def _privacy_plan(self) -> list[list[tuple[float, int, float | None]]]:
+        """Every client's planned DP-SGD steps as (sample rate, steps, fixed noise or None) segments; the
+        client sampling of every round is known in advance from the seed."""
+        plans: list[list[tuple[float, int, float | None]]] = [[] for _ in self.client_sizes]
         if self._private_init():
             for c, n in self.init_examples.items():
-                plans[c].append((n / self.client_sizes[c], 1))
+                plans[c].append((n / self.client_sizes[c], 1, self.cfg.fedsb.init_noise_multiplier))
         rounds = np.zeros(len(self.client_sizes), dtype=int)
         for r in range(1, self.cfg.federation.rounds + 1):
             rounds[self._sample_clients(r)] += 1
         for c, k in enumerate(rounds):
             if k:
-                plans[c].append((self._sample_rate(c), int(k) * self.cfg.train.local_steps))
+                plans[c].append((self._sample_rate(c), int(k) * self.cfg.train.local_steps, None))
         return plans
 
     def _setup_privacy(self, saved: dict | None) -> None:
@@ -128,8 +128,8 @@ class Simulation:
         if p.epsilon is not None:
             planned = planned_epsilon(p.accountant, sigma, plans, delta)
             if planned > p.epsilon * (1 + 1e-6):
-                worst = max(range(len(plans)), key=lambda c: sum(n for _, n in plans[c]))
-                steps = ", ".join(f"{n} steps at sample rate {q:.4g}" for q, n in plans[worst])
+                worst = max(range(len(plans)), key=lambda c: sum(n for _, n, _ in plans[c]))
+                steps = ", ".join(f"{n} steps at sample rate {q:.4g}" for q, n, _ in plans[worst])
                 raise ConfigError(
                     f"privacy: the planned training spends epsilon {planned:.3f} > privacy.epsilon {p.epsilon} "
                     f"(noise_multiplier {sigma:.3f}, delta {delta:g}; e.g. client {worst}: {steps}); lower "
@@ -217,9 +217,10 @@ class Simulation:
         q = n / self.client_sizes[client]
         chosen = self.shards[client][draw.random(self.client_sizes[client]) < q]
         noise = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, "noise", 0, client))
-        self.ledger.charge(client, q, 1)
+        sigma = cfg.fedsb.init_noise_multiplier or self.ledger.noise_multiplier
+        self.ledger.charge(client, q, 1, sigma)
         return private_gradient_sum(self.adapted, self._batches(chosen), self._losses, cfg.privacy.clip_norm,
-                                    self.ledger.noise_multiplier, noise, cfg.privacy.grad_norm)
+                                    sigma, noise, cfg.privacy.grad_norm)
 
     def _public_gradient_sum(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg

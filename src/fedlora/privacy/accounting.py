@@ -6,7 +6,7 @@ import warnings
 
 from ..errors import ConfigError
 
-Segment = tuple[float, int]  # (sample rate, steps)
+Segment = tuple[float, int, float | None]  # (sample rate, steps, its own noise multiplier or None)
 
 
 def _accountant(kind: str):
@@ -31,8 +31,8 @@ def epsilon_of(kind: str, history: list[tuple[float, float, int]], delta: float)
 def planned_epsilon(kind: str, noise_multiplier: float, plans: list[list[Segment]], delta: float) -> float:
     """The largest epsilon any client's plan would spend."""
     unique = {tuple(p) for p in plans if p}
-    return max((epsilon_of(kind, [(noise_multiplier, q, n) for q, n in plan], delta) for plan in unique),
-               default=0.0)
+    return max((epsilon_of(kind, [(sigma or noise_multiplier, q, n) for q, n, sigma in plan], delta)
+                for plan in unique), default=0.0)
 
 
 def calibrate_noise(kind: str, target_epsilon: float, delta: float, plans: list[list[Segment]],
@@ -65,12 +65,13 @@ class PrivacyLedger:
         self.history: dict[int, list[tuple[float, float, int]]] = {}
         self._epsilon: dict[int, float] = {}
 
-    def charge(self, client: int, sample_rate: float, steps: int = 1) -> None:
+    def charge(self, client: int, sample_rate: float, steps: int = 1, noise_multiplier: float | None = None) -> None:
+        sigma = noise_multiplier or self.noise_multiplier
         history = self.history.setdefault(client, [])
-        if history and history[-1][:2] == (self.noise_multiplier, sample_rate):
-            history[-1] = (self.noise_multiplier, sample_rate, history[-1][2] + steps)
+        if history and history[-1][:2] == (sigma, sample_rate):
+            history[-1] = (sigma, sample_rate, history[-1][2] + steps)
         else:
-            history.append((self.noise_multiplier, sample_rate, steps))
+            history.append((sigma, sample_rate, steps))
         self._epsilon.pop(client, None)
 
     def epsilon(self, client: int) -> float:

@@ -1,0 +1,153 @@
+"""B2, the cost of privacy: a DP-SGD step against a non-private step, per method, and fedlora's DP step
+against Opacus' (PrivacyEngine.make_private with ghost clipping) on the same LoRA built with PEFT.
+
+all-MiniLM-L6-v2, batch 32, 128 tokens, rank 16, CPU threads as the machine gives. Steps of the
+compared variants alternate, and the median over repeats is reported, so the ratios are measured
+side by side in one run. Writes results/dp_overhead.json and prints a Markdown table.
+
+    python benchmarks/dp_overhead.py [--repeats 7] [--batch 32] [--tokens 128] [--rank 16]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fedlora.adapters import AdaptedModel
+from fedlora.methods import METHODS
+from fedlora.models import load_classifier, resolve_model_source
+from fedlora.privacy.dpsgd import DPSGD
+from fedlora.privacy.grad_sample import for_trainable
+
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def make_batch(vocab: int, batch: int, tokens: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1000, vocab, (batch, tokens), generator=g),
+            "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch,), generator=g)}
+
+
+def losses_of(model):
+    def losses(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    return losses
+
+
+def fedlora_steps(base, method: str, rank: int, batch: dict):
+    """(plain step, DP step) closures for one method on a copy of the model."""
+    model = copy.deepcopy(base).train()
+    cls = METHODS[method]
+    adapted = AdaptedModel(model, parameterisation=cls.parameterisation, rank=rank, scaling=1.0,
+                           target_modules=TARGETS, head_modules=["classifier"])
+    g = torch.Generator().manual_seed(1)
+    adapted.load_state({k: torch.randn(v.shape, generator=g) * 0.02 for k, v in adapted.state().items()})
+    keys = adapted.keys_of(cls.trains)
+    params = adapted.set_trainable(keys)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    losses = losses_of(model)
+    dp = DPSGD(for_trainable(adapted, keys), dict(zip(keys, params)), clip_norm=1.0, noise_multiplier=1.0,
+               expected_batch_size=batch["labels"].shape[0], generator=torch.Generator().manual_seed(2))
+
+    def plain():
+        losses(batch).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def private():
+        dp.set_gradients(losses, batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return plain, private
+
+
+def opacus_step(base, rank: int, batch: dict):
+    """Opacus' DP step with ghost clipping on the same LoRA (A, B, head trainable) built with PEFT."""
+    from opacus import PrivacyEngine
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS,
+                                                           modules_to_save=["classifier"])).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    n = batch["labels"].shape[0]
+    dataset = torch.utils.data.TensorDataset(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=n)
+    model, optimizer, criterion, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost", poisson_sampling=False)
+
+    def private():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        criterion(logits, batch["labels"]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return private
+
+
+def timed(step) -> float:
+    t = time.perf_counter()
+    step()
+    return time.perf_counter() - t
+
+
+def median_times(steps: dict, repeats: int) -> dict:
+    for step in steps.values():  # warm-up
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():  # alternate, so drift hits every variant alike
+            times[name].append(timed(step))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--out", default="results/dp_overhead.json")
+    args = parser.parse_args()
+
+    base, _ = load_classifier(resolve_model_source("minilm-l6", None), 2)
+    batch = make_batch(base.config.vocab_size, args.batch, args.tokens)
+    rows = []
+    for method in ("fedit", "ffa", "fedsb"):
+        plain, private = fedlora_steps(base, method, args.rank, batch)
+        steps = {"plain": plain, "dp": private}
+        if method == "fedit":
+            steps["opacus"] = opacus_step(base, args.rank, batch)
+        t = median_times(steps, args.repeats)
+        row = {"method": method, "plain_s": t["plain"], "dp_s": t["dp"], "dp_over_plain": t["dp"] / t["plain"]}
+        if "opacus" in t:
+            row |= {"opacus_s": t["opacus"], "opacus_over_fedlora_dp": t["opacus"] / t["dp"]}
+        rows.append(row)
+        print(f"{method}: {row}", flush=True)
+
+    print(f"\nall-MiniLM-L6-v2, batch {args.batch} x {args.tokens} tokens, rank {args.rank}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
+    print("| method | non-private step (s) | DP step (s) | DP / non-private | Opacus ghost DP step (s) | Opacus / fedlora |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        opacus = (f"{r['opacus_s']:.3f} | {r['opacus_over_fedlora_dp']:.2f}" if "opacus_s" in r else "- | -")
+        print(f"| {r['method']} | {r['plain_s']:.3f} | {r['dp_s']:.3f} | {r['dp_over_plain']:.2f} | {opacus} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "benchmark": "B2 dp_overhead", "model": "all-MiniLM-L6-v2", "batch": args.batch, "tokens": args.tokens,
+        "rank": args.rank, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
