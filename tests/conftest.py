@@ -1,3 +1,4 @@
+import json
 import os
 import random
 from pathlib import Path
@@ -101,3 +102,28 @@ def sim_config(tiny_bert_dir, toy_data):
 def _no_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def read_log(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "rounds.jsonl").read_text().splitlines()]
+
+
+def without_seconds(log: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in log]
+
+
+class Killed(Exception):
+    pass
+
+
+def run_until_killed(sim, monkeypatch, after_round: int) -> None:
+    """Run a simulation that dies right after writing the checkpoint of `after_round`."""
+    real_save = sim._save_checkpoint
+
+    def save_then_die(r):
+        real_save(r)
+        if r == after_round:
+            raise Killed
+    monkeypatch.setattr(sim, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        sim.run()

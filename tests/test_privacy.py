@@ -1,6 +1,4 @@
 """DP-SGD: noise, accounting over a whole federation against Opacus, calibration, refusal, private init."""
-import json
-
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
@@ -11,11 +9,8 @@ from fedlora.privacy.dpsgd import DPSGD
 from fedlora.privacy.grad_sample import for_trainable
 from fedlora.server import Simulation
 
+from conftest import read_log, run_until_killed, without_seconds
 from test_grad_sample import build, padded_batch
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("empty", [True, False])
@@ -135,20 +130,10 @@ def test_resume_under_dp_is_bit_identical(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 3}, privacy={"epsilon": 5.0})
     whole = Simulation(cfg, tmp_path / "whole", progress=False)
     whole.run()
-    cut = Simulation(cfg, tmp_path / "cut", progress=False)
-    real_save = cut._save_checkpoint
-
-    def save_then_die(r):
-        real_save(r)
-        if r == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(cut, "_save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        cut.run()
+    run_until_killed(Simulation(cfg, tmp_path / "cut", progress=False), monkeypatch, after_round=2)
     resumed = Simulation(cfg, tmp_path / "cut", progress=False)
     resumed.run(resume=True)
     a, b = whole.method.eval_state(), resumed.method.eval_state()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert whole.ledger.history == resumed.ledger.history
-    strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
-    assert strip(read_log(tmp_path / "whole")) == strip(read_log(tmp_path / "cut"))
+    assert without_seconds(read_log(tmp_path / "whole")) == without_seconds(read_log(tmp_path / "cut"))

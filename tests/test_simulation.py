@@ -10,9 +10,7 @@ from fedlora.errors import FedloraError
 from fedlora.methods import METHODS
 from fedlora.server import Simulation
 
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+from conftest import read_log, run_until_killed, without_seconds
 
 
 def serialised_tensor_bytes(payload):
@@ -94,14 +92,9 @@ def test_same_seed_same_numbers_other_seed_differs(sim_config, tmp_path):
     a = Simulation(sim_config(method={"name": "fedsb"}), tmp_path / "a", progress=False).run()
     b = Simulation(sim_config(method={"name": "fedsb"}), tmp_path / "b", progress=False).run()
     c = Simulation(sim_config(method={"name": "fedsb"}, seed=4), tmp_path / "c", progress=False).run()
-    strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
-    assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
+    assert without_seconds(read_log(tmp_path / "a")) == without_seconds(read_log(tmp_path / "b"))
     assert a["final_eval"] == b["final_eval"]
-    assert strip(read_log(tmp_path / "a")) != strip(read_log(tmp_path / "c"))
-
-
-class Killed(Exception):
-    pass
+    assert without_seconds(read_log(tmp_path / "a")) != without_seconds(read_log(tmp_path / "c"))
 
 
 @pytest.mark.parametrize("name,keep", [("fedex", False), ("fedsa", True), ("fedsb", True)])
@@ -110,16 +103,7 @@ def test_resume_after_kill_is_bit_identical(sim_config, tmp_path, monkeypatch, n
     whole = Simulation(cfg, tmp_path / "whole", progress=False)
     whole.run()
 
-    interrupted = Simulation(cfg, tmp_path / "cut", progress=False)
-    real_save = interrupted._save_checkpoint
-
-    def save_then_die(r):
-        real_save(r)
-        if r == 1:
-            raise Killed
-    monkeypatch.setattr(interrupted, "_save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        interrupted.run()
+    run_until_killed(Simulation(cfg, tmp_path / "cut", progress=False), monkeypatch, after_round=1)
     with (tmp_path / "cut" / "rounds.jsonl").open("a") as f:  # a round logged but never checkpointed
         f.write(json.dumps({"round": 2, "partial": True}) + "\n")
 
@@ -130,8 +114,7 @@ def test_resume_after_kill_is_bit_identical(sim_config, tmp_path, monkeypatch, n
     if whole.method.changes_base:
         assert all(torch.equal(a, b) for a, b in zip(whole.adapted.base_weights().values(),
                                                       resumed.adapted.base_weights().values()))
-    strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
-    assert strip(read_log(tmp_path / "whole")) == strip(read_log(tmp_path / "cut"))
+    assert without_seconds(read_log(tmp_path / "whole")) == without_seconds(read_log(tmp_path / "cut"))
 
 
 def test_resume_refuses_other_config_and_fresh_run_refuses_existing_dir(sim_config, tmp_path):
