@@ -131,3 +131,15 @@ def test_an_example_with_a_huge_gradient_moves_the_clipped_sum_by_at_most_clip_n
     with_huge, norms = clipped(1e6)
     assert norms[-1] > 1e4
     assert (with_huge - without).norm() <= 0.5 + 1e-5
+
+
+@pytest.mark.parametrize("path", ["ghost", "materialise"])
+def test_every_lorasb_factor_at_once(path):
+    """A, B and R of one LoRA-SB layer trained together (no method does, but the chain rule must hold)."""
+    adapted, _ = build("fedsb")
+    keys = adapted.keys_of(("lora_A", "lora_B", "lora_R"))
+    ids, mask, labels = padded_batch(adapted.model.config.vocab_size)
+    per_example, _ = ours(adapted, for_trainable(adapted, keys, path), ids, mask, labels, keys)
+    ref = reference(adapted, {k: adapted.parameters_by_key()[k] for k in keys}, ids, mask, labels)
+    for k in keys:
+        assert rel_err(per_example[k], ref[k]) < 1e-5, k

@@ -112,17 +112,22 @@ class PerExampleGradients:
 
     def _outers(self) -> dict[str, _Outer]:
         outers = {}
+        by_layer: dict[int, dict[str, str]] = {}
         for key, (layer, factor) in self.factors.items():
-            s = self._saved[id(layer)]
+            by_layer.setdefault(id(layer), {})[factor] = key
+        for layer_id, keys in by_layer.items():
+            layer = self.factors[next(iter(keys.values()))][0]
+            s = self._saved[layer_id]
             g = self._mask(_rows(s["g"]))
-            gu = g @ layer.lora_B.detach().float()  # B^T g per token
-            if factor == "lora_B":
-                outers[key] = _Outer(g, _rows(s["u"]), self.path)
-            elif factor == "lora_R":
-                outers[key] = _Outer(gu, _rows(s["h"]), self.path)
-            else:
-                gh = gu @ layer.lora_R.detach().float() if layer.lora_R is not None else gu
-                outers[key] = _Outer(gh, _rows(s["x"]), self.path)
+            if "lora_B" in keys:
+                outers[keys["lora_B"]] = _Outer(g, _rows(s["u"]), self.path)
+            if "lora_R" in keys or "lora_A" in keys:
+                gu = g @ layer.lora_B.detach().float()  # B^T g per token
+                if "lora_R" in keys:
+                    outers[keys["lora_R"]] = _Outer(gu, _rows(s["h"]), self.path)
+                if "lora_A" in keys:
+                    gh = gu @ layer.lora_R.detach().float() if layer.lora_R is not None else gu
+                    outers[keys["lora_A"]] = _Outer(gh, _rows(s["x"]), self.path)
         for key, (module, param) in self.linears.items():
             s = self._saved[id(module)]
             g = self._mask(_rows(s["g"]))
