@@ -137,3 +137,24 @@ def test_resume_under_dp_is_bit_identical(sim_config, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert whole.ledger.history == resumed.ledger.history
     assert without_seconds(read_log(tmp_path / "whole")) == without_seconds(read_log(tmp_path / "cut"))
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa", "fedsb", "full"])
+def test_without_noise_or_clipping_dp_gives_the_plain_gradient(method):
+    adapted, keys = build(method)
+    params = {k: adapted.parameters_by_key()[k] for k in keys}
+    adapted.set_trainable(keys)
+    ids, mask, labels = padded_batch(adapted.model.config.vocab_size)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def losses(b):
+        logits = adapted.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits, b["labels"], reduction="none")
+
+    losses(batch).mean().backward()
+    plain = {k: p.grad.clone() for k, p in params.items()}
+    dp = DPSGD(for_trainable(adapted, keys), params, clip_norm=1e9, noise_multiplier=0.0,
+               expected_batch_size=ids.shape[0], generator=torch.Generator().manual_seed(0))
+    dp.set_gradients(losses, batch)
+    for k, p in params.items():
+        assert torch.allclose(p.grad, plain[k], rtol=1e-4, atol=1e-7), k
