@@ -95,14 +95,11 @@ class Simulation:
     def _sample_rate(self, client: int) -> float:
         return min(1.0, self.cfg.train.batch_size / self.client_sizes[client])
 
-    def _private_init(self) -> bool:
-        return self.cfg.method.name == "fedsb" and self.cfg.fedsb.init_data == "clients"
-
     def _privacy_plan(self) -> list[list[tuple[float, int, float | None]]]:
         """Every client's planned DP-SGD steps as (sample rate, steps, fixed noise or None) segments; the
         client sampling of every round is known in advance from the seed."""
         plans: list[list[tuple[float, int, float | None]]] = [[] for _ in self.client_sizes]
-        if self._private_init():
+        if self.method.init_reads_client_data():
             for c, n in self.init_examples.items():
                 plans[c].append((n / self.client_sizes[c], 1, self.cfg.fedsb.init_noise_multiplier))
         rounds = np.zeros(len(self.client_sizes), dtype=int)

@@ -68,6 +68,10 @@ class Method:
         self.global_state = self.adapted.lora_init(ctx.generator) | self.adapted.head_init(ctx.generator)
         return Exchange()
 
+    def init_reads_client_data(self) -> bool:
+        """Whether the set-up exchange computes on the clients' data (and so, under DP, costs privacy)."""
+        return False
+
     def init_traffic(self) -> tuple[int, int]:
         """Parameters one client sends and receives in the set-up exchange, before round 1."""
         return 0, 0

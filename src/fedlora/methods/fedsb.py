@@ -20,10 +20,10 @@ class FedSB(Method):
     def initialise(self, ctx):
         head = self.adapted.head_init(ctx.generator)
         self.adapted.load_state(head)  # the gradient is taken through the head every client starts from
-        if self.cfg.fedsb.init_data == "public":
-            uploads, sums = [], [ctx.public_gradient_sum()]
-        else:
+        if self.init_reads_client_data():
             uploads = sums = [ctx.gradient_sum(c) for c in ctx.clients]
+        else:
+            uploads, sums = [], [ctx.public_gradient_sum()]
         eta = self.cfg.fedsb.init_lr or self.cfg.train.lr
         state, broadcast = {}, {}
         for i, layer in enumerate(self.adapted.layers):
@@ -36,8 +36,10 @@ class FedSB(Method):
         return Exchange(uploads=[{f"{k}.grad_sum": v for k, v in u.items()} for u in uploads],
                         broadcast=broadcast, clients=list(ctx.clients) if uploads else [])
 
+    def init_reads_client_data(self):
+        return self.cfg.fedsb.init_data == "clients"
+
     def init_traffic(self):
         layers = self.adapted.layers.values()
-        public = self.cfg.fedsb.init_data == "public"
-        return (0 if public else sum(layer.d_out * layer.d_in for layer in layers),
+        return (sum(layer.d_out * layer.d_in for layer in layers) if self.init_reads_client_data() else 0,
                 sum(layer.rank * (layer.d_out + layer.d_in) for layer in layers))
