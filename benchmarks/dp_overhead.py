@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
-import time
-from pathlib import Path
 
 import torch
+from harness import classification_losses, make_batch, median_times, write_results
 
 from fedlora.adapters import AdaptedModel
 from fedlora.methods import METHODS
@@ -26,20 +22,6 @@ from fedlora.privacy.dpsgd import DPSGD
 from fedlora.privacy.grad_sample import for_trainable
 
 TARGETS = ["query", "key", "value", "dense"]
-
-
-def make_batch(vocab: int, batch: int, tokens: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(1000, vocab, (batch, tokens), generator=g),
-            "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-            "labels": torch.randint(0, 2, (batch,), generator=g)}
-
-
-def losses_of(model):
-    def losses(batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-    return losses
 
 
 def fedlora_steps(base, method: str, rank: int, batch: dict):
@@ -53,7 +35,7 @@ def fedlora_steps(base, method: str, rank: int, batch: dict):
     keys = adapted.keys_of(cls.trains)
     params = adapted.set_trainable(keys)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    losses = losses_of(model)
+    losses = classification_losses(model)
     dp = DPSGD(for_trainable(adapted, keys), dict(zip(keys, params)), clip_norm=1.0, noise_multiplier=1.0,
                expected_batch_size=batch["labels"].shape[0], generator=torch.Generator().manual_seed(2))
 
@@ -95,20 +77,8 @@ def opacus_step(base, rank: int, batch: dict):
     return private
 
 
-def timed(step) -> float:
-    t = time.perf_counter()
-    step()
-    return time.perf_counter() - t
 
 
-def median_times(steps: dict, repeats: int) -> dict:
-    for step in steps.values():  # warm-up
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():  # alternate, so drift hits every variant alike
-            times[name].append(timed(step))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -142,11 +112,8 @@ def main():
     for r in rows:
         opacus = (f"{r['opacus_s']:.3f} | {r['opacus_over_fedlora_dp']:.2f}" if "opacus_s" in r else "- | -")
         print(f"| {r['method']} | {r['plain_s']:.3f} | {r['dp_s']:.3f} | {r['dp_over_plain']:.2f} | {opacus} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "benchmark": "B2 dp_overhead", "model": "all-MiniLM-L6-v2", "batch": args.batch, "tokens": args.tokens,
-        "rank": args.rank, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}, indent=2))
+    write_results(args.out, {"benchmark": "B2 dp_overhead", "model": "all-MiniLM-L6-v2", "batch": args.batch,
+                             "tokens": args.tokens, "rank": args.rank, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

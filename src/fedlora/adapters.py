@@ -59,10 +59,14 @@ class LowRankLayer(nn.Module):
         xd = self.dropout(x)
         h = nn.functional.linear(xd, self.lora_A)
         u = nn.functional.linear(h, self.lora_R) if self.lora_R is not None else h
-        delta = nn.functional.linear(u, self.lora_B)
         if self.recorder is not None:
+            delta = nn.functional.linear(u, self.lora_B)
             self.recorder.record_factors(self, xd, h, u, delta)
-        return self.base(x) + self.scaling * delta
+            return self.base(x) + self.scaling * delta
+        # base(x) + s * u B^T as one fused multiply-add: no separate passes to scale and add the update
+        out = self.base(x)
+        fused = torch.addmm(out.reshape(-1, self.d_out), u.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scaling)
+        return fused.view(out.shape)
 
     def add_to_base(self, delta: torch.Tensor) -> None:
         """Add a d_out x d_in update to W0 in the weight's own layout."""
