@@ -138,3 +138,15 @@ label_column = 'label'
     code = main(["run", str(config), "--quiet", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"fedlora: error: model: cannot load '{empty}'") and err.count("\n") == 1
+
+
+def test_comm_fedsb_setup_on_public_data_uploads_nothing():
+    from fedlora.comm import communication_report
+    from fedlora.config import build_config
+
+    d, r, layers = 384, 8, 12
+    public = build_config({"fedsb": {"init_data": "public", "public_data": {"name": "imdb"}}})
+    clients = communication_report("minilm-l6", "fedsb", r, target_modules=["query", "value"])
+    on_public = communication_report("minilm-l6", "fedsb", r, target_modules=["query", "value"], settings=public)
+    assert clients["init"]["params_up"] == layers * d * d and on_public["init"]["params_up"] == 0
+    assert clients["init"]["params_down"] == on_public["init"]["params_down"] == layers * r * 2 * d

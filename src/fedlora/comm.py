@@ -29,8 +29,9 @@ def round_traffic(method, num_clients: int) -> dict[str, int]:
 
 
 def communication_report(model: str, method: str, rank: int, clients: int = 1, dtype: str = "float32",
-                         target_modules: list[str] | None = None) -> dict:
-    """Per-client traffic of a method on a model's real shapes, the model built on the meta device."""
+                         target_modules: list[str] | None = None, settings=None) -> dict:
+    """Per-client traffic of a method on a model's real shapes, the model built on the meta device.
+    `settings` (a fedlora Config) sets method options that change the traffic, e.g. fedsb.init_data."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .adapters import AdaptedModel
@@ -58,7 +59,7 @@ def communication_report(model: str, method: str, rank: int, clients: int = 1, d
     adapted = AdaptedModel(net, parameterisation=method_cls.parameterisation, rank=rank, scaling=1.0,
                            target_modules=target_modules or default_target_modules(config.model_type),
                            head_modules=head_modules(net) if task == "classification" else [])
-    m = method_cls(adapted, Config(), [1] * clients)
+    m = method_cls(adapted, settings or Config(), [1] * clients)
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
 
     def with_bytes(up: int, down: int) -> dict:
