@@ -279,6 +279,15 @@ def test_max_train_examples_on_plain_files(tmp_path):
     assert len(picked) == 10 and picked == sorted(picked) and picked != list(range(10))
 
 
+def test_holdout_on_instruction_files(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(50)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    evaluation = write_jsonl(tmp_path / "test.jsonl", rows[:3])
+    tuned = load_instructions(files(train, evaluation, holdout_fraction=0.2))
+    held, kept = [int(a) for a in tuned.eval.answers], [int(a) for a in tuned.train.answers]
+    assert len(held) == 10 and len(kept) == 40 and sorted(held + kept) == list(range(50))
+
+
 GOOD = {"instruction": "Add 1 and 2.", "input": "", "output": "The answer is 3.", "answer": "3"}
 
 

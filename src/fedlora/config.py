@@ -57,6 +57,9 @@ class DataConfig(Section):
     label_column: str | None = None
     max_length: int = Field(128, gt=0)
     max_train_examples: int | None = Field(None, gt=0)
+    holdout_fraction: float | None = Field(
+        None, gt=0, le=0.5, description="evaluate on this fraction of the training data, held out from training "
+                                        "(a fixed draw), instead of the evaluation split: tune without the test set")
     tasks: list[str] | None = Field(
         None, min_length=1, description="instruction data: only these source tasks (e.g. [\"boolq\", \"piqa\"]), "
                                         "in training and evaluation; default: all")

@@ -22,7 +22,7 @@ import numpy as np
 from ..answers import completion_for
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
-from .presets import DATA_DIR_ENV, local_folder
+from .presets import DATA_DIR_ENV, local_folder, resize_training
 from .sources import _decode_utf8, load_hub_dataset
 
 # What to do with a row whose response is empty: fail, leave the row out, or answer with the
@@ -47,7 +47,7 @@ class InstructionSplit:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def subset(self, indices) -> InstructionSplit:
+    def select(self, indices) -> InstructionSplit:
         indices = [int(i) for i in indices]
         return InstructionSplit(
             prompts=[self.prompts[i] for i in indices],
@@ -126,9 +126,7 @@ def load_instructions(cfg: DataConfig) -> InstructionData:
     else:
         raise ConfigError("no data given: set data.name to a preset "
                           f"({', '.join(INSTRUCTION_PRESETS)}), or data.path and data.eval_path, or data.hub_id")
-    if cfg.max_train_examples is not None:
-        data.train = _subsample(data.train, cfg.max_train_examples)
-    return data
+    return resize_training(data, cfg)
 
 
 def _get_preset(name: str) -> InstructionPreset:
@@ -136,13 +134,6 @@ def _get_preset(name: str) -> InstructionPreset:
         raise ConfigError(f"config key 'data.name': unknown instruction data set '{name}' "
                           f"(presets: {', '.join(INSTRUCTION_PRESETS)}; or set data.name = \"none\" and give data.path)")
     return INSTRUCTION_PRESETS[name]
-
-
-def _subsample(split: InstructionSplit, max_examples: int) -> InstructionSplit:
-    """A fixed random subset (numpy default_rng(0)) in file order, as for classification data."""
-    if len(split) <= max_examples:
-        return split
-    return split.subset(np.sort(np.random.default_rng(0).permutation(len(split))[:max_examples]))
 
 
 # ---------------------------------------------------------------- sources
@@ -227,8 +218,8 @@ def _keep_tasks(data: InstructionData, tasks: list[str] | None) -> InstructionDa
     if tasks is None:
         return data
     _check_task_names(tasks, data.task_names)
-    train = data.train.subset([i for i, task in enumerate(data.train.tasks) if task in tasks])
-    evaluation = data.eval.subset([i for i, task in enumerate(data.eval.tasks) if task in tasks])
+    train = data.train.select([i for i, task in enumerate(data.train.tasks) if task in tasks])
+    evaluation = data.eval.select([i for i, task in enumerate(data.eval.tasks) if task in tasks])
     _check_selection(tasks, train.tasks, evaluation.tasks, data.train.tasks, data.eval.tasks)
     return InstructionData(data.name, train, evaluation)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,22 +101,29 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
     else:
         raise DataError("no data given: set data.name to a preset "
                         f"({', '.join(PRESETS)}), or data.path to a training file, or data.hub_id")
-    if cfg.max_train_examples is not None:
-        data.train = _subsample(data.train, cfg.max_train_examples)
-    return data
+    return resize_training(data, cfg)
 
 
-def _subsample(split: ClassificationSplit, max_examples: int) -> ClassificationSplit:
-    """A fixed random subset (numpy default_rng(0)), kept in file order.
+def resize_training(data, cfg: DataConfig):
+    """Apply data.holdout_fraction, then data.max_train_examples, to classification or instruction data.
 
-    Random rather than the first rows so that the class balance is representative of the split
-    (files such as GLUE's can be ordered by label); the seed is fixed so that every run and every
-    method sees the same examples whatever the experiment seed.
+    Both draws are fixed (numpy default_rng(1) and (0)), whatever the experiment seed, so every run and
+    method sees the same examples; subsets keep file order. A random subset rather than the first rows
+    keeps the class balance representative (files such as GLUE's can be ordered by label).
     """
-    if len(split) <= max_examples:
-        return split
-    chosen = np.sort(np.random.default_rng(0).permutation(len(split))[:max_examples])
-    return split.select(chosen)
+    if cfg.holdout_fraction is not None:
+        # the held-out part becomes the evaluation split: hyperparameters chosen without the real one
+        order = np.random.default_rng(1).permutation(len(data.train))
+        held = max(1, round(cfg.holdout_fraction * len(order)))
+        if held >= len(order):
+            raise DataError(f"config key 'data.holdout_fraction': {len(order)} training examples are too few "
+                            f"to hold out {cfg.holdout_fraction}")
+        data = replace(data, train=data.train.select(np.sort(order[held:])),
+                       eval=data.train.select(np.sort(order[:held])))
+    if cfg.max_train_examples is not None and len(data.train) > cfg.max_train_examples:
+        chosen = np.random.default_rng(0).permutation(len(data.train))[:cfg.max_train_examples]
+        data = replace(data, train=data.train.select(np.sort(chosen)))
+    return data
 
 
 def _columns(cfg: DataConfig, preset: Preset | None) -> tuple[list[str], str]:

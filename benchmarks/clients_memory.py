@@ -1,0 +1,72 @@
+"""B4, memory as clients grow: peak RSS and time per round of a run with 10, 100 and 1,000 clients, the
+same clients per round, local steps and rounds (so the same total training), Fed-SB and FFA-LoRA on
+all-MiniLM-L6-v2 with SST-2. Every run is its own process, so each peak is that run's alone.
+
+    FEDLORA_DATA_DIR=../shared/data python benchmarks/clients_memory.py [--clients 10 100 1000] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+
+from harness import write_results
+
+
+def child(method: str, num_clients: int, rounds: int) -> None:
+    from fedlora.config import build_config
+    from fedlora.server import Simulation
+
+    cfg = build_config({
+        "seed": 0, "method": {"name": method}, "model": {"name": "minilm-l6"}, "adapter": {"rank": 16},
+        "data": {"name": "sst2", "partition": "iid", "max_length": 64},
+        "federation": {"num_clients": num_clients, "clients_per_round": 10, "rounds": rounds},
+        "train": {"local_steps": 2, "batch_size": 8, "lr": 1e-3},
+        "eval": {"every": 0, "max_examples": 64}, "fedsb": {"init_examples": 64}})
+    with tempfile.TemporaryDirectory() as out:
+        Simulation(cfg, out, progress=False).run()
+        seconds = [json.loads(line)["seconds"] for line in open(f"{out}/rounds.jsonl")][1:]
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"peak_rss_mb": peak_kib / 1024, "round_seconds": sorted(seconds)[len(seconds) // 2]}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--methods", nargs="+", default=["fedsb", "ffa"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default="results/clients_memory.json")
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "CLIENTS", "ROUNDS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+
+    rows = []
+    for method in args.methods:
+        for n in args.clients:
+            done = subprocess.run([sys.executable, __file__, "--child", method, str(n), str(args.rounds)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{method} with {n} clients failed:\n{done.stderr[-2000:]}")
+            rows.append({"method": method, "clients": n} | json.loads(done.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    for r in rows:
+        smallest = next(s for s in rows if s["method"] == r["method"] and s["clients"] == min(args.clients))
+        r["rss_ratio_to_smallest"] = r["peak_rss_mb"] / smallest["peak_rss_mb"]
+        r["time_ratio_to_smallest"] = r["round_seconds"] / smallest["round_seconds"]
+    print(f"\nall-MiniLM-L6-v2 rank 16, SST-2, 10 clients a round x 2 steps of batch 8, {args.rounds} rounds\n")
+    print(f"| method | clients | peak RSS (MB) | RSS / {min(args.clients)} clients | median round (s) | time / {min(args.clients)} clients |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['clients']:,} | {r['peak_rss_mb']:,.0f} | {r['rss_ratio_to_smallest']:.3f} | "
+              f"{r['round_seconds']:.2f} | {r['time_ratio_to_smallest']:.2f} |")
+    write_results(args.out, {"benchmark": "B4 clients_memory", "model": "all-MiniLM-L6-v2", "rounds": args.rounds,
+                             "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
