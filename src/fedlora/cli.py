@@ -1,4 +1,5 @@
-"""Command line: `fedlora run` runs an experiment, `fedlora comm` counts communication for a model."""
+"""Command line: `fedlora run` runs an experiment, `fedlora comm` counts communication for a model,
+`fedlora plot` draws finished runs."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,19 @@ def cmd_comm(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .errors import ConfigError
+    from .plots import plot_runs, read_run
+
+    labels = args.labels.split(",") if args.labels else [None] * len(args.runs)
+    if len(labels) != len(args.runs):
+        raise ConfigError(f"--labels gives {len(labels)} labels for {len(args.runs)} run folders")
+    out = plot_runs([read_run(run, label) for run, label in zip(args.runs, labels)], args.out, args.metric,
+                    args.title)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with low-rank adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     comm.add_argument("--target-modules", help="comma-separated module-name suffixes")
     comm.add_argument("--json", action="store_true")
     comm.set_defaults(func=cmd_comm)
+
+    plot = sub.add_parser("plot", help="plot finished runs: metric vs round, vs bytes, vs epsilon")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `fedlora run`")
+    plot.add_argument("--out", required=True, help="PNG file to write")
+    plot.add_argument("--metric", default="accuracy", help="evaluation metric to plot (default: accuracy)")
+    plot.add_argument("--labels", help="comma-separated legend labels, one per run (default: method and rank); "
+                                       "runs with the same label and privacy setting are averaged as seeds")
+    plot.add_argument("--title")
+    plot.set_defaults(func=cmd_plot)
 
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,135 @@
+"""Plots of finished runs: a metric against rounds, against total bytes exchanged, and against epsilon.
+
+Runs that share a label and a privacy setting and differ only in their seed are drawn as one curve, the
+mean over seeds with a band of one standard deviation.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FedloraError
+
+ROUNDS_LOG, SUMMARY = "rounds.jsonl", "summary.json"
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    target_epsilon: float  # privacy.epsilon of the config; inf without DP
+    rounds: list[int]  # the evaluated rounds
+    values: dict[str, list[float]]  # metric -> its value at each evaluated round
+    total_bytes: list[int]  # bytes up + down of all clients up to and including each evaluated round
+    final_epsilon: float | None  # the accountant's epsilon at the end
+
+
+def read_run(run_dir: str | Path, label: str | None = None) -> Run:
+    """A run folder written by `fedlora run` (its rounds.jsonl; the label from its summary.json)."""
+    path = Path(run_dir)
+    log = path / ROUNDS_LOG
+    if not log.is_file():
+        raise FedloraError(f"{path}: no {ROUNDS_LOG}; is it a folder written by `fedlora run`?")
+    config = {}
+    if (path / SUMMARY).is_file():
+        config = json.loads((path / SUMMARY).read_text()).get("config", {})
+    rounds, values, total_bytes, cumulative, epsilon = [], {}, [], 0, None
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise FedloraError(f"{log} line {number}: not a JSON object") from None
+        if record.get("failed"):
+            continue
+        cumulative += record.get("bytes_up", 0) + record.get("bytes_down", 0)
+        epsilon = record.get("epsilon", epsilon)
+        if record.get("eval"):
+            rounds.append(record["round"])
+            total_bytes.append(cumulative)
+            for metric, value in record["eval"].items():
+                values.setdefault(metric, []).append(value)
+    if not rounds:
+        raise FedloraError(f"{log}: no evaluated round to plot")
+    method = config.get("method", {}).get("name", path.name)
+    rank = config.get("adapter", {}).get("rank")
+    target = config.get("privacy", {}).get("epsilon")
+    return Run(path, label or (method if method == "full" or rank is None else f"{method} r={rank}"),
+               math.inf if target is None else float(target), rounds, values, total_bytes, epsilon)
+
+
+def _mean_curve(runs: list[Run], metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and standard deviation over seeds, on the evaluated rounds all the runs share."""
+    shared = sorted(set.intersection(*(set(r.rounds) for r in runs)))
+    ys = np.array([[r.values[metric][r.rounds.index(k)] for k in shared] for r in runs])
+    xs = np.array([[(k if x == "round" else r.total_bytes[r.rounds.index(k)]) for k in shared] for r in runs])
+    return xs.mean(0), ys.mean(0), ys.std(0)
+
+
+def _groups(runs: list[Run]) -> dict[tuple[str, float], list[Run]]:
+    groups: dict[tuple[str, float], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.label, run.target_epsilon), []).append(run)
+    return groups
+
+
+def _setting_name(label: str, epsilon: float, all_eps: set[float]) -> str:
+    return label if all_eps == {math.inf} else f"{label}, " + ("no DP" if epsilon == math.inf else f"eps={epsilon:g}")
+
+
+def plot_runs(runs: list[Run], out: str | Path, metric: str = "accuracy", title: str | None = None) -> Path:
+    """One PNG with up to three panels: metric vs round, metric vs total bytes (log x) and, when some runs
+    are private, final metric vs epsilon (one line per label; runs without DP at the right, as 'no DP')."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FedloraError("plotting needs matplotlib: pip install 'fedlora[plot]'") from None
+    missing = [str(r.path) for r in runs if metric not in r.values]
+    if missing:
+        raise FedloraError(f"metric '{metric}' is not in the evaluations of: {', '.join(missing)}")
+    groups = _groups(runs)
+    all_eps = {eps for _, eps in groups}
+    private = any(eps != math.inf for eps in all_eps)
+    fig, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10.5, 4.2))
+    for (label, eps), members in groups.items():
+        name = _setting_name(label, eps, all_eps)
+        for ax, x in zip(axes, ("round", "bytes")):
+            xs, mean, std = _mean_curve(members, metric, x)
+            line, = ax.plot(xs, mean, marker="o", markersize=3, label=name)
+            if len(members) > 1:
+                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axes[0].set_xlabel("round")
+    axes[1].set_xlabel("total bytes exchanged, all clients (log scale)")
+    axes[1].set_xscale("log")
+    if private:
+        _epsilon_panel(axes[2], groups, metric)
+    for ax in axes:
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _epsilon_panel(ax, groups: dict[tuple[str, float], list[Run]], metric: str) -> None:
+    finite = sorted({eps for _, eps in groups if eps != math.inf})
+    positions = {eps: i for i, eps in enumerate(finite)} | {math.inf: len(finite)}
+    for label in dict.fromkeys(label for label, _ in groups):
+        settings = sorted(eps for lab, eps in groups if lab == label)
+        finals = [[r.values[metric][-1] for r in groups[(label, eps)]] for eps in settings]
+        ax.errorbar([positions[e] for e in settings], [np.mean(f) for f in finals],
+                    yerr=[np.std(f) for f in finals], marker="o", capsize=3, label=label)
+    ax.set_xticks(range(len(positions)), [f"{e:g}" for e in finite] + ["no DP"])
+    ax.set_xlabel("privacy budget epsilon (delta fixed)")
+    ax.legend(fontsize=7)

@@ -1,0 +1,79 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fedlora.cli import main
+from fedlora.errors import FedloraError
+from fedlora.plots import _mean_curve, read_run
+
+pytest.importorskip("matplotlib")
+
+
+def write_run(folder, accuracies, bytes_per_round, method="fedsb", rank=16, epsilon=None, eval_every=1):
+    folder.mkdir(parents=True)
+    lines = []
+    for r, acc in enumerate(accuracies):
+        evaluated = r % eval_every == 0 or r == len(accuracies) - 1
+        lines.append({"round": r, "eval": {"accuracy": acc, "loss": 1 - acc} if evaluated else None,
+                      "bytes_up": bytes_per_round[r], "bytes_down": 2 * bytes_per_round[r],
+                      "epsilon": None if epsilon is None else epsilon * r / (len(accuracies) - 1)})
+    lines.insert(2, {"round": 2, "failed": True, "clients": [0]})  # a failed attempt, then its successful rerun
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    config = {"method": {"name": method}, "adapter": {"rank": rank}, "privacy": {"epsilon": epsilon}}
+    (folder / "summary.json").write_text(json.dumps({"config": config}))
+    return folder
+
+
+def test_read_run_accumulates_bytes_and_skips_failed_attempts(tmp_path):
+    run = read_run(write_run(tmp_path / "a", [0.5, 0.6, 0.7, 0.8, 0.9], [100, 10, 10, 10, 10], eval_every=2))
+    assert run.label == "fedsb r=16" and run.target_epsilon == math.inf
+    assert run.rounds == [0, 2, 4]
+    assert run.values["accuracy"] == [0.5, 0.7, 0.9]
+    assert run.total_bytes == [300, 300 + 2 * 30, 300 + 4 * 30]
+    private = read_run(write_run(tmp_path / "b", [0.5, 0.6, 0.7], [1, 1, 1], method="ffa", rank=8, epsilon=3.0))
+    assert private.target_epsilon == 3.0 and private.final_epsilon == pytest.approx(3.0)
+
+
+def test_seeds_are_averaged_on_shared_rounds(tmp_path):
+    a = read_run(write_run(tmp_path / "s0", [0.5, 0.6, 0.8], [10, 10, 10]))
+    b = read_run(write_run(tmp_path / "s1", [0.5, 0.7, 0.6], [10, 10, 10]))
+    xs, mean, std = _mean_curve([a, b], "accuracy", "round")
+    assert xs.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(mean, [0.5, 0.65, 0.7])
+    np.testing.assert_allclose(std, [0.0, 0.05, 0.1])
+    xs, _, _ = _mean_curve([a, b], "accuracy", "bytes")
+    assert xs.tolist() == [30, 60, 90]
+
+
+def test_fedlora_plot_writes_a_png(tmp_path, capsys):
+    runs = [write_run(tmp_path / f"r{i}", [0.5, 0.6 + i / 10, 0.7], [5, 5, 5], epsilon=eps)
+            for i, eps in enumerate([None, 3.0, 1.0])]
+    out = tmp_path / "plots" / "runs.png"
+    assert main(["plot", *map(str, runs), "--out", str(out), "--labels", "fedsb,fedsb,fedsb"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no_log", "no rounds.jsonl"),
+    ("bad_metric", "metric 'f1' is not in the evaluations"),
+    ("labels", "--labels gives 2 labels for 1 run folders"),
+    ("bad_line", "line 1: not a JSON object"),
+])
+def test_plot_errors_are_one_line(tmp_path, capsys, problem, message):
+    run = tmp_path / "run"
+    args = ["plot", str(run), "--out", str(tmp_path / "x.png")]
+    if problem == "no_log":
+        run.mkdir()
+    elif problem == "bad_line":
+        run.mkdir()
+        (run / "rounds.jsonl").write_text("{oops\n")
+    else:
+        write_run(run, [0.5, 0.6], [1, 1])
+        args += ["--metric", "f1"] if problem == "bad_metric" else ["--labels", "a,b"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    with pytest.raises(FedloraError):
+        read_run(tmp_path / "nowhere")
