@@ -100,6 +100,8 @@ def plot_runs(runs: list[Run], out: str | Path, metric: str = "accuracy", title:
         name = _setting_name(label, eps, all_eps)
         for ax, x in zip(axes, ("round", "bytes")):
             xs, mean, std = _mean_curve(members, metric, x)
+            if x == "bytes":  # nothing exchanged yet has no place on a log axis
+                xs, mean, std = xs[xs > 0], mean[xs > 0], std[xs > 0]
             line, = ax.plot(xs, mean, marker="o", markersize=3, label=name)
             if len(members) > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
