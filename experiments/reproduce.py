@@ -42,10 +42,12 @@ DP_BATCH = 64  # under DP: batch 64 and 2 local steps instead of 16 and 8
 NAMES = {"fedit": "FedIT (LoRA)", "ffa": "FFA-LoRA", "fedsb": "Fed-SB", "fedex": "FedEx-LoRA", "flora": "FLoRA"}
 
 
-def run(out: Path, name: str, dataset: str, overrides: list[str], threads: int) -> dict:
+def run(out: Path, name: str, dataset: str, overrides: list[str], threads: int, report_only: bool = False) -> dict:
     """One `fedlora run`, or the summary of the one already finished in out/name."""
     folder = out / name
     if not (folder / "summary.json").is_file():
+        if report_only:
+            return {"name": name, "missing": True}
         folder.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "fedlora.cli", "run", str(HERE / f"reproduce_{dataset}.toml"), "--quiet",
                 "--out", str(folder), "--resume"] + [a for o in overrides for a in ("--set", o)]
@@ -63,10 +65,10 @@ def run(out: Path, name: str, dataset: str, overrides: list[str], threads: int) 
     return result
 
 
-def run_all(jobs: list[tuple[str, str, list[str]]], out: Path, workers: int) -> dict[str, dict]:
+def run_all(jobs: list[tuple[str, str, list[str]]], out: Path, workers: int, report_only: bool = False) -> dict[str, dict]:
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda job: run(out, job[0], job[1], job[2], threads), jobs)
+        results = pool.map(lambda job: run(out, job[0], job[1], job[2], threads, report_only), jobs)
     return {r["name"]: r for r in results}
 
 
@@ -82,11 +84,11 @@ def privacy_settings(method: str, epsilon: float | None) -> list[str]:
     return [f"privacy.epsilon={epsilon}", f"train.batch_size={DP_BATCH}", "train.local_steps=2"] + extra
 
 
-def tune(out: Path, workers: int) -> dict[str, float]:
+def tune(out: Path, workers: int, report_only: bool = False) -> dict[str, float]:
     jobs = [(f"tune/{m}_lr{lr:g}", "sst2", method_settings(m, 32 if m == "fedsb" else 8, lr)
              + ["data.holdout_fraction=0.1", "eval.every=0", "eval.max_examples=600"])
             for m, grid in LR_GRID.items() for lr in grid]
-    results = run_all(jobs, out, workers)
+    results = run_all(jobs, out, workers, report_only)
     chosen = {}
     for m, grid in LR_GRID.items():
         scores = {lr: results[f"tune/{m}_lr{lr:g}"].get("accuracy", -1) for lr in grid}
@@ -208,16 +210,18 @@ def main():
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--results", default="results")
     parser.add_argument("--tune-only", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tables and plots from the runs already finished (others show as '-')")
     args = parser.parse_args()
     out, results_dir = Path(args.out), Path(args.results)
 
     print("tuning learning rates on held-out SST-2 training data", flush=True)
-    lr = tune(out, args.jobs)
+    lr = tune(out, args.jobs, args.report_only)
     if args.tune_only:
         return
     jobs = experiment_jobs(args.datasets, args.seeds, lr)
     print(f"{len(jobs)} runs", flush=True)
-    results = run_all([job[:3] for job in jobs], out, args.jobs)
+    results = run_all([job[:3] for job in jobs], out, args.jobs, args.report_only)
     rows = summarise(jobs, results)
     failed = {name: r["error"] for name, r in results.items() if "error" in r}
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -227,6 +231,10 @@ def main():
     (results_dir / "reproduce.json").write_text(json.dumps(
         {"learning_rates": lr, "lr_grid": LR_GRID, "seeds": args.seeds, "rows": rows, "failed": failed,
          "figures": figures}, indent=2, default=lambda x: None if isinstance(x, float) and math.isinf(x) else x))
+    missing = [name for name, r in results.items() if r.get("missing")]
+    if missing:
+        markdown += f"\nNot run in this report ({len(missing)}): " + ", ".join(missing) + "\n"
+        (results_dir / "reproduce.md").write_text(markdown)
     print("\n" + markdown)
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}")
