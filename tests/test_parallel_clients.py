@@ -19,6 +19,11 @@ from fedlora.tasks import ClassificationTask
 from conftest import config_with, minilm_path, read_log
 
 TOLERANCE = 1e-5
+# AdamW divides every gradient element by its running RMS, so an element whose gradient is at float-rounding
+# level takes a step of O(lr) in the direction of that rounding; a joint batch rounds differently from a
+# client's own batch (the frozen base model runs on more rows), which moves such elements by up to ~1e-4
+# of the payload's largest entry. Every other difference (a wrong mask, noise, clip) is of order 1e-2 or more.
+ADAMW_TOLERANCE = 3e-4
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +43,11 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
 
-def assert_states_match(got: dict, want: dict, what: str) -> None:
+def assert_states_match(got: dict, want: dict, what: str, tolerance: float = TOLERANCE) -> None:
     assert got.keys() == want.keys(), what
     for k in want:
         diff = relative_difference(got[k].float(), want[k].float())
-        assert diff < TOLERANCE, f"{what} {k}: relative difference {diff:.2e}"
+        assert diff < tolerance, f"{what} {k}: relative difference {diff:.2e}"
 
 
 def recorded_run(cfg, out, prepare=lambda sim: None) -> tuple[Simulation, list[dict]]:
@@ -60,13 +65,13 @@ def recorded_run(cfg, out, prepare=lambda sim: None) -> tuple[Simulation, list[d
     return sim, uploads
 
 
-def assert_runs_match(make_cfg, tmp_path, **sections) -> tuple[Simulation, Simulation]:
+def assert_runs_match(make_cfg, tmp_path, tolerance=TOLERANCE, **sections) -> tuple[Simulation, Simulation]:
     alone, alone_uploads = recorded_run(make_cfg(1, **sections), tmp_path / "one-by-one")
     joint, joint_uploads = recorded_run(make_cfg(3, **sections), tmp_path / "together")
     assert [sorted(u) for u in joint_uploads] == [sorted(u) for u in alone_uploads]
     for r, (got, want) in enumerate(zip(joint_uploads, alone_uploads), 1):
         for c in want:
-            assert_states_match(got[c], want[c], f"round {r}, client {c}:")
+            assert_states_match(got[c], want[c], f"round {r}, client {c}:", tolerance)
     return alone, joint
 
 
@@ -81,15 +86,19 @@ def cfg_parallel(sim_config, bert_without_dropout):
     return make
 
 
-@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
+@pytest.mark.parametrize("mode", ["sgd", "adamw", "dp"])
 @pytest.mark.parametrize("method", ["fedsb", "ffa", "fedit", "fedex", "flora", "fedsa"])
-def test_every_clients_upload_equals_training_it_alone(cfg_parallel, tmp_path, method, dp):
+def test_every_clients_upload_equals_training_it_alone(cfg_parallel, tmp_path, method, mode):
     # dirichlet shards of 120 examples over 4 clients at batch 16: some clients have fewer examples than a batch
-    sections = dict(method={"name": method}, train={"batch_size": 16},
-                    federation={"num_clients": 4, "clients_per_round": 3, "rounds": 2})
+    dp = mode == "dp"
+    train = {"batch_size": 16, "optimizer": "sgd" if mode == "sgd" else "adamw", "momentum": 0.9}
     if dp:  # batch 2: the Poisson draws differ in size and some are empty
-        sections |= dict(privacy={"noise_multiplier": 1.0, "clip_norm": 0.5}, train={"batch_size": 2})
-    alone, joint = assert_runs_match(cfg_parallel, tmp_path, **sections)
+        train["batch_size"] = 2
+    sections = dict(method={"name": method}, train=train,
+                    federation={"num_clients": 4, "clients_per_round": 3, "rounds": 2},
+                    privacy={"noise_multiplier": 1.0, "clip_norm": 0.5} if dp else {})
+    alone, joint = assert_runs_match(cfg_parallel, tmp_path, ADAMW_TOLERANCE if mode == "adamw" else TOLERANCE,
+                                     **sections)
     assert parallel.client_groups(joint, [0, 1, 2]) == [[0, 1, 2]]
     if dp:
         assert joint.ledger.history == alone.ledger.history and alone.ledger.history
@@ -99,14 +108,15 @@ def test_every_clients_upload_equals_training_it_alone(cfg_parallel, tmp_path, m
 def test_optimizer_state_clipping_and_uneven_shards(cfg_parallel, tmp_path, optimizer):
     train = {"optimizer": optimizer, "momentum": 0.9, "weight_decay": 0.01, "max_grad_norm": 0.05,
              "keep_optimizer_state": True, "batch_size": 16}
-    alone, joint = assert_runs_match(cfg_parallel, tmp_path, method={"name": "fedit"}, train=train,
+    tolerance = ADAMW_TOLERANCE if optimizer == "adamw" else TOLERANCE
+    alone, joint = assert_runs_match(cfg_parallel, tmp_path, tolerance, method={"name": "fedit"}, train=train,
                                      federation={"num_clients": 4, "clients_per_round": 3, "rounds": 3})
     assert min(alone.client_sizes) < 16 and sorted(alone.optimizer_states) == sorted(joint.optimizer_states)
     for c, state in alone.optimizer_states.items():  # clients sampled a different number of times
         for i, s in state["state"].items():
             for name, value in s.items():
                 assert relative_difference(joint.optimizer_states[c]["state"][i][name].float(),
-                                           value.float()) < TOLERANCE, (c, i, name)
+                                           value.float()) < tolerance, (c, i, name)
 
 
 @pytest.fixture
