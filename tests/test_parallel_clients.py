@@ -65,6 +65,21 @@ def recorded_run(cfg, out, prepare=lambda sim: None) -> tuple[Simulation, list[d
     return sim, uploads
 
 
+@pytest.fixture
+def joint_groups(monkeypatch) -> list[list[int]]:
+    """The groups of clients that were trained together (and not handed back to sequential training)."""
+    trained = []
+    real = parallel.train_together
+
+    def recording(sim, clients, r, starts):
+        updates = real(sim, clients, r, starts)
+        if updates is not None:
+            trained.append(sorted(updates))
+        return updates
+    monkeypatch.setattr(parallel, "train_together", recording)
+    return trained
+
+
 def assert_runs_match(make_cfg, tmp_path, tolerance=TOLERANCE, **sections) -> tuple[Simulation, Simulation]:
     alone, alone_uploads = recorded_run(make_cfg(1, **sections), tmp_path / "one-by-one")
     joint, joint_uploads = recorded_run(make_cfg(3, **sections), tmp_path / "together")
@@ -88,7 +103,7 @@ def cfg_parallel(sim_config, bert_without_dropout):
 
 @pytest.mark.parametrize("mode", ["sgd", "adamw", "dp"])
 @pytest.mark.parametrize("method", ["fedsb", "ffa", "fedit", "fedex", "flora", "fedsa"])
-def test_every_clients_upload_equals_training_it_alone(cfg_parallel, tmp_path, method, mode):
+def test_every_clients_upload_equals_training_it_alone(cfg_parallel, tmp_path, joint_groups, method, mode):
     # dirichlet shards of 120 examples over 4 clients at batch 16: some clients have fewer examples than a batch
     dp = mode == "dp"
     train = {"batch_size": 16, "optimizer": "sgd" if mode == "sgd" else "adamw", "momentum": 0.9}
@@ -99,18 +114,19 @@ def test_every_clients_upload_equals_training_it_alone(cfg_parallel, tmp_path, m
                     privacy={"noise_multiplier": 1.0, "clip_norm": 0.5} if dp else {})
     alone, joint = assert_runs_match(cfg_parallel, tmp_path, ADAMW_TOLERANCE if mode == "adamw" else TOLERANCE,
                                      **sections)
-    assert parallel.client_groups(joint, [0, 1, 2]) == [[0, 1, 2]]
+    assert joint_groups == [record["clients"] for record in read_log(tmp_path / "together")[1:]]
     if dp:
         assert joint.ledger.history == alone.ledger.history and alone.ledger.history
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_optimizer_state_clipping_and_uneven_shards(cfg_parallel, tmp_path, optimizer):
+def test_optimizer_state_clipping_and_uneven_shards(cfg_parallel, tmp_path, joint_groups, optimizer):
     train = {"optimizer": optimizer, "momentum": 0.9, "weight_decay": 0.01, "max_grad_norm": 0.05,
              "keep_optimizer_state": True, "batch_size": 16}
     tolerance = ADAMW_TOLERANCE if optimizer == "adamw" else TOLERANCE
     alone, joint = assert_runs_match(cfg_parallel, tmp_path, tolerance, method={"name": "fedit"}, train=train,
                                      federation={"num_clients": 4, "clients_per_round": 3, "rounds": 3})
+    assert joint_groups == [record["clients"] for record in read_log(tmp_path / "together")[1:]]
     assert min(alone.client_sizes) < 16 and sorted(alone.optimizer_states) == sorted(joint.optimizer_states)
     for c, state in alone.optimizer_states.items():  # clients sampled a different number of times
         for i, s in state["state"].items():
