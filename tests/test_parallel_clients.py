@@ -149,9 +149,11 @@ def tiny_setup(bert_without_dropout, toy_data):
     return adapted, task, starts
 
 
+@pytest.mark.parametrize("chunk_rows", [64, 3], ids=["one-part", "parts-by-length"])
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
-def test_clients_with_fewer_steps_empty_draws_and_uneven_batches(tiny_setup, dp):
-    """Client 1 stops after one step, client 2 has a step with no example (DP: noise alone)."""
+def test_clients_with_fewer_steps_empty_draws_and_uneven_batches(tiny_setup, dp, chunk_rows):
+    """Client 1 stops after one step, client 2 has a step with no example (DP: noise alone); the joint
+    batch runs whole or in parts of similar length."""
     adapted, task, starts = tiny_setup
     draws = [[np.arange(0, 5), np.arange(5, 12), np.arange(12, 15)],
              [np.arange(20, 28)],
@@ -179,7 +181,7 @@ def test_clients_with_fewer_steps_empty_draws_and_uneven_batches(tiny_setup, dp)
         optimizers = [make_optimizer(list(leaves.values()), cfg) for leaves in stack.leaves]
         dps = [dp_of(leaves, k) for k, leaves in enumerate(stack.leaves)] if dp else None
         losses = parallel.train_steps(adapted.model, task, stack, optimizers, [iter(d) for d in draws],
-                                      cfg.max_grad_norm, dps)
+                                      cfg.max_grad_norm, dps, chunk_rows)
     for k, (state, want_losses) in enumerate(alone):
         assert_states_match({key: v.detach() for key, v in stack.leaves[k].items()}, state, f"client {k}")
         assert np.allclose(losses[k], want_losses, rtol=1e-5) and len(losses[k]) == len(want_losses)

@@ -32,18 +32,20 @@ STACKABLE_HEADS = (nn.Linear,)
 
 
 class Slots:
-    """Which rows of a batch are whose: rows ordered by client, sizes[k] rows of client k (possibly none)."""
+    """Which rows of a batch are whose: owners[i] is the client (0 .. count - 1) of row i."""
 
-    def __init__(self, sizes: list[int], device: torch.device):
-        self.sizes = sizes
-        self.count = len(sizes)
-        self.width = max(max(sizes), 1)
-        self.even = all(n == self.width for n in sizes)
-        counts = torch.tensor(sizes)
-        self.owners = torch.repeat_interleave(torch.arange(self.count), counts).to(device)
-        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        position = torch.arange(int(counts.sum())) - starts
-        self.index = (self.owners.cpu() * self.width + position).to(device)
+    def __init__(self, owners: np.ndarray, count: int, device: torch.device):
+        owners = np.asarray(owners, dtype=np.int64)
+        counts = np.bincount(owners, minlength=count)
+        self.count = count
+        self.width = max(int(counts.max(initial=0)), 1)
+        order = np.argsort(owners, kind="stable")
+        rank = np.empty_like(owners)
+        rank[order] = np.arange(len(owners)) - (np.cumsum(counts) - counts)[owners[order]]
+        index = owners * self.width + rank
+        self.even = len(owners) == count * self.width and bool((index == np.arange(len(owners))).all())
+        self.owners = torch.from_numpy(owners).to(device)
+        self.index = torch.from_numpy(index).to(device)
 
     def group(self, t: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (K, width, ...), zero rows where a client has fewer than `width`."""
@@ -61,6 +63,23 @@ class Slots:
         grouped = self.group(t)
         y = grouped.reshape(self.count, -1, t.shape[-1]) @ weights.transpose(1, 2)
         return self.ungroup(y.reshape(self.count, self.width, *t.shape[1:-1], weights.shape[1]))
+
+
+def length_chunks(batch: dict[str, torch.Tensor], rows: int) -> list[tuple[np.ndarray, dict]]:
+    """The batch in parts of about `rows` rows of similar length, each cut to its own longest row, so
+    that a joint batch pads no more than its clients' own batches would (padding is on the right)."""
+    mask = batch["attention_mask"]
+    lengths = mask.sum(1).cpu().numpy()
+    order = np.argsort(lengths, kind="stable")
+    parts = []
+    for chosen in np.array_split(order, max(1, round(len(order) / rows))):
+        width = int(lengths[chosen].max())
+        rows_t = torch.from_numpy(chosen).to(mask.device)
+        if mask[rows_t, width:].any():  # padded on the left: keep every column
+            width = mask.shape[1]
+        parts.append((chosen, {k: v[rows_t, :width] if v.dim() > 1 and v.shape[1] == mask.shape[1] else v[rows_t]
+                               for k, v in batch.items()}))
+    return parts
 
 
 class ClientStack:
@@ -121,11 +140,13 @@ class ClientStack:
 
 def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[torch.optim.Optimizer],
                 draws: list[Iterator[np.ndarray]], max_grad_norm: float | None = None,
-                dps: list | None = None) -> list[list[float]]:
+                dps: list | None = None, chunk_rows: int = 64) -> list[list[float]]:
     """Every client's local training in joint steps: a step takes every client's next batch (its example
-    indices), runs them as one batch, and steps each client's own optimizer; a client whose draws are over
-    takes no more steps. With `dps` (one DPSGD per client) a client's gradient is its clipped per-example
-    sum plus its own noise, an empty draw noise alone. Returns each client's batch mean losses."""
+    indices), runs them together (in parts of about `chunk_rows` rows of similar length, gradients summed),
+    and steps each client's own optimizer; a client whose draws are over takes no more steps. With `dps`
+    (one DPSGD per client) a client's gradient is its clipped per-example sum plus its own noise, an empty
+    draw noise alone. Returns each client's batch mean losses."""
+    count = len(optimizers)
     losses: list[list[float]] = [[] for _ in optimizers]
     params = [list(leaves.values()) for leaves in stack.leaves]
     recorder = dps[0].recorder if dps else None
@@ -135,31 +156,34 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
         active = [k for k, c in enumerate(chosen) if c is not None]
         if not active:
             return losses
-        sizes = [0 if c is None else len(c) for c in chosen]
-        stack.begin_step(Slots(sizes, task.device))
-        seen = [k for k in active if sizes[k]]
-        sums, means = {}, {}
-        if seen:
-            batch = task.batch(np.concatenate([chosen[k] for k in seen]))
-            if recorder is not None:
-                with recorder.recording(batch.get("attention_mask")):
-                    example = task.example_losses(model, batch)
-                    example.sum().backward()
-                sums, _ = recorder.clipped_sum(dps[0].clip_norm, stack.slots)
-                client_means = torch.stack([part.mean() for part in example.detach().split(sizes) if len(part)])
-            else:
-                client_means = torch.stack([part.mean() for part in task.example_losses(model, batch).split(sizes)
-                                            if len(part)])
-                client_means.sum().backward()
-            means = dict(zip(seen, client_means.tolist()))
-        for k in range(len(optimizers)):
+        sizes = np.array([0 if c is None else len(c) for c in chosen])
+        owners = np.repeat(np.arange(count), sizes)
+        sums: dict[str, torch.Tensor] = {}
+        loss_sums = torch.zeros(count, device=task.device)
+        if len(owners):
+            batch = task.batch(np.concatenate([chosen[k] for k in active]))
+            per_row = torch.as_tensor(sizes[owners], dtype=torch.float32, device=task.device)
+            for rows, part in length_chunks(batch, chunk_rows):
+                stack.begin_step(Slots(owners[rows], count, task.device))
+                if recorder is not None:
+                    with recorder.recording(part.get("attention_mask")):
+                        example = task.example_losses(model, part)
+                        example.sum().backward()
+                    part_sums, _ = recorder.clipped_sum(dps[0].clip_norm, stack.slots)
+                    sums = {key: sums[key] + v if key in sums else v for key, v in part_sums.items()}
+                else:
+                    example = task.example_losses(model, part)
+                    (example / per_row[rows]).sum().backward()  # each client's mean loss
+                loss_sums.index_add_(0, stack.slots.owners, example.detach().float())
+        means = (loss_sums / torch.as_tensor(sizes, device=task.device).clamp(min=1)).tolist()
+        for k in range(count):
             if k in active:
                 if dps:
-                    dps[k].set_noised({key: s[k] for key, s in sums.items()} if k in means else {})
+                    dps[k].set_noised({key: s[k] for key, s in sums.items()} if sizes[k] else {})
                 elif max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params[k], max_grad_norm)
                 optimizers[k].step()
-                if k in means:
+                if sizes[k]:
                     losses[k].append(means[k])
             optimizers[k].zero_grad(set_to_none=True)
 
