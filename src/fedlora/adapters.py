@@ -54,14 +54,22 @@ class LowRankLayer(nn.Module):
         self.lora_R = nn.Parameter(torch.eye(rank, **factory)) if with_r else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.recorder = None  # set while per-example gradients are being recorded (privacy.grad_sample)
+        self.clients = None  # set while several clients, each with its own factors, train at once (parallel)
+
+    def factor_linear(self, t: torch.Tensor, factor: str) -> torch.Tensor:
+        """t @ factor^T, with each example's own client's factor while clients train together."""
+        if self.clients is not None:
+            return self.clients.linear(self, t, factor)
+        return nn.functional.linear(t, getattr(self, factor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xd = self.dropout(x)
-        h = nn.functional.linear(xd, self.lora_A)
-        u = nn.functional.linear(h, self.lora_R) if self.lora_R is not None else h
-        if self.recorder is not None:
-            delta = nn.functional.linear(u, self.lora_B)
-            self.recorder.record_factors(self, xd, h, u, delta)
+        h = self.factor_linear(xd, "lora_A")
+        u = self.factor_linear(h, "lora_R") if self.lora_R is not None else h
+        if self.recorder is not None or self.clients is not None:
+            delta = self.factor_linear(u, "lora_B")
+            if self.recorder is not None:
+                self.recorder.record_factors(self, xd, h, u, delta)
             return self.base(x) + self.scaling * delta
         # base(x) + s * u B^T as one fused multiply-add: no separate passes to scale and add the update
         out = self.base(x)

@@ -86,6 +86,16 @@ class FederationConfig(Section):
         "stop", description="when fewer than min_clients answer: stop the run (keeping what it finished) or "
                             "run the round again")
     round_retries: int = Field(2, ge=0, description="how often a round is run again under 'retry'")
+    parallel_clients: int | Literal["auto"] = Field(
+        "auto", description="clients trained together in one pass over the shared base model (1: one after "
+                            "another); auto: as many as memory allows wherever that gives the sequential result")
+
+    @field_validator("parallel_clients")
+    @classmethod
+    def _parallel(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be 'auto' or an integer >= 1")
+        return value
 
     @model_validator(mode="after")
     def _clients(self):

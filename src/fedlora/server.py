@@ -25,6 +25,7 @@ from .init_sb import gradient_sums, private_gradient_sum
 from .methods import METHODS, InitContext
 from .lm_task import CausalLMTask
 from .models import PRESETS as MODEL_PRESETS
+from . import parallel
 from .models import (default_target_modules, head_modules, load_causal_lm, load_classifier, pick_device,
                      resolve_model_source)
 from .privacy.accounting import PrivacyLedger, calibrate_noise, planned_epsilon
@@ -181,10 +182,11 @@ class Simulation:
                        else PrivacyLedger(p.accountant, delta, sigma))
         self._recorder = for_trainable(self.adapted, self.method.trainable_keys(), p.grad_norm)
 
-    def _client_dp(self, client: int, r: int) -> DPSGD | None:
+    def _client_dp(self, client: int, r: int, params: dict | None = None) -> DPSGD | None:
+        """The client's DP-SGD for round r over `params` (default: the model's trainable parameters)."""
         if self.ledger is None:
             return None
-        params = self.adapted.parameters_by_key()
+        params = params or self.adapted.parameters_by_key()
         noise = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.seed, "noise", r, client))
         return DPSGD(self._recorder, {k: params[k] for k in self.method.trainable_keys()},
                      self.cfg.privacy.clip_norm, self.ledger.noise_multiplier,
@@ -333,15 +335,20 @@ class Simulation:
         dropped {client, reason, released}, bytes sent down)."""
         method, fed = self.method, self.cfg.federation
         accepted, dropped, bytes_down = [], [], 0
+        starts = {c: method.client_state(c, r) for c in clients}
+        references = {c: {k: v.detach().clone() for k, v in method.upload_of(starts[c]).items()} for c in clients}
+        together: dict[int, ClientUpdate] = {}
+        groups = {c: group for group in parallel.client_groups(self, clients) for c in group}
         for c in tqdm(clients, desc=f"round {r}", leave=False, disable=not self.progress):
             bytes_down += payload_bytes(method.download(c))
-            start = method.client_state(c, r)
-            reference = {k: v.detach().clone() for k, v in method.upload_of(start).items()}
+            start, reference = starts[c], references[c]
+            if len(groups[c]) > 1 and c == groups[c][0]:
+                together = parallel.train_together(self, groups[c], r, starts) or {}
             began = time.monotonic()
             deadline = began + fed.client_timeout if fed.client_timeout else None
             update, released = None, False
             try:
-                update = self._client_update(c, r, start, deadline)
+                update = together.pop(c) if c in together else self._client_update(c, r, start, deadline)
                 released = update is not None
                 if update is None:
                     reason = "returned no update"
@@ -364,9 +371,7 @@ class Simulation:
         """One client's local training from `start`; what it sends back, and what it keeps."""
         cfg, adapted = self.cfg, self.adapted
         adapted.load_state(start)
-        optimizer = make_optimizer(adapted.set_trainable(self.method.trainable_keys()), cfg.train)
-        if cfg.train.keep_optimizer_state and c in self.optimizer_states:
-            optimizer.load_state_dict(self.optimizer_states[c])
+        optimizer = self._client_optimizer(c, adapted.set_trainable(self.method.trainable_keys()))
         torch.manual_seed(derive_seed(cfg.seed, "client", r, c))  # dropout
         dp = self._client_dp(c, r)
         batches = self.task.client_batches(self.shards[c], cfg.train.batch_size, cfg.train.local_steps,
@@ -374,12 +379,22 @@ class Simulation:
                                            sample_rate=self._sample_rate(c) if dp else None)
         step_losses = local_train(self.model, optimizer, batches, self._losses, cfg.train.max_grad_norm, dp,
                                   deadline)
+        return self._client_result(c, adapted.state(), step_losses, optimizer, dp)
+
+    def _client_optimizer(self, c: int, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        optimizer = make_optimizer(params, self.cfg.train)
+        if self.cfg.train.keep_optimizer_state and c in self.optimizer_states:
+            optimizer.load_state_dict(self.optimizer_states[c])
+        return optimizer
+
+    def _client_result(self, c: int, trained: dict, step_losses: list[float], optimizer: torch.optim.Optimizer,
+                       dp: DPSGD | None) -> "ClientUpdate":
+        """What a client that trained sends back and keeps; its DP steps charged to its budget."""
         if dp is not None:
-            self.ledger.charge(c, self._sample_rate(c), cfg.train.local_steps)
-        trained = adapted.state()
+            self.ledger.charge(c, self._sample_rate(c), self.cfg.train.local_steps)
         return ClientUpdate(payload=self.method.upload(c, trained), trained=trained,
                             loss=float(np.mean(step_losses)) if step_losses else float("nan"),
-                            optimizer_state=optimizer.state_dict() if cfg.train.keep_optimizer_state else None)
+                            optimizer_state=optimizer.state_dict() if self.cfg.train.keep_optimizer_state else None)
 
     # -- pieces -------------------------------------------------------------------------------
     def _sample_clients(self, r: int) -> list[int]:

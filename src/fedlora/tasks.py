@@ -36,13 +36,19 @@ class Task(ABC):
 
     def client_batches(self, shard: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator,
                        sample_rate: float | None = None) -> Iterator[dict[str, torch.Tensor] | None]:
-        """`steps` batches from a client's shard. Without `sample_rate`: drawn without replacement from a
-        shuffled shard, reshuffled when exhausted. With it: Poisson sampling, every example taken
-        independently with that probability (None for an empty draw), as DP-SGD's accounting assumes."""
+        """The batches of `client_batch_indices`; None for an empty Poisson draw."""
+        for chosen in self.client_batch_indices(shard, batch_size, steps, rng, sample_rate):
+            yield self.batch(chosen) if len(chosen) else None
+
+    @staticmethod
+    def client_batch_indices(shard: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator,
+                             sample_rate: float | None = None) -> Iterator[np.ndarray]:
+        """The examples of `steps` batches from a client's shard. Without `sample_rate`: drawn without
+        replacement from a shuffled shard, reshuffled when exhausted. With it: Poisson sampling, every example
+        taken independently with that probability (possibly none), as DP-SGD's accounting assumes."""
         if sample_rate is not None:
             for _ in range(steps):
-                chosen = shard[rng.random(len(shard)) < sample_rate]
-                yield self.batch(chosen) if len(chosen) else None
+                yield shard[rng.random(len(shard)) < sample_rate]
             return
         order = rng.permutation(shard)
         pos = 0
@@ -51,7 +57,7 @@ class Task(ABC):
                 order, pos = rng.permutation(shard), 0
             chosen = order[pos:pos + batch_size]
             pos += len(chosen)
-            yield self.batch(chosen)
+            yield chosen
 
 
 class ClassificationTask(Task):

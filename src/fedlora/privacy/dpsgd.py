@@ -29,8 +29,12 @@ class DPSGD:
                 losses.sum().backward()
             sums, _ = self.recorder.clipped_sum(self.clip_norm)
             loss = losses.mean().item()
+        self.set_noised(sums)
+        return loss
+
+    def set_noised(self, sums: dict[str, torch.Tensor]) -> None:
+        """.grad = (clipped sum + noise) / expected batch size; a key missing from `sums` gets noise alone."""
         for key, p in self.params.items():
             noise = torch.randn(p.shape, generator=self.generator, device=self.generator.device) * self.noise_std
             total = sums[key] + noise.to(p.device) if key in sums else noise.to(p.device)
             p.grad = (total / self.expected_batch_size).to(p.dtype)
-        return loss

@@ -54,6 +54,15 @@ class _Outer:
             return torch.einsum("btp,btq->pq", self.a * weights[:, None, None], self.b)
         return torch.einsum("b,b...->...", weights, self.grads)
 
+    def client_sums(self, weights: torch.Tensor, slots) -> torch.Tensor:
+        """The weighted sum over each client's own examples, shape (K, ...); `slots` (parallel.Slots) says
+        which examples are whose."""
+        a = slots.group(self.a * weights[:, None, None])  # (K, width, T, p)
+        if self.b is None:
+            return a.sum((1, 2))
+        b = slots.group(self.b)
+        return torch.einsum("kmp,kmq->kpq", a.flatten(1, 2), b.flatten(1, 2))
+
 
 class PerExampleGradients:
     """Records what the per-example gradients of chosen parameters need during one forward/backward.
@@ -122,11 +131,11 @@ class PerExampleGradients:
             if "lora_B" in keys:
                 outers[keys["lora_B"]] = _Outer(g, _rows(s["u"]), self.path)
             if "lora_R" in keys or "lora_A" in keys:
-                gu = g @ layer.lora_B.detach().float()  # B^T g per token
+                gu = _times_factor(layer, g, "lora_B")  # B^T g per token
                 if "lora_R" in keys:
                     outers[keys["lora_R"]] = _Outer(gu, _rows(s["h"]), self.path)
                 if "lora_A" in keys:
-                    gh = gu @ layer.lora_R.detach().float() if layer.lora_R is not None else gu
+                    gh = _times_factor(layer, gu, "lora_R") if layer.lora_R is not None else gu
                     outers[keys["lora_A"]] = _Outer(gh, _rows(s["x"]), self.path)
         for key, (module, param) in self.linears.items():
             s = self._saved[id(module)]
@@ -134,17 +143,18 @@ class PerExampleGradients:
             outers[key] = _Outer(g, None if param == "bias" else _rows(s["x"]), self.path)
         return outers
 
-    def clipped_sum(self, clip_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(sum over examples of each example's whole gradient clipped to clip_norm, per-example norms)."""
+    def clipped_sum(self, clip_norm: float, slots=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(sum over examples of each example's whole gradient clipped to clip_norm, per-example norms).
+        With `slots` (several clients' examples in one batch) the sums are per client, shape (K, ...)."""
         outers = self._outers()
         norms = torch.stack([o.squared_norms() for o in outers.values()]).sum(0).sqrt()
         weights = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
         sums = {}
         for key, outer in outers.items():
-            total = outer.weighted_sum(weights)
-            module = self.linears.get(key, (None, ""))[0]
-            if isinstance(module, Conv1D) and total.dim() == 2:
-                total = total.T  # Conv1D stores its weight as d_in x d_out
+            total = outer.weighted_sum(weights) if slots is None else outer.client_sums(weights, slots)
+            module, param = self.linears.get(key, (None, ""))
+            if isinstance(module, Conv1D) and param == "weight":
+                total = total.transpose(-1, -2)  # Conv1D stores its weight as d_in x d_out
             sums[key] = total
         return sums, norms
 
@@ -156,6 +166,14 @@ class PerExampleGradients:
             module = self.linears.get(key, (None, ""))[0]
             out[key] = grads.transpose(1, 2) if isinstance(module, Conv1D) and grads.dim() == 3 else grads
         return out
+
+
+def _times_factor(layer: LowRankLayer, t: torch.Tensor, factor: str) -> torch.Tensor:
+    """t @ factor per token, with each example's own client's factor while clients train together."""
+    stacked = layer.clients.stacked(layer, factor) if layer.clients is not None else None
+    if stacked is None:
+        return t @ getattr(layer, factor).detach().float()
+    return layer.clients.slots.linear(t, stacked.detach().float().transpose(1, 2))
 
 
 def for_trainable(adapted, keys: list[str], path: NormPath = "auto") -> PerExampleGradients:

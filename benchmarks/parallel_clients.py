@@ -1,0 +1,105 @@
+"""B3, vectorised clients: the time of one round's local training with the clients trained one after
+another (federation.parallel_clients = 1) against all of them trained together in one pass over the
+shared base model (parallel_clients = clients per round).
+
+all-MiniLM-L6-v2 on SST-2 on the CPU (FEDLORA_DATA_DIR=/work/shared/data), and where CUDA is available
+SmolLM2-135M on GSM8K on the GPU. Rounds of the two variants alternate on the same simulation, and the
+median over repeats is reported. Writes results/parallel_clients.json and prints a Markdown table.
+
+    FEDLORA_DATA_DIR=/work/shared/data python benchmarks/parallel_clients.py [--repeats 3] [--steps 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedlora.config import build_config
+from fedlora.methods import InitContext
+from fedlora.seeding import generator
+from fedlora.server import Simulation
+
+SETTINGS = [(10, 8), (10, 32), (50, 8), (50, 32)]  # (clients per round, batch size)
+
+
+def simulation(model: str, data: str, device: str, clients: int, batch: int, steps: int, method: str,
+               max_length: int) -> Simulation:
+    cfg = build_config({
+        "seed": 0, "device": device, "method": {"name": method}, "model": {"name": model},
+        "adapter": {"rank": 8}, "data": {"name": data, "max_length": max_length, "max_train_examples": 20000},
+        "federation": {"num_clients": clients, "clients_per_round": clients, "rounds": 1},
+        "train": {"local_steps": steps, "batch_size": batch, "lr": 1e-3},
+    })
+    sim = Simulation(cfg, tempfile.mkdtemp(), progress=False)
+    sim.method.initialise(InitContext(sorted(sim.init_examples), generator(cfg.seed, "init")))
+    return sim
+
+
+def round_seconds(sim: Simulation, parallel_clients: int) -> float:
+    sim.cfg.federation.parallel_clients = parallel_clients
+    clients = sim._sample_clients(1)
+    if sim.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    accepted, dropped, _ = sim._collect(clients, 1)
+    if sim.device.type == "cuda":
+        torch.cuda.synchronize()
+    assert not dropped and len(accepted) == len(clients), dropped
+    return time.perf_counter() - start
+
+
+def measure(model: str, data: str, device: str, args) -> list[dict]:
+    rows = []
+    for clients, batch in SETTINGS:
+        sim = simulation(model, data, device, clients, batch, args.steps, args.method, args.max_length)
+        if not rows:  # warm-up of both variants
+            round_seconds(sim, clients)
+            round_seconds(sim, 1)
+        times = {"sequential": [], "vectorised": []}
+        for _ in range(args.repeats):
+            times["sequential"].append(round_seconds(sim, 1))
+            times["vectorised"].append(round_seconds(sim, clients))
+        seq, vec = statistics.median(times["sequential"]), statistics.median(times["vectorised"])
+        rows.append({"model": model, "device": device_name(sim.device), "clients": clients, "batch": batch,
+                     "sequential_s": round(seq, 3), "vectorised_s": round(vec, 3), "ratio": round(vec / seq, 3),
+                     "repeats": times})
+        print(f"{model} {clients} clients, batch {batch}: sequential {seq:.3f} s, vectorised {vec:.3f} s, "
+              f"ratio {vec / seq:.2f}", flush=True)
+    return rows
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1, help="local steps per client")
+    parser.add_argument("--method", default="ffa")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--out", default="results/parallel_clients.json")
+    args = parser.parse_args()
+    rows = measure("minilm-l6", "sst2", "cpu", args)
+    if torch.cuda.is_available():
+        rows += measure("smollm2-135m", "gsm8k", "cuda", args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"method": args.method, "local_steps": args.steps, "rows": rows,
+                                          "torch": torch.__version__}, indent=2))
+    print("\n| model | device | clients | batch | sequential round (s) | vectorised round (s) | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['device']} | {r['clients']} | {r['batch']} | {r['sequential_s']} | "
+              f"{r['vectorised_s']} | {r['ratio']} |")
+
+
+if __name__ == "__main__":
+    main()

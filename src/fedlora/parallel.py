@@ -1,0 +1,281 @@
+"""Several clients of a round trained at once, in one forward and backward over their concatenated batches.
+
+The clients share the frozen base model; only their trained tensors differ (FFA-LoRA: B, Fed-SB: R, FedIT,
+FedEx-LoRA, FLoRA, FedSA-LoRA: A and B; all: the task head). Each client keeps its own copy of those as leaf
+tensors with its own optimizer; for a forward they are stacked along a leading client dimension and every
+example goes through its own client's factors by batched matmuls (x -> A_k x -> R_k -> B_k), the shared
+ones (FFA's A, Fed-SB's A and B) by one plain matmul. Each client's loss is the mean over its own examples
+and the losses are summed, so one backward gives every client the gradient it would get alone. Clipping
+(train.max_grad_norm), DP-SGD's per-example clipping and noise, optimizer steps and the accountant's charge
+are all per client, with the client's own random streams, so every client ends where training it alone
+leaves it (to float rounding). A client with fewer batches than the others stops stepping when they end;
+a Poisson draw with no example is a step of noise alone, as in sequential training.
+
+Not offered: full fine-tuning (each client trains its own copy of the base weights: nothing shared to
+batch over), heads with parameters outside linear layers, and federation.client_timeout (a wall-clock
+deadline belongs to one client, and a joint pass cannot say whose time it spent). With
+parallel_clients = "auto" clients train together only where the result is the sequential one, so not
+with dropout (the masks of a joint pass come from one random stream instead of one per client).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .seeding import derive_seed, rng
+
+STACKABLE_HEADS = (nn.Linear,)
+
+
+class Slots:
+    """Which rows of a batch are whose: owners[i] is the client (0 .. count - 1) of row i."""
+
+    def __init__(self, owners: np.ndarray, count: int, device: torch.device):
+        owners = np.asarray(owners, dtype=np.int64)
+        counts = np.bincount(owners, minlength=count)
+        self.count = count
+        self.width = max(int(counts.max(initial=0)), 1)
+        order = np.argsort(owners, kind="stable")
+        rank = np.empty_like(owners)
+        rank[order] = np.arange(len(owners)) - (np.cumsum(counts) - counts)[owners[order]]
+        index = owners * self.width + rank
+        self.even = len(owners) == count * self.width and bool((index == np.arange(len(owners))).all())
+        self.owners = torch.from_numpy(owners).to(device)
+        self.index = torch.from_numpy(index).to(device)
+
+    def group(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (K, width, ...), zero rows where a client has fewer than `width`."""
+        if not self.even:
+            t = t.new_zeros(self.count * self.width, *t.shape[1:]).index_copy(0, self.index, t)
+        return t.reshape(self.count, self.width, *t.shape[1:])
+
+    def ungroup(self, t: torch.Tensor) -> torch.Tensor:
+        """(K, width, ...) -> (N, ...)."""
+        flat = t.reshape(self.count * self.width, *t.shape[2:])
+        return flat if self.even else flat[self.index]
+
+    def linear(self, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each row of t (N, ..., d_in) times its own client's weight^T; weights (K, d_out, d_in)."""
+        grouped = self.group(t)
+        y = grouped.reshape(self.count, -1, t.shape[-1]) @ weights.transpose(1, 2)
+        return self.ungroup(y.reshape(self.count, self.width, *t.shape[1:-1], weights.shape[1]))
+
+
+def length_chunks(batch: dict[str, torch.Tensor], rows: int) -> list[tuple[np.ndarray, dict]]:
+    """The batch in parts of about `rows` rows of similar length, each cut to its own longest row, so
+    that a joint batch pads no more than its clients' own batches would (padding is on the right)."""
+    mask = batch["attention_mask"]
+    lengths = mask.sum(1).cpu().numpy()
+    order = np.argsort(lengths, kind="stable")
+    parts = []
+    for chosen in np.array_split(order, max(1, round(len(order) / rows))):
+        width = int(lengths[chosen].max())
+        rows_t = torch.from_numpy(chosen).to(mask.device)
+        if mask[rows_t, width:].any():  # padded on the left: keep every column
+            width = mask.shape[1]
+        parts.append((chosen, {k: v[rows_t, :width] if v.dim() > 1 and v.shape[1] == mask.shape[1] else v[rows_t]
+                               for k, v in batch.items()}))
+    return parts
+
+
+class ClientStack:
+    """Every client's own trained tensors (leaves, in the model's key order), stacked for each forward;
+    while active, the adapted layers and head modules apply each example's own client's tensors."""
+
+    def __init__(self, adapted, keys: list[str], starts: list[dict[str, torch.Tensor]]):
+        self.adapted = adapted
+        self.keys = keys
+        params = adapted.parameters_by_key()
+        self.leaves = [{k: s[k].detach().to(params[k].device, params[k].dtype).clone().requires_grad_(True)
+                        for k in keys} for s in starts]
+        self.layer_names = {id(layer): name for name, layer in adapted.layers.items()}
+        self.module_names = {id(adapted.model.get_submodule(k.rpartition(".")[0])): k.rpartition(".")[0]
+                             for k in keys if k in adapted.head_params}
+        self.slots: Slots | None = None
+        self._stacked: dict[str, torch.Tensor] = {}
+        self._hooks = []
+
+    def begin_step(self, slots: Slots) -> None:
+        self.slots = slots
+        self._stacked = {k: torch.stack([leaves[k] for leaves in self.leaves]) for k in self.keys}
+
+    def stacked(self, layer, factor: str) -> torch.Tensor | None:
+        return self._stacked.get(f"{self.layer_names[id(layer)]}.{factor}")
+
+    def linear(self, layer, t: torch.Tensor, factor: str) -> torch.Tensor:
+        weights = self.stacked(layer, factor)
+        if weights is None:
+            return nn.functional.linear(t, getattr(layer, factor))
+        return self.slots.linear(t, weights)
+
+    def _head(self, module, inputs, output):
+        name = self.module_names[id(module)]
+        y = self.slots.linear(inputs[0], self._stacked[f"{name}.weight"])
+        bias = self._stacked.get(f"{name}.bias")
+        if bias is not None:
+            y = y + bias[self.slots.owners].reshape(y.shape[0], *([1] * (y.dim() - 2)), -1)
+        elif module.bias is not None:
+            y = y + module.bias
+        return y
+
+    def __enter__(self):
+        for layer in self.adapted.layers.values():
+            layer.clients = self
+        model = self.adapted.model
+        self._hooks = [model.get_submodule(name).register_forward_hook(self._head)
+                       for name in self.module_names.values()]
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.adapted.layers.values():
+            layer.clients = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[torch.optim.Optimizer],
+                draws: list[Iterator[np.ndarray]], max_grad_norm: float | None = None,
+                dps: list | None = None, chunk_rows: int = 64) -> list[list[float]]:
+    """Every client's local training in joint steps: a step takes every client's next batch (its example
+    indices), runs them together (in parts of about `chunk_rows` rows of similar length, gradients summed),
+    and steps each client's own optimizer; a client whose draws are over takes no more steps. With `dps`
+    (one DPSGD per client) a client's gradient is its clipped per-example sum plus its own noise, an empty
+    draw noise alone. Returns each client's batch mean losses."""
+    count = len(optimizers)
+    losses: list[list[float]] = [[] for _ in optimizers]
+    params = [list(leaves.values()) for leaves in stack.leaves]
+    recorder = dps[0].recorder if dps else None
+    model.train()
+    while True:
+        chosen = [next(d, None) for d in draws]
+        active = [k for k, c in enumerate(chosen) if c is not None]
+        if not active:
+            return losses
+        sizes = np.array([0 if c is None else len(c) for c in chosen])
+        owners = np.repeat(np.arange(count), sizes)
+        sums: dict[str, torch.Tensor] = {}
+        loss_sums = torch.zeros(count, device=task.device)
+        if len(owners):
+            batch = task.batch(np.concatenate([chosen[k] for k in active]))
+            per_row = torch.as_tensor(sizes[owners], dtype=torch.float32, device=task.device)
+            for rows, part in length_chunks(batch, chunk_rows):
+                stack.begin_step(Slots(owners[rows], count, task.device))
+                if recorder is not None:
+                    with recorder.recording(part.get("attention_mask")):
+                        example = task.example_losses(model, part)
+                        example.sum().backward()
+                    part_sums, _ = recorder.clipped_sum(dps[0].clip_norm, stack.slots)
+                    sums = {key: sums[key] + v if key in sums else v for key, v in part_sums.items()}
+                else:
+                    example = task.example_losses(model, part)
+                    (example / per_row[rows]).sum().backward()  # each client's mean loss
+                loss_sums.index_add_(0, stack.slots.owners, example.detach().float())
+        means = (loss_sums / torch.as_tensor(sizes, device=task.device).clamp(min=1)).tolist()
+        for k in range(count):
+            if k in active:
+                if dps:
+                    dps[k].set_noised({key: s[k] for key, s in sums.items()} if sizes[k] else {})
+                elif max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params[k], max_grad_norm)
+                optimizers[k].step()
+                if sizes[k]:
+                    losses[k].append(means[k])
+            optimizers[k].zero_grad(set_to_none=True)
+
+
+# -- which clients train together ------------------------------------------------------------
+def sequential_reason(sim, auto: bool) -> str | None:
+    """Why this run's clients cannot train together (None: they can)."""
+    adapted = sim.adapted
+    if adapted.parameterisation == "full":
+        return "full fine-tuning trains each client's own base weights"
+    if sim.cfg.federation.client_timeout is not None:
+        return "federation.client_timeout is a per-client wall-clock deadline"
+    for key in adapted.head_params:
+        owner, _, param = key.rpartition(".")
+        if not isinstance(adapted.model.get_submodule(owner), STACKABLE_HEADS) or param not in ("weight", "bias"):
+            return f"the head parameter {key} is not a linear layer's"
+    if auto and dropout_active(sim.model):
+        return "dropout draws its masks per client"
+    return None
+
+
+def dropout_active(model: nn.Module) -> bool:
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    settings = config.to_dict() if config is not None else {}
+    return any("dropout" in k and isinstance(v, float) and v > 0 for k, v in settings.items())
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def clients_that_fit(sim) -> int:
+    """How many clients' activations fit in half the free memory: per token and layer about a dozen
+    hidden-size tensors, two intermediate-size ones and a row of attention per head, plus the logits."""
+    c, cfg = sim.model.config, sim.cfg
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 768)
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 12)
+    inner = getattr(c, "intermediate_size", None) or 4 * hidden
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 12)
+    tokens = cfg.train.batch_size * cfg.data.max_length
+    per_token = layers * (12 * hidden + 2 * inner + heads * cfg.data.max_length) + 2 * getattr(c, "vocab_size", 0)
+    return int(available_memory(sim.device) // 2 // (tokens * per_token * 4))
+
+
+def client_groups(sim, clients: list[int]) -> list[list[int]]:
+    """The round's clients in consecutive groups trained together (groups of one: one after another)."""
+    setting = sim.cfg.federation.parallel_clients
+    size = 1
+    if setting != 1 and len(clients) > 1 and sequential_reason(sim, setting == "auto") is None:
+        size = setting if setting != "auto" else clients_that_fit(sim)
+    size = max(1, min(size, len(clients)))
+    return [clients[i:i + size] for i in range(0, len(clients), size)]
+
+
+def train_together(sim, clients: list[int], r: int, starts: dict[int, dict]) -> dict | None:
+    """Every client's ClientUpdate from one joint training, exactly as Simulation._client_update would
+    give them; None when the joint training failed (the caller trains them one by one, so that only a
+    failing client is dropped) or the clients do not share their untrained state."""
+    cfg, adapted, task = sim.cfg, sim.adapted, sim.task
+    trainable = set(sim.method.trainable_keys())
+    keys = [k for k in adapted.parameters_by_key() if k in trainable]
+    first = starts[clients[0]]
+    shared = {k: v for k, v in first.items() if k not in trainable}
+    if any(not torch.equal(starts[c][k], v) for c in clients[1:] for k, v in shared.items()):
+        return None
+    try:
+        adapted.load_state(first)
+        adapted.set_trainable([])
+        with ClientStack(adapted, keys, [starts[c] for c in clients]) as stack:
+            optimizers = [sim._client_optimizer(c, list(leaves.values())) for c, leaves in zip(clients, stack.leaves)]
+            dps = [sim._client_dp(c, r, leaves) for c, leaves in zip(clients, stack.leaves)]
+            private = dps[0] is not None
+            draws = [task.client_batch_indices(sim.shards[c], cfg.train.batch_size, cfg.train.local_steps,
+                                               rng(cfg.seed, "client", r, c),
+                                               sample_rate=sim._sample_rate(c) if private else None)
+                     for c in clients]
+            torch.manual_seed(derive_seed(cfg.seed, "client", r, clients[0]))  # dropout, if any
+            losses = train_steps(sim.model, task, stack, optimizers, draws, cfg.train.max_grad_norm,
+                                 dps if private else None)
+    except Exception:  # noqa: BLE001 - retried client by client, where the failure is attributed
+        return None
+    state = adapted.state(shared)
+    return {c: sim._client_result(c, state | {k: v.detach().clone() for k, v in leaves.items()}, step_losses,
+                                  optimizer, dp)
+            for c, leaves, step_losses, optimizer, dp in zip(clients, stack.leaves, losses, optimizers, dps)}
+
