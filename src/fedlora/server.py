@@ -214,6 +214,11 @@ class Simulation:
             self._save_checkpoint(r)
             if record["eval"]:
                 bar.set_postfix({k: round(v, 4) for k, v in record["eval"].items()})
+        return self._finish(started)
+
+    def _finish(self, started: float) -> dict:
+        """Export the final global model and write summary.json."""
+        rounds = self.cfg.federation.rounds
         if self.last_eval is None:
             self.last_eval = self._evaluate()
         self._export()
