@@ -28,7 +28,7 @@ def _flat(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
         elif isinstance(value, list):
             out[prefix + key] = "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
         else:
-            out[prefix + key] = value
+            out[prefix + key] = "none" if value is None else value
     return out
 
 
@@ -38,9 +38,10 @@ def _toml_scalar(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
-def to_run_config(raw: dict[str, Any]) -> dict[str, Any]:
-    """Flat run-config entries for a fedlora config given as its TOML tables."""
-    return _flat(raw, PREFIX)
+def to_run_config(cfg: Config) -> dict[str, Any]:
+    """Flat run-config entries for the keys of a fedlora config that differ from their defaults (a None there
+    can only be data.name's, written "none")."""
+    return _flat(cfg.model_dump(exclude_defaults=True), PREFIX)
 
 
 def from_run_config(run_config: dict[str, Any]) -> Config:
@@ -62,13 +63,12 @@ def from_run_config(run_config: dict[str, Any]) -> Config:
     return build_config(raw)
 
 
-def write_app(folder: str | Path, raw: dict[str, Any], out: str | Path, round_timeout: float = 600,
+def write_app(folder: str | Path, cfg: Config, out: str | Path, round_timeout: float = 600,
               node_wait: float = 120) -> Path:
     """Write `folder/pyproject.toml`: a Flower app whose ServerApp and ClientApp are fedlora's and whose run
-    config is the fedlora config `raw` (TOML tables); `flwr run folder` then runs it."""
+    config carries `cfg`; `flwr run folder` then runs it."""
     import tomli_w
 
-    build_config(raw)  # a bad config fails here, not on the SuperLink
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     project = {
@@ -81,7 +81,7 @@ def write_app(folder: str | Path, raw: dict[str, Any], out: str | Path, round_ti
                      "components": {"serverapp": "fedlora.flower.server_app:app",
                                     "clientapp": "fedlora.flower.client_app:app"},
                      "config": {"out": str(Path(out).resolve()), "round-timeout": float(round_timeout),
-                                "node-wait": float(node_wait)} | to_run_config(raw)}}},
+                                "node-wait": float(node_wait)} | to_run_config(cfg)}}},
     }
     path = folder / "pyproject.toml"
     path.write_bytes(tomli_w.dumps(project).encode())
