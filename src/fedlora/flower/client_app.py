@@ -4,8 +4,8 @@ the simulator's own client update (local_train, DP-SGD included) and keeps what 
 (its copy of the global state, FedSA-LoRA's own B, W0 changed by FedEx-LoRA or FLoRA) in Flower's
 `context.state`. The model is loaded once per process and reused by every message that process answers.
 
-FEDLORA_FLOWER_FAULT=raise@R (or hang@R) makes the node fail (or hang) at round R: for tests of dropped
-clients.
+FEDLORA_FLOWER_FAULT=raise@R (or hang@R, several comma-separated) makes the node fail (or hang) at round R:
+for tests of dropped clients.
 """
 from __future__ import annotations
 
@@ -57,14 +57,18 @@ class ClientRuntime:
 _runtimes: dict[str, ClientRuntime] = {}
 
 
-def _client(context: Context, run_config: dict) -> tuple[ClientRuntime, int]:
+def _runtime(run_config: dict) -> ClientRuntime:
     key = json.dumps(run_config, sort_keys=True)
     if key not in _runtimes:
         _runtimes.clear()  # one model per process
         _runtimes[key] = ClientRuntime(run_config)
-    runtime = _runtimes[key]
+    return _runtimes[key]
+
+
+def _client_id(context: Context, run_config: dict) -> int:
+    """This node's fedlora client: its partition-id, checked against the run's federation."""
     node = context.node_config
-    num_clients = runtime.sim.cfg.federation.num_clients
+    num_clients = from_run_config(run_config).federation.num_clients
     if "partition-id" not in node:
         raise ConfigError("node config: partition-id is missing (flower-supernode --node-config "
                           "'partition-id=0 num-partitions=N')")
@@ -73,19 +77,17 @@ def _client(context: Context, run_config: dict) -> tuple[ClientRuntime, int]:
     if partitions != num_clients or not 0 <= client < num_clients:
         raise ConfigError(f"node config: partition-id {client} of num-partitions {partitions} does not fit "
                           f"federation.num_clients = {num_clients}")
-    return runtime, client
+    return client
 
 
 def _inject_fault(r: int) -> None:
-    fault = os.environ.get("FEDLORA_FLOWER_FAULT", "")
-    if not fault:
-        return
-    mode, _, at = fault.partition("@")
-    if int(at) != r:
-        return
-    if mode == "hang":
-        time.sleep(3600)
-    raise RuntimeError(f"injected fault at round {r}")
+    for fault in filter(None, os.environ.get("FEDLORA_FLOWER_FAULT", "").split(",")):
+        mode, _, at = fault.partition("@")
+        if int(at) != r:
+            continue
+        if mode == "hang":
+            time.sleep(3600)
+        raise RuntimeError(f"injected fault at round {r}")
 
 
 def client_app(defaults: dict | None = None) -> ClientApp:
@@ -97,12 +99,13 @@ def client_app(defaults: dict | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        runtime, client = _client(context, settings(context))
+        client = _client_id(context, settings(context))
         phase = msg.content["config"]["phase"]
         if phase == "hello":
             return Message(RecordDict({"config": ConfigRecord({"client": client})}), reply_to=msg)
         if phase != "gradient-sum":
             raise ValueError(f"unknown query '{phase}'")
+        runtime = _runtime(settings(context))
         sim = runtime.sim
         runtime.restore(context)
         sim.adapted.load_state(sim.method.global_state)  # the gradient is taken through the seed's head
@@ -111,7 +114,8 @@ def client_app(defaults: dict | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        runtime, client = _client(context, settings(context))
+        client = _client_id(context, settings(context))
+        runtime = _runtime(settings(context))
         sim, r = runtime.sim, int(msg.content["config"]["round"])
         _inject_fault(r)
         runtime.restore(context)
@@ -128,7 +132,8 @@ def client_app(defaults: dict | None = None) -> ClientApp:
 
     @app.evaluate()
     def apply_broadcast(msg: Message, context: Context) -> Message:
-        runtime, _ = _client(context, settings(context))
+        _client_id(context, settings(context))
+        runtime = _runtime(settings(context))
         runtime.restore(context)
         runtime.sim.method.receive(from_record(msg.content["arrays"], runtime.sim.device))
         runtime.keep(context)
