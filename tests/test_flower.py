@@ -224,3 +224,63 @@ def test_live_federation_survives_a_raising_and_a_killed_client(loopback_config,
     assert [d["client"] for d in log[1]["dropped"]] == [1] and "injected fault" in log[1]["dropped"][0]["reason"]
     assert [d["client"] for d in log[2]["dropped"]] == [1]
     assert log[1]["clients"] == log[2]["clients"] == [0]
+
+
+def test_a_node_trains_on_its_own_copy_of_the_data(sim_config, toy_data, tmp_path):
+    """node config data-path: node 0 reads an identical copy (the run matches the simulator), node 1 a
+    missing file (it is dropped, and the reason names the file)."""
+    cfg = sim_config(method={"name": "ffa"}, eval={"every": 0},
+                     federation={"num_clients": 2, "clients_per_round": 2, "rounds": 1})
+    copy = tmp_path / "mine" / "train.tsv"
+    copy.parent.mkdir()
+    copy.write_text(Path(toy_data["path"]).read_text())
+    sim = Simulation(cfg, tmp_path / "sim", progress=False)
+    sim.run()
+    run_config = to_run_config(cfg)
+    grid = InMemoryGrid(client_app(), run_config, 2)
+    list(grid.contexts.values())[0].node_config["data-path"] = str(copy)
+    strategy = FedloraStrategy(Simulation(cfg, tmp_path / "one", progress=False), round_timeout=5, node_wait=0)
+    strategy.start(grid)
+    assert_same_tensors(strategy.sim.method.global_state, sim.method.global_state)
+
+    list(grid.contexts.values())[1].node_config["data-path"] = str(tmp_path / "nowhere.tsv")
+    strategy = FedloraStrategy(Simulation(cfg, tmp_path / "two", progress=False), round_timeout=5, node_wait=0)
+    strategy.start(grid)
+    dropped = read_log(tmp_path / "two")[1]["dropped"]
+    assert [d["client"] for d in dropped] == [1] and "nowhere.tsv" in dropped[0]["reason"]
+
+
+def test_flower_init_writes_an_app_whose_run_config_is_the_config(tmp_path, toy_data):
+    import tomllib
+
+    from fedlora.cli import main
+    from fedlora.config import load_config
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\nname = "none"\npath = "{toy_data["path"]}"\ntext_columns = ["sentence"]\n'
+                      '[federation]\nnum_clients = 3\nclients_per_round = 2\n')
+    assert main(["flower", "init", str(tmp_path / "app"), str(config), "--set", "method.name=ffa",
+                 "--out", str(tmp_path / "out")]) == 0
+    project = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    app = project["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedlora.flower.server_app:app",
+                                 "clientapp": "fedlora.flower.client_app:app"}
+    flat = {}
+
+    def walk(table, prefix=""):
+        for k, v in table.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.update({prefix + k: v})
+    walk(app["config"])
+    assert flat["out"] == str(tmp_path / "out") and flat["fedlora.data.text_columns"] == '["sentence"]'
+    assert from_run_config(flat) == load_config(config, ["method.name=ffa"])
+
+
+def test_flower_init_rejects_a_bad_config_in_one_line(tmp_path, capsys):
+    from fedlora.cli import main
+
+    config = tmp_path / "bad.toml"
+    config.write_text("[federation]\nnum_clients = 0\n")
+    assert main(["flower", "init", str(tmp_path / "app"), str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "num_clients" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "app").exists()

@@ -1,5 +1,6 @@
 """The ClientApp: one fedlora client on a SuperNode. Its client id and data shard come from the node config
-(`partition-id` of `num-partitions`, the shard the simulator's partition gives that client); it trains with
+(`partition-id` of `num-partitions`, the shard the simulator's partition gives that client, of the training
+file at the node's own `data-path` when the node config gives one, else of the config's data); it trains with
 the simulator's own client update (local_train, DP-SGD included) and keeps what a client keeps between rounds
 (its copy of the global state, FedSA-LoRA's own B, W0 changed by FedEx-LoRA or FLoRA) in Flower's
 `context.state`. The model is loaded once per process and reused by every message that process answers.
@@ -29,8 +30,10 @@ METHOD_STATE, BASE_WEIGHTS = "fedlora.method", "fedlora.base"
 class ClientRuntime:
     """A client's model, data and method object, loaded once per process and configuration."""
 
-    def __init__(self, run_config: dict):
+    def __init__(self, run_config: dict, data_path: str | None = None):
         cfg = from_run_config(run_config)
+        if data_path:  # this node's own copy of the training file
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path})})
         check_supported(cfg)
         self.sim = Simulation(cfg, "unused", progress=False)
         self.sim._setup_privacy(None)  # the same noise multiplier as the server's, from the same plan
@@ -57,11 +60,12 @@ class ClientRuntime:
 _runtimes: dict[str, ClientRuntime] = {}
 
 
-def _runtime(run_config: dict) -> ClientRuntime:
-    key = json.dumps(run_config, sort_keys=True)
+def _runtime(context: Context, run_config: dict) -> ClientRuntime:
+    data_path = context.node_config.get("data-path")
+    key = json.dumps([run_config, data_path], sort_keys=True)
     if key not in _runtimes:
         _runtimes.clear()  # one model per process
-        _runtimes[key] = ClientRuntime(run_config)
+        _runtimes[key] = ClientRuntime(run_config, str(data_path) if data_path else None)
     return _runtimes[key]
 
 
@@ -105,7 +109,7 @@ def client_app(defaults: dict | None = None) -> ClientApp:
             return Message(RecordDict({"config": ConfigRecord({"client": client})}), reply_to=msg)
         if phase != "gradient-sum":
             raise ValueError(f"unknown query '{phase}'")
-        runtime = _runtime(settings(context))
+        runtime = _runtime(context, settings(context))
         sim = runtime.sim
         runtime.restore(context)
         sim.adapted.load_state(sim.method.global_state)  # the gradient is taken through the seed's head
@@ -115,7 +119,7 @@ def client_app(defaults: dict | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         client = _client_id(context, settings(context))
-        runtime = _runtime(settings(context))
+        runtime = _runtime(context, settings(context))
         sim, r = runtime.sim, int(msg.content["config"]["round"])
         _inject_fault(r)
         runtime.restore(context)
@@ -133,7 +137,7 @@ def client_app(defaults: dict | None = None) -> ClientApp:
     @app.evaluate()
     def apply_broadcast(msg: Message, context: Context) -> Message:
         _client_id(context, settings(context))
-        runtime = _runtime(settings(context))
+        runtime = _runtime(context, settings(context))
         runtime.restore(context)
         runtime.sim.method.receive(from_record(msg.content["arrays"], runtime.sim.device))
         runtime.keep(context)
