@@ -73,8 +73,10 @@ def write_app(folder: str | Path, cfg: Config, out: str | Path, round_timeout: f
     folder.mkdir(parents=True, exist_ok=True)
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        # fedlora itself must be installed where the SuperLink and SuperNodes run: Flower skips flwr when it
+        # installs an app's dependencies, and fedlora need not be on the index it installs from
         "project": {"name": "fedlora-app", "version": "1.0.0", "description": "fedlora on Flower",
-                    "dependencies": ["fedlora[flower]"]},
+                    "license": "Apache-2.0", "dependencies": ["flwr>=1.41"]},
         "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
                  "flwr": {"app": {
                      "publisher": "fedlora",
