@@ -19,7 +19,7 @@ from flwr.serverapp import Grid  # noqa: E402
 from fedlora.errors import RoundFailed  # noqa: E402
 from fedlora.flower.client_app import client_app  # noqa: E402
 from fedlora.flower.project import from_run_config, to_run_config, write_app  # noqa: E402
-from fedlora.flower.records import from_record  # noqa: E402
+from fedlora.flower.records import from_record, to_record  # noqa: E402
 from fedlora.flower.strategy import FLOWER_BYTES, FedloraStrategy  # noqa: E402
 from fedlora.methods import METHODS  # noqa: E402
 from fedlora.server import Simulation  # noqa: E402
@@ -284,3 +284,37 @@ def test_flower_init_rejects_a_bad_config_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "num_clients" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "app").exists()
+
+
+def test_malformed_replies_are_checked_like_the_simulator_checks_updates(sim_config, tmp_path):
+    """Of the 3 clients of round 1, one sends a tensor of the wrong shape and one bytes that are no tensor:
+    the server's update check drops both, naming them, and aggregates the third."""
+    from flwr.app import Array, ArrayRecord
+
+    cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 1, "rounds": 1})
+    strategy = FedloraStrategy(Simulation(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
+    grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
+    wrong_shape, garbage, _ = strategy.sim._sample_clients(1)
+    real_send = grid.send_and_receive
+
+    def tamper(messages, *, timeout=None):
+        replies = real_send(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.message_type != "train":
+                continue
+            client = strategy.clients[reply.metadata.src_node_id]
+            if client in (wrong_shape, garbage):
+                arrays = reply.content["arrays"]
+                key = next(iter(arrays))
+                if client == wrong_shape:
+                    arrays[key] = to_record({key: torch.zeros(3, 3)})[key]
+                else:
+                    arrays[key] = Array(dtype="no_such_dtype", shape=(2,), stype="torch.raw", data=b"12345678")
+        return replies
+
+    grid.send_and_receive = tamper
+    strategy.start(grid)
+    dropped = {d["client"]: d["reason"] for d in read_log(tmp_path)[1]["dropped"]}
+    assert set(dropped) == {wrong_shape, garbage}
+    assert "has shape (3, 3)" in dropped[wrong_shape] and "no readable tensors" in dropped[garbage]
+    assert read_log(tmp_path)[1]["clients"] == sorted(set(strategy.sim._sample_clients(1)) - set(dropped))

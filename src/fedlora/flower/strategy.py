@@ -149,9 +149,13 @@ class FedloraStrategy(Strategy):
             if reply.has_error():
                 dropped.append({"client": c, "reason": f"failed on its node: {reply.error.reason}"})
                 continue
-            record = reply.content["arrays"]
+            try:
+                record = reply.content["arrays"]
+                payload = from_record(record, sim.device)
+            except Exception as err:  # a reply without arrays, or arrays that are no tensors
+                dropped.append({"client": c, "reason": f"sent no readable tensors ({type(err).__name__})"})
+                continue
             self._count(r, "up", record)
-            payload = from_record(record, sim.device)
             start = sim.method.client_state(c, r)
             if sim.ledger is not None:
                 sim._charge_training(c)
