@@ -1,5 +1,5 @@
 """Command line: `fedlora run` runs an experiment, `fedlora comm` counts communication for a model,
-`fedlora plot` draws finished runs."""
+`fedlora plot` draws finished runs, `fedlora flower init` writes a Flower app project."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,20 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_flower_init(args) -> int:
+    from .config import load_config
+    from .errors import ConfigError
+
+    cfg = load_config(args.config, args.set)
+    try:
+        from .flower.project import write_app
+    except ImportError:
+        raise ConfigError("flower init needs Flower: pip install 'fedlora[flower]'") from None
+    path = write_app(args.dir, cfg, args.out or Path(args.dir) / "run", args.round_timeout)
+    print(f"wrote {path}; run it with: flwr run {args.dir} <superlink connection>")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with low-rank adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +100,17 @@ def main(argv: list[str] | None = None) -> int:
                                        "runs with the same label and privacy setting are averaged as seeds")
     plot.add_argument("--title")
     plot.set_defaults(func=cmd_plot)
+
+    flower = sub.add_parser("flower", help="run on Flower")
+    flower_sub = flower.add_subparsers(dest="flower_command", required=True)
+    init = flower_sub.add_parser("init", help="write a Flower app project whose run config is a fedlora config")
+    init.add_argument("dir", help="the app folder to write (its pyproject.toml)")
+    init.add_argument("config", help="fedlora TOML config")
+    init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    init.add_argument("--out", help="folder the ServerApp writes its run into (default: DIR/run)")
+    init.add_argument("--round-timeout", type=float, default=600,
+                      help="seconds the server waits for a round's replies before dropping the silent clients")
+    init.set_defaults(func=cmd_flower_init)
 
     args = parser.parse_args(argv)
     try:

@@ -129,6 +129,7 @@ class Simulation:
         self.optimizer_states: dict[int, dict] = {}
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.last_eval: dict | None = None
+        self.last_broadcast: dict[str, torch.Tensor] = {}  # what the last exchange sent to every client
         self.ledger: PrivacyLedger | None = None  # set by run() when privacy is enabled
         init_clients = self._sample_clients(0)
         share = cfg.fedsb.init_examples / sum(self.client_sizes[c] for c in init_clients)
@@ -215,6 +216,11 @@ class Simulation:
             self._save_checkpoint(r)
             if record["eval"]:
                 bar.set_postfix({k: round(v, 4) for k, v in record["eval"].items()})
+        return self._finish(started)
+
+    def _finish(self, started: float) -> dict:
+        """Export the final global model and write summary.json."""
+        rounds = self.cfg.federation.rounds
         if self.last_eval is None:
             self.last_eval = self._evaluate()
         self._export()
@@ -236,13 +242,16 @@ class Simulation:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _initialise(self) -> dict:
-        """Round 0: the method's set-up exchange (Fed-SB's gradient init) and the initial evaluation."""
+    def _initialise(self, gradient_sum=None, clients: list[int] | None = None) -> dict:
+        """Round 0: the method's set-up exchange (Fed-SB's gradient init) and the initial evaluation.
+        Another runtime passes the clients' gradient sums it gathered (and the clients that sent them)."""
         t0 = time.time()
         cfg = self.cfg
-        ctx = InitContext(sorted(self.init_examples), generator(cfg.seed, "init"),
-                          gradient_sum=self._client_gradient_sum, public_gradient_sum=self._public_gradient_sum)
+        ctx = InitContext(sorted(self.init_examples) if clients is None else clients, generator(cfg.seed, "init"),
+                          gradient_sum=gradient_sum or self._client_gradient_sum,
+                          public_gradient_sum=self._public_gradient_sum)
         exchange = self.method.initialise(ctx)
+        self.last_broadcast = exchange.broadcast
         bytes_up = sum(payload_bytes(p) for p in exchange.uploads)
         bytes_down = payload_bytes(exchange.broadcast) * cfg.federation.num_clients
         return self._record(0, exchange.clients, None, bytes_up, bytes_down, 0.0, self._maybe_evaluate(0), t0)
@@ -262,10 +271,18 @@ class Simulation:
         q = n / self.client_sizes[client]
         chosen = self.shards[client][draw.random(self.client_sizes[client]) < q]
         noise = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, "noise", 0, client))
-        sigma = cfg.fedsb.init_noise_multiplier or self.ledger.noise_multiplier
-        self.ledger.charge(client, q, 1, sigma)
+        sigma = self._charge_init(client)
         return private_gradient_sum(self.adapted, self._batches(chosen), self._losses, cfg.privacy.clip_norm,
                                     sigma, noise, cfg.privacy.grad_norm)
+
+    def _charge_init(self, client: int) -> float:
+        """Charge a client's private gradient sum of the set-up exchange to its budget; the noise multiplier."""
+        sigma = self.cfg.fedsb.init_noise_multiplier or self.ledger.noise_multiplier
+        self.ledger.charge(client, self.init_examples[client] / self.client_sizes[client], 1, sigma)
+        return sigma
+
+    def _charge_training(self, client: int) -> None:
+        self.ledger.charge(client, self._sample_rate(client), self.cfg.train.local_steps)
 
     def _public_gradient_sum(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -305,7 +322,12 @@ class Simulation:
                            "seconds": round(time.time() - t0, 3)})
                 raise RoundFailed(f"{why}; the run stopped after round {r - 1}: --resume continues it")
             method.load_state_dict(copy.deepcopy(snapshot))
+        return self._aggregate_round(r, accepted, dropped, bytes_down, t0, retries=len(failed_attempts))
 
+    def _aggregate_round(self, r: int, accepted: list[tuple[int, "ClientUpdate"]], dropped: list[dict],
+                         bytes_down: int, t0: float, retries: int = 0) -> dict:
+        """Aggregate the accepted updates of round r with the method's rule; the round's log record."""
+        fed, method = self.cfg.federation, self.method
         answered = [c for c, _ in accepted]
         updates = [u for _, u in accepted]
         sizes = [self.client_sizes[c] for c in answered]
@@ -316,6 +338,7 @@ class Simulation:
                 self.optimizer_states[c] = u.optimizer_state
         payloads = [u.payload for u in updates]
         aggregate = method.aggregate(payloads, weights, answered, r)
+        self.last_broadcast = aggregate.broadcast
         bytes_up = sum(payload_bytes(p) for p in payloads)
         bytes_down += payload_bytes(aggregate.broadcast) * fed.num_clients
         agg_error = aggregation_error(self.adapted, [u.trained for u in updates], weights, method.eval_state(),
@@ -326,8 +349,8 @@ class Simulation:
             train_loss = None  # computed on raw client data: not released under DP
         record = self._record(r, answered, train_loss, bytes_up, bytes_down, agg_error, self._maybe_evaluate(r), t0)
         record["dropped"] = [{"client": d["client"], "reason": d["reason"]} for d in dropped]
-        if failed_attempts:
-            record["retries"] = len(failed_attempts)
+        if retries:
+            record["retries"] = retries
         return record
 
     def _collect(self, clients: list[int], r: int) -> tuple[list[tuple[int, "ClientUpdate"]], list[dict], int]:
@@ -391,7 +414,7 @@ class Simulation:
                        dp: DPSGD | None) -> "ClientUpdate":
         """What a client that trained sends back and keeps; its DP steps charged to its budget."""
         if dp is not None:
-            self.ledger.charge(c, self._sample_rate(c), self.cfg.train.local_steps)
+            self._charge_training(c)
         return ClientUpdate(payload=self.method.upload(c, trained), trained=trained,
                             loss=float(np.mean(step_losses)) if step_losses else float("nan"),
                             optimizer_state=optimizer.state_dict() if self.cfg.train.keep_optimizer_state else None)

@@ -69,8 +69,12 @@ class Method:
     # -- set-up -------------------------------------------------------------------------------
     def initialise(self, ctx: InitContext) -> Exchange:
         """Default: PEFT's LoRA init and the head from the run's seed, derived alike on every client."""
-        self.global_state = self.adapted.lora_init(ctx.generator) | self.adapted.head_init(ctx.generator)
+        self.global_state = self.seed_state(ctx.generator)
         return Exchange()
+
+    def seed_state(self, generator: torch.Generator) -> State:
+        """The part of the initial global state that the server and every client derive from the seed alone."""
+        return self.adapted.lora_init(generator) | self.adapted.head_init(generator)
 
     def init_reads_client_data(self) -> bool:
         """Whether the set-up exchange computes on the clients' data (and so, under DP, costs privacy)."""
@@ -105,6 +109,12 @@ class Method:
             self.global_state[key] = combine([p[key] for p in payloads], weights, server.aggregation,
                                              server.trim_fraction)
         return Aggregate()
+
+    def receive(self, broadcast: State) -> State:
+        """A client's side of a broadcast (the set-up exchange's, or a round's after aggregation): it updates
+        the client's copy of the global state; returns what it added to W0 per layer."""
+        self.global_state = self.global_state | broadcast
+        return {}
 
     def eval_state(self) -> State:
         """The global model that is evaluated and exported."""

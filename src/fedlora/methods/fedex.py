@@ -26,3 +26,8 @@ class FedExLoRA(Method):
         self.adapted.add_to_base(residual)
         return Aggregate(base_change=residual,
                          broadcast={f"{layer}.residual": r for layer, r in residual.items()})
+
+    def receive(self, broadcast):
+        residual = {layer: broadcast[f"{layer}.residual"] for layer in self.adapted.layers}
+        self.adapted.add_to_base(residual)
+        return residual

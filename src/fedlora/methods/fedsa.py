@@ -35,4 +35,4 @@ class FedSALoRA(Method):
         return {"global": self.global_state, "own_B": self.own_B}
 
     def load_state_dict(self, state):
-        self.global_state, self.own_B = state["global"], state["own_B"]
+        self.global_state, self.own_B = state["global"], state.get("own_B", {})

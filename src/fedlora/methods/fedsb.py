@@ -18,7 +18,7 @@ class FedSB(Method):
     trains = uploads = downloads = ("lora_R",)
 
     def initialise(self, ctx):
-        head = self.adapted.head_init(ctx.generator)
+        head = self.seed_state(ctx.generator)
         self.adapted.load_state(head)  # the gradient is taken through the head every client starts from
         if self.init_reads_client_data():
             uploads = sums = [ctx.gradient_sum(c) for c in ctx.clients]
@@ -35,6 +35,9 @@ class FedSB(Method):
         self.global_state = state | head
         return Exchange(uploads=[{f"{k}.grad_sum": v for k, v in u.items()} for u in uploads],
                         broadcast=broadcast, clients=list(ctx.clients) if uploads else [])
+
+    def seed_state(self, generator):
+        return self.adapted.head_init(generator)  # B, R, A come from the clients' gradients
 
     def init_reads_client_data(self):
         return self.cfg.fedsb.init_data == "clients"

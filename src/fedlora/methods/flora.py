@@ -21,16 +21,24 @@ class FLoRA(Method):
         return self.global_state | self.adapted.lora_init(generator(self.cfg.seed, "fresh_lora", round_, client))
 
     def aggregate(self, payloads, weights, clients, round_):
-        s = self.adapted.scaling
-        merged, broadcast = {}, {}
+        broadcast = {}
         for layer in self.adapted.layers:
             B_s = torch.cat([w * p[f"{layer}.lora_B"] for p, w in zip(payloads, weights)], dim=1)
             A_s = torch.cat([p[f"{layer}.lora_A"] for p in payloads], dim=0)
-            merged[layer] = s * (B_s @ A_s)
             broadcast[f"{layer}.stacked_B"], broadcast[f"{layer}.stacked_A"] = B_s, A_s
         for key in self.adapted.head_params:
             self.global_state[key] = sum(w * p[key] for p, w in zip(payloads, weights))
+        return Aggregate(base_change=self._merge(broadcast), broadcast=broadcast)
+
+    def receive(self, broadcast):
+        return self._merge(broadcast)
+
+    def _merge(self, stacked):
+        """Merge s B_s A_s of every layer into W0 and zero the global B: all of the update is in W0 now."""
+        s = self.adapted.scaling
+        merged = {layer: s * (stacked[f"{layer}.stacked_B"] @ stacked[f"{layer}.stacked_A"])
+                  for layer in self.adapted.layers}
         for key in self.adapted.keys_of(("lora_B",), head=False):
-            self.global_state[key] = torch.zeros_like(self.global_state[key])  # all is in W0 now
+            self.global_state[key] = torch.zeros_like(self.global_state[key])
         self.adapted.add_to_base(merged)
-        return Aggregate(base_change=merged, broadcast=broadcast)
+        return merged

@@ -1,5 +1,5 @@
 """Full FedAvg of the target weights themselves: the reference every adapter method is compared with."""
-from .base import Exchange, Method
+from .base import Method
 
 
 class FullFedAvg(Method):
@@ -7,6 +7,5 @@ class FullFedAvg(Method):
     parameterisation = "full"
     trains = uploads = downloads = ("weight",)
 
-    def initialise(self, ctx):
-        self.global_state = self.adapted.state() | self.adapted.head_init(ctx.generator)
-        return Exchange()
+    def seed_state(self, generator):
+        return self.adapted.state() | self.adapted.head_init(generator)

@@ -1,0 +1,149 @@
+"""The ClientApp: one fedlora client on a SuperNode. Its client id and data shard come from the node config
+(`partition-id` of `num-partitions`, the shard the simulator's partition gives that client, of the training
+file at the node's own `data-path` when the node config gives one, else of the config's data); it trains with
+the simulator's own client update (local_train, DP-SGD included) and keeps what a client keeps between rounds
+(its copy of the global state, FedSA-LoRA's own B, W0 changed by FedEx-LoRA or FLoRA) in Flower's
+`context.state`. The model is loaded once per process and reused by every message that process answers.
+
+FEDLORA_FLOWER_FAULT=raise@R (or hang@R, several comma-separated) makes the node fail (or hang) at round R:
+for tests of dropped clients.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..errors import ConfigError
+from ..seeding import generator
+from ..server import Simulation
+from .project import from_run_config
+from .records import flatten, from_record, nest, to_record
+from .strategy import check_supported
+
+METHOD_STATE, BASE_WEIGHTS = "fedlora.method", "fedlora.base"
+
+
+class ClientRuntime:
+    """A client's model, data and method object, loaded once per process and configuration."""
+
+    def __init__(self, run_config: dict, data_path: str | None = None):
+        cfg = from_run_config(run_config)
+        if data_path:  # this node's own copy of the training file
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path})})
+        check_supported(cfg)
+        self.sim = Simulation(cfg, "unused", progress=False)
+        self.sim._setup_privacy(None)  # the same noise multiplier as the server's, from the same plan
+        method = self.sim.method
+        method.global_state = method.seed_state(generator(cfg.seed, "init"))
+        self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
+        self.pristine_base = self.sim.adapted.base_weights() if method.changes_base else None
+
+    def restore(self, context: Context) -> None:
+        """This client's state as the last message it answered left it."""
+        method, state = self.sim.method, context.state
+        kept = from_record(state[METHOD_STATE], self.sim.device) if METHOD_STATE in state else self.initial_state
+        method.load_state_dict(nest(kept))
+        if method.changes_base:
+            base = state[BASE_WEIGHTS] if BASE_WEIGHTS in state else None
+            self.sim.adapted.load_base_weights(from_record(base, self.sim.device) if base else self.pristine_base)
+
+    def keep(self, context: Context) -> None:
+        context.state[METHOD_STATE] = to_record(flatten(self.sim.method.state_dict()))
+        if self.sim.method.changes_base:
+            context.state[BASE_WEIGHTS] = to_record(self.sim.adapted.base_weights())
+
+
+_runtimes: dict[str, ClientRuntime] = {}
+
+
+def _runtime(context: Context, run_config: dict) -> ClientRuntime:
+    data_path = context.node_config.get("data-path")
+    key = json.dumps([run_config, data_path], sort_keys=True)
+    if key not in _runtimes:
+        _runtimes.clear()  # one model per process
+        _runtimes[key] = ClientRuntime(run_config, str(data_path) if data_path else None)
+    return _runtimes[key]
+
+
+def _client_id(context: Context, run_config: dict) -> int:
+    """This node's fedlora client: its partition-id, checked against the run's federation."""
+    node = context.node_config
+    num_clients = from_run_config(run_config).federation.num_clients
+    if "partition-id" not in node:
+        raise ConfigError("node config: partition-id is missing (flower-supernode --node-config "
+                          "'partition-id=0 num-partitions=N')")
+    client = int(node["partition-id"])
+    partitions = int(node.get("num-partitions", num_clients))
+    if partitions != num_clients or not 0 <= client < num_clients:
+        raise ConfigError(f"node config: partition-id {client} of num-partitions {partitions} does not fit "
+                          f"federation.num_clients = {num_clients}")
+    return client
+
+
+def _inject_fault(r: int) -> None:
+    for fault in filter(None, os.environ.get("FEDLORA_FLOWER_FAULT", "").split(",")):
+        mode, _, at = fault.partition("@")
+        if int(at) != r:
+            continue
+        if mode == "hang":
+            time.sleep(3600)
+        raise RuntimeError(f"injected fault at round {r}")
+
+
+def client_app(defaults: dict | None = None) -> ClientApp:
+    """A ClientApp; `defaults` stand in for run-config entries the run does not give (run_simulation has none)."""
+    app = ClientApp()
+
+    def settings(context: Context) -> dict:
+        return (defaults or {}) | dict(context.run_config)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        client = _client_id(context, settings(context))
+        phase = msg.content["config"]["phase"]
+        if phase == "hello":
+            return Message(RecordDict({"config": ConfigRecord({"client": client})}), reply_to=msg)
+        if phase != "gradient-sum":
+            raise ValueError(f"unknown query '{phase}'")
+        runtime = _runtime(context, settings(context))
+        sim = runtime.sim
+        runtime.restore(context)
+        sim.adapted.load_state(sim.method.global_state)  # the gradient is taken through the seed's head
+        sums = sim._client_gradient_sum(client)
+        return Message(RecordDict({"arrays": to_record(sums)}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        client = _client_id(context, settings(context))
+        runtime = _runtime(context, settings(context))
+        sim, r = runtime.sim, int(msg.content["config"]["round"])
+        _inject_fault(r)
+        runtime.restore(context)
+        sim.method.global_state = sim.method.global_state | from_record(msg.content["arrays"], sim.device)
+        timeout = sim.cfg.federation.client_timeout
+        update = sim._client_update(client, r, sim.method.client_state(client, r),
+                                    time.monotonic() + timeout if timeout else None)
+        runtime.keep(context)  # FedSA-LoRA's upload keeps the client's own B
+        metrics = {"num-examples": sim.client_sizes[client]}
+        if sim.ledger is None and update.loss == update.loss:  # under DP the loss is not released
+            metrics["loss"] = update.loss
+        return Message(RecordDict({"arrays": to_record(update.payload), "metrics": MetricRecord(metrics)}),
+                       reply_to=msg)
+
+    @app.evaluate()
+    def apply_broadcast(msg: Message, context: Context) -> Message:
+        _client_id(context, settings(context))
+        runtime = _runtime(context, settings(context))
+        runtime.restore(context)
+        runtime.sim.method.receive(from_record(msg.content["arrays"], runtime.sim.device))
+        runtime.keep(context)
+        return Message(RecordDict({"metrics": MetricRecord({"applied": 1})}), reply_to=msg)
+
+    return app
+
+
+app = client_app()

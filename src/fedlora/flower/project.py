@@ -1,0 +1,90 @@
+"""The fedlora config as Flower run config, and the app project `flwr run DIR` runs.
+
+Flower's run config holds only scalars under flat dotted keys, so the fedlora config travels as
+`fedlora.<section>.<key>` entries, lists written as TOML array strings ('["sentence"]').
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, build_config
+from ..errors import ConfigError
+
+PREFIX = "fedlora."
+RUN_KEYS = {
+    "out": "folder the ServerApp writes rounds.jsonl, summary.json and the adapter into",
+    "round-timeout": "seconds the ServerApp waits for a round's replies (a silent client is dropped after it)",
+    "node-wait": "seconds the ServerApp waits for federation.num_clients SuperNodes to connect",
+}
+
+
+def _flat(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            out[prefix + key] = "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+        else:
+            out[prefix + key] = "none" if value is None else value
+    return out
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def to_run_config(cfg: Config) -> dict[str, Any]:
+    """Flat run-config entries for the keys of a fedlora config that differ from their defaults (a None there
+    can only be data.name's, written "none")."""
+    return _flat(cfg.model_dump(exclude_defaults=True), PREFIX)
+
+
+def from_run_config(run_config: dict[str, Any]) -> Config:
+    """The fedlora config carried by a Flower run config (the entries under `fedlora.`)."""
+    raw: dict[str, Any] = {}
+    for key, value in run_config.items():
+        if not key.startswith(PREFIX):
+            continue
+        if isinstance(value, str) and value.startswith("["):
+            try:
+                value = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(f"run config '{key}': not a TOML array: {value}") from None
+        *sections, name = key[len(PREFIX):].split(".")
+        table = raw
+        for section in sections:
+            table = table.setdefault(section, {})
+        table[name] = value
+    return build_config(raw)
+
+
+def write_app(folder: str | Path, cfg: Config, out: str | Path, round_timeout: float = 600,
+              node_wait: float = 120) -> Path:
+    """Write `folder/pyproject.toml`: a Flower app whose ServerApp and ClientApp are fedlora's and whose run
+    config carries `cfg`; `flwr run folder` then runs it."""
+    import tomli_w
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        # fedlora itself must be installed where the SuperLink and SuperNodes run: Flower skips flwr when it
+        # installs an app's dependencies, and fedlora need not be on the index it installs from
+        "project": {"name": "fedlora-app", "version": "1.0.0", "description": "fedlora on Flower",
+                    "license": "Apache-2.0", "dependencies": ["flwr>=1.41"]},
+        "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
+                 "flwr": {"app": {
+                     "publisher": "fedlora",
+                     "components": {"serverapp": "fedlora.flower.server_app:app",
+                                    "clientapp": "fedlora.flower.client_app:app"},
+                     "config": {"out": str(Path(out).resolve()), "round-timeout": float(round_timeout),
+                                "node-wait": float(node_wait)} | to_run_config(cfg)}}},
+    }
+    path = folder / "pyproject.toml"
+    path.write_bytes(tomli_w.dumps(project).encode())
+    return path

@@ -1,0 +1,57 @@
+"""Tensors as Flower ArrayRecords, byte for byte: every Array holds the tensor's raw data, so Flower's own
+count of a record is the payload's bytes plus the key names it also counts."""
+from __future__ import annotations
+
+import torch
+from flwr.app import Array, ArrayRecord
+
+RAW = "torch.raw"
+
+
+def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    record = ArrayRecord()
+    for key, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        record[key] = Array(dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape), stype=RAW,
+                            data=t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return record
+
+
+def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    out = {}
+    for key, array in record.items():
+        dtype = getattr(torch, array.dtype)
+        if array.stype != RAW:  # an ArrayRecord built by other Flower code (NumPy arrays)
+            out[key] = torch.from_numpy(array.numpy()).to(device)
+        elif not array.data:
+            out[key] = torch.empty(tuple(array.shape), dtype=dtype, device=device)
+        else:
+            out[key] = torch.frombuffer(bytearray(array.data), dtype=dtype).reshape(tuple(array.shape)).to(device)
+    return out
+
+
+def flower_bytes(record: ArrayRecord) -> int:
+    """Flower's count of a record's bytes (ArrayRecord.count_bytes) less the key names it includes."""
+    return record.count_bytes() - sum(len(key) for key in record)
+
+
+def nest(flat: dict[str, torch.Tensor]) -> dict:
+    """{'global/x': t, 'own_B/3/y': u} -> {'global': {'x': t}, 'own_B': {3: {'y': u}}}."""
+    out: dict = {}
+    for key, value in flat.items():
+        *parts, last = key.split("/")
+        table = out
+        for part in parts:
+            table = table.setdefault(int(part) if part.isdigit() else part, {})
+        table[last] = value
+    return out
+
+
+def flatten(nested: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}/")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

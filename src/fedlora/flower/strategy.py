@@ -1,0 +1,245 @@
+"""A Flower Message-API strategy that runs a fedlora method: the method object, the client sampling, the
+update checks, the aggregation, the log and the export are the in-process simulator's own; Flower sends the
+method's downloads, uploads and broadcasts as ArrayRecords and counts their bytes.
+
+Stages on the wire, per node: a QUERY 'hello' (which fedlora client is this node), for Fed-SB a QUERY
+'gradient-sum' (the set-up exchange, a first Flower round), then per round a TRAIN (download -> upload) and,
+when the method broadcasts after aggregation (FedEx-LoRA, FLoRA, and Fed-SB's B and A once), an EVALUATE
+to every node that carries the broadcast.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from ..comm import payload_bytes
+from ..errors import ConfigError, RoundFailed
+from ..server import ClientUpdate, Simulation
+from ..validation import update_problem
+from .records import flower_bytes, from_record, to_record
+
+FLOWER_BYTES = "flower_bytes.json"  # Flower's own count of the ArrayRecord bytes, per round, up and down
+
+
+def check_supported(cfg) -> None:
+    if cfg.train.keep_optimizer_state:
+        raise ConfigError("train.keep_optimizer_state: not supported on Flower (a ClientApp process answers "
+                          "one message and keeps no optimizer between rounds)")
+    if cfg.federation.on_too_few_clients == "retry":
+        raise ConfigError("federation.on_too_few_clients = 'retry': not supported on Flower; use 'stop'")
+
+
+class FedloraStrategy(Strategy):
+    def __init__(self, sim: Simulation, round_timeout: float = 600, node_wait: float = 120):
+        check_supported(sim.cfg)
+        self.sim = sim
+        self.round_timeout = round_timeout
+        self.node_wait = node_wait
+        self.nodes: dict[int, int] = {}  # fedlora client -> Flower node id
+        self.clients: dict[int, int] = {}  # Flower node id -> fedlora client
+        self.out_of_sync: set[int] = set()  # clients that missed a broadcast and so hold a stale model
+        self.flower_bytes: dict[int, dict[str, int]] = {}  # round -> Flower's count of bytes up and down
+        self.last_record: dict | None = None
+        self._sent: dict[int, tuple[list[int], int, float, list[dict]]] = {}
+
+    def summary(self) -> None:
+        fed = self.sim.cfg.federation
+        log(INFO, "fedlora %s: %d clients, %d per round, %d rounds", self.sim.cfg.method.name, fed.num_clients,
+            fed.clients_per_round, fed.rounds)
+
+    # -- traffic --------------------------------------------------------------------------------
+    def _count(self, r: int, way: str, record: ArrayRecord) -> None:
+        counts = self.flower_bytes.setdefault(r, {"up": 0, "down": 0})
+        counts[way] += flower_bytes(record)
+
+    def _message(self, client: int, kind: str, phase: str, r: int, arrays: dict | None = None) -> Message:
+        content = RecordDict({"config": ConfigRecord({"phase": phase, "round": r, "client": client})})
+        if arrays is not None:
+            record = to_record(arrays)
+            self._count(r, "down", record)
+            content["arrays"] = record
+        return Message(content, dst_node_id=self.nodes[client], message_type=kind, group_id=str(r))
+
+    # -- who is who -----------------------------------------------------------------------------
+    def connect(self, grid: Grid) -> None:
+        """Wait for the federation's SuperNodes and learn which fedlora client (partition-id) each one is."""
+        wanted = self.sim.cfg.federation.num_clients
+        deadline = time.monotonic() + self.node_wait
+        while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+            time.sleep(0.5)
+        hello = [Message(RecordDict({"config": ConfigRecord({"phase": "hello"})}), dst_node_id=node,
+                         message_type=MessageType.QUERY) for node in grid.get_node_ids()]
+        for reply in grid.send_and_receive(hello, timeout=self.round_timeout):
+            if reply.has_error():
+                log(WARNING, "node %s did not say which client it is: %s", reply.metadata.src_node_id,
+                    reply.error.reason)
+                continue
+            client = int(reply.content["config"]["client"])
+            if client in self.nodes:
+                raise ConfigError(f"two SuperNodes have partition-id {client}: each needs its own")
+            self.nodes[client] = reply.metadata.src_node_id
+            self.clients[reply.metadata.src_node_id] = client
+        log(INFO, "fedlora clients on this federation: %s", sorted(self.nodes))
+        missing = sorted(set(range(wanted)) - set(self.nodes))
+        if missing:
+            log(WARNING, "no SuperNode for clients %s: they are dropped whenever they are sampled", missing)
+
+    # -- the set-up exchange --------------------------------------------------------------------
+    def initialise(self, grid: Grid) -> dict:
+        """Round 0: Fed-SB's gradient sums from the init clients (a QUERY round), the method's set-up."""
+        sim = self.sim
+        if not sim.method.init_reads_client_data():
+            return sim._initialise()
+        wanted = sorted(sim.init_examples)
+        messages = [self._message(c, MessageType.QUERY, "gradient-sum", 0) for c in wanted if c in self.nodes]
+        sums = {}
+        for reply in grid.send_and_receive(messages, timeout=self.round_timeout):
+            client = self.clients[reply.metadata.src_node_id]
+            if not reply.has_error():
+                self._count(0, "up", reply.content["arrays"])
+                sums[client] = from_record(reply.content["arrays"], sim.device)
+        dropped = [{"client": c, "reason": "sent no gradient sum"} for c in wanted if c not in sums]
+        self._log_dropped(0, dropped)
+        if not sums:
+            raise RoundFailed("round 0: no client sent its gradient sum for Fed-SB's initialisation")
+        if sim.ledger is not None:
+            for c in sums:
+                sim._charge_init(c)
+        record = sim._initialise(gradient_sum=sums.__getitem__, clients=sorted(sums))
+        record["dropped"] = dropped
+        return record
+
+    # -- a round ----------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        sim, r = self.sim, server_round
+        clients = sim._sample_clients(r)
+        messages, dropped, bytes_down = [], [], 0
+        for c in clients:
+            if c not in self.nodes or c in self.out_of_sync:
+                why = "has no SuperNode" if c not in self.nodes else "missed a broadcast and holds a stale model"
+                dropped.append({"client": c, "reason": why})
+                continue
+            download = sim.method.download(c)
+            bytes_down += payload_bytes(download)
+            messages.append(self._message(c, MessageType.TRAIN, "train", r, download))
+        self._sent[r] = (clients, bytes_down, time.time(), dropped)
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        sim, r = self.sim, server_round
+        clients, bytes_down, t0, dropped = self._sent.pop(r)
+        by_client = {self.clients[m.metadata.src_node_id]: m for m in replies}
+        accepted = []
+        for c in clients:
+            if any(d["client"] == c for d in dropped):
+                continue
+            reply = by_client.get(c)
+            if reply is None:
+                dropped.append({"client": c, "reason": f"no answer within {self.round_timeout:g} s"})
+                continue
+            if reply.has_error():
+                dropped.append({"client": c, "reason": f"failed on its node: {reply.error.reason}"})
+                continue
+            try:
+                record = reply.content["arrays"]
+                payload = from_record(record, sim.device)
+            except Exception as err:  # a reply without arrays, or arrays that are no tensors
+                dropped.append({"client": c, "reason": f"sent no readable tensors ({type(err).__name__})"})
+                continue
+            self._count(r, "up", record)
+            start = sim.method.client_state(c, r)
+            if sim.ledger is not None:
+                sim._charge_training(c)
+            problem = update_problem(payload, sim.method.upload_of(start), sim.cfg.server.max_update_norm)
+            if problem is not None:
+                dropped.append({"client": c, "reason": problem})
+                continue
+            metrics = reply.content["metrics"] if "metrics" in reply.content else {}
+            accepted.append((c, ClientUpdate(payload=payload, trained=start | payload,
+                                             loss=float(metrics.get("loss", float("nan"))), optimizer_state=None)))
+        self._log_dropped(r, dropped)
+        min_clients = sim.cfg.federation.min_clients
+        if len(accepted) < min_clients:
+            sim._log({"round": r, "failed": True, "clients": clients, "attempts": [dropped],
+                      "seconds": round(time.time() - t0, 3)})
+            raise RoundFailed(f"round {r}: {len(accepted)} of {len(clients)} clients answered, fewer than "
+                              f"federation.min_clients = {min_clients}")
+        record = self.last_record = sim._aggregate_round(r, accepted, dropped, bytes_down, t0)
+        sim._log(record)
+        train = {"clients": float(len(accepted))}
+        if record["train_loss"] is not None:
+            train["train_loss"] = float(record["train_loss"])
+        return to_record(sim.method.eval_state()), MetricRecord(train)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The broadcast of the round (FedEx-LoRA's residuals, FLoRA's stacked factors, Fed-SB's B and A in
+        round 0) to every node, which applies it to its copy of the model; evaluation itself is central."""
+        broadcast = self.sim.last_broadcast
+        if not broadcast:
+            return []
+        return [self._message(c, MessageType.EVALUATE, "broadcast", server_round, broadcast)
+                for c in sorted(self.nodes)]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if self.sim.last_broadcast:
+            applied = {self.clients[m.metadata.src_node_id] for m in replies if not m.has_error()}
+            missed = set(self.nodes) - applied
+            if missed:
+                log(WARNING, "round %d: clients %s missed the broadcast and take no further part",
+                    server_round, sorted(missed))
+            self.out_of_sync |= missed
+        evaluation = self.last_record["eval"] if self.last_record else None
+        return _metrics(evaluation) if evaluation else None
+
+    def _log_dropped(self, r: int, dropped: list[dict]) -> None:
+        for d in dropped:
+            log(WARNING, "round %d: dropped client %d: %s", r, d["client"], d["reason"])
+
+    # -- the run ----------------------------------------------------------------------------------
+    def _exchange(self, grid: Grid, r: int) -> None:
+        replies = grid.send_and_receive(self.configure_evaluate(r, ArrayRecord(), ConfigRecord(), grid),
+                                        timeout=self.round_timeout)
+        self.aggregate_evaluate(r, replies)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, train_config=None, evaluate_config=None, evaluate_fn=None) -> Result:
+        """The whole run, as the simulator's: round 0 (set-up), federation.rounds rounds, export, summary."""
+        sim = self.sim
+        started = time.time()
+        if timeout is not None:
+            self.round_timeout = timeout
+        self.summary()
+        sim.out.mkdir(parents=True, exist_ok=True)
+        sim._setup_privacy(None)
+        self.connect(grid)
+        sim.last_broadcast = {}
+        self.last_record = self.initialise(grid)
+        sim._log(self.last_record)
+        self._exchange(grid, 0)
+        result = Result()
+        for r in range(1, (num_rounds or sim.cfg.federation.rounds) + 1):
+            messages = self.configure_train(r, ArrayRecord(), ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=self.round_timeout)
+            arrays, metrics = self.aggregate_train(r, replies)
+            result.arrays = arrays
+            result.train_metrics_clientapp[r] = metrics
+            self._exchange(grid, r)
+            if self.last_record["eval"]:
+                result.evaluate_metrics_serverapp[r] = _metrics(self.last_record["eval"])
+        sim._finish(started)
+        (sim.out / FLOWER_BYTES).write_text(json.dumps(self.flower_bytes, indent=2))
+        return result
+
+
+def _metrics(values: dict) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in values.items()})

@@ -1,0 +1,320 @@
+"""fedlora on Flower: the strategy and the ClientApp against the in-process simulator (same config and seed),
+through an in-memory Grid for every method and through a live loopback federation for fedsb and ffa."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr", reason="flwr (the 'flower' extra of fedlora) is not installed")
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+
+from fedlora.errors import RoundFailed  # noqa: E402
+from fedlora.flower.client_app import client_app  # noqa: E402
+from fedlora.flower.project import from_run_config, to_run_config, write_app  # noqa: E402
+from fedlora.flower.records import from_record, to_record  # noqa: E402
+from fedlora.flower.strategy import FLOWER_BYTES, FedloraStrategy  # noqa: E402
+from fedlora.methods import METHODS  # noqa: E402
+from fedlora.server import Simulation  # noqa: E402
+
+from conftest import read_log  # noqa: E402
+from flower_federation import LoopbackFederation  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """What a ServerApp process knows about itself, which Flower stamps on every message it creates."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+
+
+class InMemoryGrid(Grid):
+    """Flower's Grid delivering every message to a ClientApp in this process, one Context (and so one
+    `context.state`) per node, as a SuperNode keeps it; a node whose app raises answers with an error."""
+
+    def __init__(self, app, run_config: dict, num_nodes: int):
+        self.app = app
+        self.contexts = {1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(), run_config=run_config,
+                                           node_config={"partition-id": i, "num-partitions": num_nodes})
+                         for i in range(num_nodes)}
+
+    def set_run(self, run_id):
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def get_nodes(self):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            try:
+                replies.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as err:
+                replies.append(Message(Error(code=0, reason=str(err)), reply_to=message))
+        return replies
+
+
+def run_in_memory(cfg, out: Path) -> tuple[FedloraStrategy, InMemoryGrid]:
+    run_config = to_run_config(cfg)
+    strategy = FedloraStrategy(Simulation(from_run_config(run_config), out, progress=False), round_timeout=5,
+                               node_wait=0)
+    grid = InMemoryGrid(client_app(), run_config, cfg.federation.num_clients)
+    strategy.start(grid)
+    return strategy, grid
+
+
+def assert_same_tensors(a: dict, b: dict, tol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    worst = max((x - b[k]).abs().max().item() for k, x in a.items())
+    assert worst < tol, worst
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_on_flower_matches_the_simulator_and_its_byte_counts(sim_config, tmp_path, name):
+    cfg = sim_config(method={"name": name}, eval={"every": 0})  # 4 clients, 3 sampled per round, 2 rounds
+    sim = Simulation(cfg, tmp_path / "sim", progress=False)
+    sim.run()
+    strategy, grid = run_in_memory(cfg, tmp_path / "flower")
+    # the same global state, and the same W0 after FedEx-LoRA's or FLoRA's merges, on the server and on every
+    # client (the W0 a client keeps in its node's context.state)
+    assert_same_tensors(strategy.sim.method.global_state, sim.method.global_state)
+    kept = {c.node_config["partition-id"]: c.state for c in grid.contexts.values()}
+    if sim.method.changes_base:
+        assert_same_tensors(strategy.sim.adapted.base_weights(), sim.adapted.base_weights())
+        for state in kept.values():
+            assert_same_tensors(from_record(state["fedlora.base"]), sim.adapted.base_weights())
+    if name == "fedsa":  # every client's own B, which never leaves it, as the simulator's
+        for client, own in sim.method.own_B.items():
+            kept_B = {k.split("/", 2)[2]: v for k, v in from_record(kept[client]["fedlora.method"]).items()
+                      if k.startswith(f"own_B/{client}/")}
+            assert_same_tensors(kept_B, own)
+    sim_log, flower_log = read_log(tmp_path / "sim"), read_log(tmp_path / "flower")
+    for ours, theirs in zip(sim_log, flower_log, strict=True):
+        assert ours["clients"] == theirs["clients"] and ours["bytes_up"] == theirs["bytes_up"]
+        assert ours["bytes_down"] == theirs["bytes_down"]
+        if ours["eval"] and name != "fedsa":  # FedSA's server never sees a B: its global view differs
+            assert ours["eval"] == pytest.approx(theirs["eval"], abs=1e-5)
+    flower = json.loads((tmp_path / "flower" / FLOWER_BYTES).read_text())
+    for rec in sim_log:
+        counted = flower.get(str(rec["round"]), {"up": 0, "down": 0})
+        assert (counted["up"], counted["down"]) == (rec["bytes_up"], rec["bytes_down"]), rec["round"]
+    assert sum(rec["bytes_up"] for rec in sim_log) > 0
+
+
+def test_a_client_that_raises_is_dropped_and_named(sim_config, tmp_path, monkeypatch):
+    cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 2})
+    monkeypatch.setenv("FEDLORA_FLOWER_FAULT", "raise@2")
+    run_config = to_run_config(cfg)
+    strategy = FedloraStrategy(Simulation(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
+    grid = InMemoryGrid(client_app(), run_config, cfg.federation.num_clients)
+    faulty = sorted(strategy.sim._sample_clients(2))[0]
+    real_send = grid.send_and_receive
+
+    def only_one_faulty(messages, *, timeout=None):  # the fault is set for every node: keep it to one
+        messages = list(messages)
+        replies = []
+        for m in messages:
+            client = grid.contexts[m.metadata.dst_node_id].node_config["partition-id"]
+            with monkeypatch.context() as mp:
+                if client != faulty:
+                    mp.delenv("FEDLORA_FLOWER_FAULT")
+                replies += real_send([m], timeout=timeout)
+        return replies
+
+    grid.send_and_receive = only_one_faulty
+    strategy.start(grid)
+    log = read_log(tmp_path)
+    assert [d["client"] for d in log[2]["dropped"]] == [faulty]
+    assert "injected fault at round 2" in log[2]["dropped"][0]["reason"]
+    assert faulty not in log[2]["clients"] and len(log[2]["clients"]) == cfg.federation.clients_per_round - 1
+
+
+def test_too_few_answers_stop_the_run(sim_config, tmp_path, monkeypatch):
+    cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 1})
+    monkeypatch.setenv("FEDLORA_FLOWER_FAULT", "raise@1")  # every node fails round 1
+    with pytest.raises(RoundFailed, match="round 1: 0 of 3 clients answered"):
+        run_in_memory(cfg, tmp_path)
+    assert read_log(tmp_path)[-1]["failed"] is True
+
+
+# -- a live federation: flower-superlink, flower-supernode processes, flwr run -------------------------------
+
+def adapter(out: Path) -> dict:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def loopback_config(sim_config):
+    def make(name: str, **sections):
+        sections.setdefault("federation", {})
+        sections["federation"] = {"num_clients": 2, "clients_per_round": 2, "rounds": 2} | sections["federation"]
+        return sim_config(method={"name": name}, eval={"every": 0}, **sections)
+    return make
+
+
+def test_live_loopback_federation_matches_the_simulator(loopback_config, tmp_path):
+    federation = LoopbackFederation(tmp_path / "federation", num_nodes=2)
+    try:
+        for name in ("fedsb", "ffa"):
+            cfg = loopback_config(name)
+            app = write_app(tmp_path / f"app-{name}", cfg, tmp_path / f"flower-{name}", round_timeout=120,
+                            node_wait=60).parent
+            done = federation.run(app, timeout=300)
+            assert (tmp_path / f"flower-{name}" / "summary.json").exists(), done.stdout + federation.logs()
+            sim = Simulation(cfg, tmp_path / f"sim-{name}", progress=False)
+            sim.run()
+            assert_same_tensors(adapter(tmp_path / f"flower-{name}"), adapter(tmp_path / f"sim-{name}"))
+            flower = json.loads((tmp_path / f"flower-{name}" / FLOWER_BYTES).read_text())
+            for rec in read_log(tmp_path / f"sim-{name}"):
+                counted = flower.get(str(rec["round"]), {"up": 0, "down": 0})
+                assert (counted["up"], counted["down"]) == (rec["bytes_up"], rec["bytes_down"])
+    finally:
+        federation.stop()
+    assert all(p.poll() is not None for p in federation.processes.values())
+
+
+def test_live_federation_survives_a_raising_and_a_killed_client(loopback_config, tmp_path):
+    """Client 1 raises in round 1, then hangs in round 2 and its SuperNode is killed: both rounds aggregate
+    client 0 alone (min_clients = 1) and the log names the dropped client."""
+    cfg = loopback_config("ffa", federation={"min_clients": 1})
+    out = tmp_path / "flower"
+    app = write_app(tmp_path / "app", cfg, out, round_timeout=20, node_wait=60).parent
+    federation = LoopbackFederation(tmp_path / "federation", num_nodes=2,
+                                    node_env={1: {"FEDLORA_FLOWER_FAULT": "raise@1,hang@2"}})
+    runner = threading.Thread(target=federation.run, args=(app, 300))
+    try:
+        runner.start()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not ((out / "rounds.jsonl").exists() and len(read_log(out)) >= 2):
+            time.sleep(0.5)
+        time.sleep(3)  # round 2 is out: node 1 hangs in it
+        federation.kill("node1")
+        runner.join(300)
+        assert (out / "summary.json").exists(), federation.logs()
+    finally:
+        federation.stop()
+        runner.join(30)
+    log = read_log(out)
+    assert [d["client"] for d in log[1]["dropped"]] == [1] and "injected fault" in log[1]["dropped"][0]["reason"]
+    assert [d["client"] for d in log[2]["dropped"]] == [1]
+    assert log[1]["clients"] == log[2]["clients"] == [0]
+
+
+def test_a_node_trains_on_its_own_copy_of_the_data(sim_config, toy_data, tmp_path):
+    """node config data-path: node 0 reads an identical copy (the run matches the simulator), node 1 a
+    missing file (it is dropped, and the reason names the file)."""
+    cfg = sim_config(method={"name": "ffa"}, eval={"every": 0},
+                     federation={"num_clients": 2, "clients_per_round": 2, "rounds": 1})
+    copy = tmp_path / "mine" / "train.tsv"
+    copy.parent.mkdir()
+    copy.write_text(Path(toy_data["path"]).read_text())
+    sim = Simulation(cfg, tmp_path / "sim", progress=False)
+    sim.run()
+    run_config = to_run_config(cfg)
+    grid = InMemoryGrid(client_app(), run_config, 2)
+    list(grid.contexts.values())[0].node_config["data-path"] = str(copy)
+    strategy = FedloraStrategy(Simulation(cfg, tmp_path / "one", progress=False), round_timeout=5, node_wait=0)
+    strategy.start(grid)
+    assert_same_tensors(strategy.sim.method.global_state, sim.method.global_state)
+
+    list(grid.contexts.values())[1].node_config["data-path"] = str(tmp_path / "nowhere.tsv")
+    strategy = FedloraStrategy(Simulation(cfg, tmp_path / "two", progress=False), round_timeout=5, node_wait=0)
+    strategy.start(grid)
+    dropped = read_log(tmp_path / "two")[1]["dropped"]
+    assert [d["client"] for d in dropped] == [1] and "nowhere.tsv" in dropped[0]["reason"]
+
+
+def test_flower_init_writes_an_app_whose_run_config_is_the_config(tmp_path, toy_data):
+    import tomllib
+
+    from fedlora.cli import main
+    from fedlora.config import load_config
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\nname = "none"\npath = "{toy_data["path"]}"\ntext_columns = ["sentence"]\n'
+                      '[federation]\nnum_clients = 3\nclients_per_round = 2\n')
+    assert main(["flower", "init", str(tmp_path / "app"), str(config), "--set", "method.name=ffa",
+                 "--out", str(tmp_path / "out")]) == 0
+    project = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    app = project["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedlora.flower.server_app:app",
+                                 "clientapp": "fedlora.flower.client_app:app"}
+    flat = {}
+
+    def walk(table, prefix=""):
+        for k, v in table.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.update({prefix + k: v})
+    walk(app["config"])
+    assert flat["out"] == str(tmp_path / "out") and flat["fedlora.data.text_columns"] == '["sentence"]'
+    assert from_run_config(flat) == load_config(config, ["method.name=ffa"])
+
+
+def test_flower_init_rejects_a_bad_config_in_one_line(tmp_path, capsys):
+    from fedlora.cli import main
+
+    config = tmp_path / "bad.toml"
+    config.write_text("[federation]\nnum_clients = 0\n")
+    assert main(["flower", "init", str(tmp_path / "app"), str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "num_clients" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "app").exists()
+
+
+def test_malformed_replies_are_checked_like_the_simulator_checks_updates(sim_config, tmp_path):
+    """Of the 3 clients of round 1, one sends a tensor of the wrong shape and one bytes that are no tensor:
+    the server's update check drops both, naming them, and aggregates the third."""
+    from flwr.app import Array, ArrayRecord
+
+    cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 1, "rounds": 1})
+    strategy = FedloraStrategy(Simulation(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
+    grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
+    wrong_shape, garbage, _ = strategy.sim._sample_clients(1)
+    real_send = grid.send_and_receive
+
+    def tamper(messages, *, timeout=None):
+        replies = real_send(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.message_type != "train":
+                continue
+            client = strategy.clients[reply.metadata.src_node_id]
+            if client in (wrong_shape, garbage):
+                arrays = reply.content["arrays"]
+                key = next(iter(arrays))
+                if client == wrong_shape:
+                    arrays[key] = to_record({key: torch.zeros(3, 3)})[key]
+                else:
+                    arrays[key] = Array(dtype="no_such_dtype", shape=(2,), stype="torch.raw", data=b"12345678")
+        return replies
+
+    grid.send_and_receive = tamper
+    strategy.start(grid)
+    dropped = {d["client"]: d["reason"] for d in read_log(tmp_path)[1]["dropped"]}
+    assert set(dropped) == {wrong_shape, garbage}
+    assert "has shape (3, 3)" in dropped[wrong_shape] and "no readable tensors" in dropped[garbage]
+    assert read_log(tmp_path)[1]["clients"] == sorted(set(strategy.sim._sample_clients(1)) - set(dropped))
