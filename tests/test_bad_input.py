@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 
 import annotated_types
+import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -421,9 +422,23 @@ def value_strategies(annotation, metadata=(), allow_none=True):
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is type(None):
         return (st.none() if allow_none else st.nothing()), st.nothing()
+    if origin is typing.Annotated:  # constraints on one arm of a union
+        return value_strategies(args[0], tuple(metadata) + args[1:], allow_none)
     if origin in (typing.Union, types.UnionType):
         arms = [value_strategies(a, metadata, allow_none) for a in args]
-        return st.one_of(*(v for v, _ in arms)), st.one_of(*(i for _, i in arms))
+        invalid = st.one_of(*(i for _, i in arms))
+        if len([a for a in args if a is not type(None)]) > 1:  # one arm's invalid value may be another's valid one
+            accepts = pydantic.TypeAdapter(annotation)
+
+            def refused(x):
+                try:
+                    accepts.validate_python(x)
+                except pydantic.ValidationError:
+                    return True
+                return isinstance(x, bool) or (isinstance(x, float) and not math.isfinite(x))
+
+            invalid = invalid.filter(refused)
+        return st.one_of(*(v for v, _ in arms)), invalid
     if origin is typing.Literal:
         return st.sampled_from(args), st.one_of(st.text(max_size=8).filter(lambda s: s not in args), NOT_A_STRING)
     if annotation is bool:

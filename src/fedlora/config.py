@@ -5,9 +5,12 @@ Every section rejects unknown keys; every error names the dotted key at fault.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
+
+import annotated_types
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -86,16 +89,9 @@ class FederationConfig(Section):
         "stop", description="when fewer than min_clients answer: stop the run (keeping what it finished) or "
                             "run the round again")
     round_retries: int = Field(2, ge=0, description="how often a round is run again under 'retry'")
-    parallel_clients: int | Literal["auto"] = Field(
+    parallel_clients: Annotated[int, annotated_types.Ge(1)] | Literal["auto"] = Field(
         "auto", description="clients trained together in one pass over the shared base model (1: one after "
                             "another); auto: as many as memory allows wherever that gives the sequential result")
-
-    @field_validator("parallel_clients")
-    @classmethod
-    def _parallel(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("must be 'auto' or an integer >= 1")
-        return value
 
     @model_validator(mode="after")
     def _clients(self):
@@ -202,9 +198,13 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+_UNION_TAG = re.compile(r"^(constrained-\w+|literal\[.*\]|int|float|str|bool)$")
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    # a union's arm appears in the location as a type tag ("constrained-int", "literal['auto']"): not a key
+    key = ".".join(str(p) for p in first["loc"] if not _UNION_TAG.search(str(p)))
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown config key {_shorten(repr(key))}"
