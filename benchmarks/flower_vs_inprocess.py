@@ -7,7 +7,7 @@ sampled, a few local steps; round 1 timed, from sending the downloads to the agg
 Simulation._round; Flower: the ServerApp's round record, from configure_train to aggregate_train). The
 two runtimes alternate, the median over repeats is reported; the JSON is rewritten after every repeat. Writes results/flower_vs_inprocess.json.
 
-    FEDLORA_DATA_DIR=/work/shared/data python benchmarks/flower_vs_inprocess.py [--repeats 3] [--steps 3]
+    FEDLORA_DATA_DIR=../shared/data python benchmarks/flower_vs_inprocess.py [--repeats 3] [--steps 3]
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
-"""B3, vectorised clients: the time of one round's local training with the clients trained one after
+"""Vectorised clients: the time of one round's local training with the clients trained one after
 another (federation.parallel_clients = 1) against all of them trained together in one pass over the
 shared base model (parallel_clients = clients per round).
 
-all-MiniLM-L6-v2 on SST-2 on the CPU (FEDLORA_DATA_DIR=/work/shared/data), and where CUDA is available
+all-MiniLM-L6-v2 on SST-2 on the CPU (FEDLORA_DATA_DIR=../shared/data), and where CUDA is available
 SmolLM2-135M on GSM8K on the GPU. Rounds of the two variants alternate on the same simulation, and the
 median over repeats is reported. Writes results/parallel_clients.json and prints a Markdown table.
 
-    FEDLORA_DATA_DIR=/work/shared/data python benchmarks/parallel_clients.py [--repeats 3] [--steps 1]
+    FEDLORA_DATA_DIR=../shared/data python benchmarks/parallel_clients.py [--repeats 3] [--steps 1] [--settings 10x8 10x32]
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def round_seconds(sim: Simulation, parallel_clients: int) -> float:
 
 def measure(model: str, data: str, device: str, args) -> list[dict]:
     rows = []
-    for clients, batch in SETTINGS:
+    for clients, batch in args.settings:
         sim = simulation(model, data, device, clients, batch, args.steps, args.method, args.max_length)
         if not rows:  # warm-up of both variants
             round_seconds(sim, clients)
@@ -86,8 +86,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="local steps per client")
     parser.add_argument("--method", default="ffa")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--settings", nargs="+", default=[f"{c}x{b}" for c, b in SETTINGS],
+                        help="CLIENTSxBATCH pairs (default: 10x8 10x32 50x8 50x32)")
     parser.add_argument("--out", default="results/parallel_clients.json")
     args = parser.parse_args()
+    args.settings = [tuple(int(n) for n in s.split("x")) for s in args.settings]
     rows = measure("minilm-l6", "sst2", "cpu", args)
     if torch.cuda.is_available():
         rows += measure("smollm2-135m", "gsm8k", "cuda", args)
