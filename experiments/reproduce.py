@@ -190,7 +190,8 @@ def plots(rows: list[dict], results_dir: Path) -> list[str]:
         figures = {
             "splits": [(r, f"{label(r)}, {r['split']}") for r in mine
                        if "a" in r["parts"] and r["epsilon_target"] is None],
-            "privacy": [(r, label(r)) for r in mine if "a" in r["parts"] and r["split"] == "iid"],
+            "privacy": [(r, label(r)) for r in mine if "a" in r["parts"] and r["split"] == "iid"]
+            if any(r["epsilon_target"] is not None for r in mine) else [],
             "pareto": [(r, label(r)) for r in mine if "b" in r["parts"]],
         }
         for figure, chosen in figures.items():
