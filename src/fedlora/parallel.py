@@ -29,6 +29,11 @@ from torch import nn
 from .seeding import derive_seed, rng
 
 STACKABLE_HEADS = (nn.Linear,)
+# What one more forward and backward part costs beyond its tokens, in tokens (see length_chunks). On the CPU
+# 64 was fastest for 10 and 50 clients at batches of 8 and 32 (MiniLM, SST-2; benchmarks/parallel_clients.py);
+# a GPU is kept busy only by large parts, so there a part must save many padded tokens to be worth it.
+PART_COST = {"cpu": 64}
+GPU_PART_COST = 4096
 
 
 class Slots:
@@ -53,26 +58,26 @@ class Slots:
             t = t.new_zeros(self.count * self.width, *t.shape[1:]).index_copy(0, self.index, t)
         return t.reshape(self.count, self.width, *t.shape[1:])
 
-    def ungroup(self, t: torch.Tensor) -> torch.Tensor:
-        """(K, width, ...) -> (N, ...)."""
-        flat = t.reshape(self.count * self.width, *t.shape[2:])
-        return flat if self.even else flat[self.index]
-
     def linear(self, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each row of t (N, ..., d_in) times its own client's weight^T; weights (K, d_out, d_in)."""
-        grouped = self.group(t)
-        y = grouped.reshape(self.count, -1, t.shape[-1]) @ weights.transpose(1, 2)
-        return self.ungroup(y.reshape(self.count, self.width, *t.shape[1:-1], weights.shape[1]))
+        if self.even:
+            y = t.reshape(self.count, -1, t.shape[-1]) @ weights.transpose(1, 2)
+        else:  # each row's own copy of its weight: no padding to the largest client, no scatter of activations
+            rows = weights.index_select(0, self.owners).transpose(1, 2)
+            y = torch.bmm(t.reshape(t.shape[0], -1, t.shape[-1]), rows)
+        return y.reshape(*t.shape[:-1], weights.shape[1])
 
 
-def length_chunks(batch: dict[str, torch.Tensor], rows: int) -> list[tuple[np.ndarray, dict]]:
-    """The batch in parts of about `rows` rows of similar length, each cut to its own longest row, so
-    that a joint batch pads no more than its clients' own batches would (padding is on the right)."""
+def length_chunks(batch: dict[str, torch.Tensor], part_cost: int) -> list[tuple[np.ndarray, dict]]:
+    """The batch in parts of rows of similar length, each cut to its own longest row (padding is on the
+    right). The parts minimise the padded tokens plus `part_cost` tokens for each part (what a forward and
+    backward costs beyond its tokens), so a joint batch pads less than its clients' own batches would."""
     mask = batch["attention_mask"]
     lengths = mask.sum(1).cpu().numpy()
     order = np.argsort(lengths, kind="stable")
+    ends = optimal_parts(lengths[order], part_cost)
     parts = []
-    for chosen in np.array_split(order, max(1, round(len(order) / rows))):
+    for chosen in np.split(order, ends[:-1]):
         width = int(lengths[chosen].max())
         rows_t = torch.from_numpy(chosen).to(mask.device)
         if mask[rows_t, width:].any():  # padded on the left: keep every column
@@ -80,6 +85,21 @@ def length_chunks(batch: dict[str, torch.Tensor], rows: int) -> list[tuple[np.nd
         parts.append((chosen, {k: v[rows_t, :width] if v.dim() > 1 and v.shape[1] == mask.shape[1] else v[rows_t]
                                for k, v in batch.items()}))
     return parts
+
+
+def optimal_parts(sorted_lengths: np.ndarray, part_cost: int) -> list[int]:
+    """Where to cut ascending lengths so that sum(rows * longest) + part_cost * parts is least (the ends)."""
+    n = len(sorted_lengths)
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        costs = best[:j] + (j - np.arange(j)) * sorted_lengths[j - 1] + part_cost
+        start[j] = int(np.argmin(costs))
+        best[j] = costs[start[j]]
+    ends = [n]
+    while start[ends[-1]] > 0:
+        ends.append(int(start[ends[-1]]))
+    return ends[::-1]
 
 
 class ClientStack:
@@ -140,9 +160,9 @@ class ClientStack:
 
 def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[torch.optim.Optimizer],
                 draws: list[Iterator[np.ndarray]], max_grad_norm: float | None = None,
-                dps: list | None = None, chunk_rows: int = 64) -> list[list[float]]:
+                dps: list | None = None, part_cost: int | None = None) -> list[list[float]]:
     """Every client's local training in joint steps: a step takes every client's next batch (its example
-    indices), runs them together (in parts of about `chunk_rows` rows of similar length, gradients summed),
+    indices), runs them together (in parts of rows of similar length, see length_chunks; gradients summed),
     and steps each client's own optimizer; a client whose draws are over takes no more steps. With `dps`
     (one DPSGD per client) a client's gradient is its clipped per-example sum plus its own noise, an empty
     draw noise alone. Returns each client's batch mean losses."""
@@ -150,6 +170,7 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
     losses: list[list[float]] = [[] for _ in optimizers]
     params = [list(leaves.values()) for leaves in stack.leaves]
     recorder = dps[0].recorder if dps else None
+    part_cost = part_cost or PART_COST.get(task.device.type, GPU_PART_COST)
     model.train()
     while True:
         chosen = [next(d, None) for d in draws]
@@ -163,7 +184,7 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
         if len(owners):
             batch = task.batch(np.concatenate([chosen[k] for k in active]))
             per_row = torch.as_tensor(sizes[owners], dtype=torch.float32, device=task.device)
-            for rows, part in length_chunks(batch, chunk_rows):
+            for rows, part in length_chunks(batch, part_cost):
                 stack.begin_step(Slots(owners[rows], count, task.device))
                 if recorder is not None:
                     with recorder.recording(part.get("attention_mask")):
