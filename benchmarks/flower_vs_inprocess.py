@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from harness import write_results
 
 import fedlora.server
 from fedlora.config import build_config
@@ -109,13 +109,10 @@ def write(args, runs: dict) -> None:
         "local_steps": args.steps, "batch_size": 16, "max_length": 64, "repeats": args.repeats,
         "flower_engine": "flwr.simulation.run_simulation (Ray backend, 1 CPU per ClientApp)",
         "median": median, "runs": runs, "repeats_done": len(runs["flower_round_s"]),
-        "torch_threads_inprocess": torch.get_num_threads(),
         "ratio_flower_over_inprocess": median["flower_round_s"] / median["inprocess_round_s"],
         "ratio_inprocess_round_over_training": median["inprocess_round_s"] / median["inprocess_training_s"],
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     print(f"Flower simulation engine round / in-process round: {result['ratio_flower_over_inprocess']:.2f}")
     print(f"in-process round wall time / clients' training time: {result['ratio_inprocess_round_over_training']:.3f}")
 

@@ -11,14 +11,12 @@ median over repeats is reported. Writes results/parallel_clients.json and prints
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from harness import write_results
 
 from fedlora.config import build_config
 from fedlora.methods import InitContext
@@ -66,18 +64,12 @@ def measure(model: str, data: str, device: str, args) -> list[dict]:
             times["sequential"].append(round_seconds(sim, 1))
             times["vectorised"].append(round_seconds(sim, clients))
         seq, vec = statistics.median(times["sequential"]), statistics.median(times["vectorised"])
-        rows.append({"model": model, "device": device_name(sim.device), "clients": clients, "batch": batch,
+        rows.append({"model": model, "device": sim.device.type, "clients": clients, "batch": batch,
                      "sequential_s": round(seq, 3), "vectorised_s": round(vec, 3), "ratio": round(vec / seq, 3),
                      "repeats": times})
         print(f"{model} {clients} clients, batch {batch}: sequential {seq:.3f} s, vectorised {vec:.3f} s, "
               f"ratio {vec / seq:.2f}", flush=True)
     return rows
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main() -> None:
@@ -94,9 +86,7 @@ def main() -> None:
     rows = measure("minilm-l6", "sst2", "cpu", args)
     if torch.cuda.is_available():
         rows += measure("smollm2-135m", "gsm8k", "cuda", args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"method": args.method, "local_steps": args.steps, "rows": rows,
-                                          "torch": torch.__version__}, indent=2))
+    write_results(args.out, {"method": args.method, "local_steps": args.steps, "rows": rows})
     print("\n| model | device | clients | batch | sequential round (s) | vectorised round (s) | ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
