@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ class InMemoryGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids stamp what they push
             try:
                 replies.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
             except Exception as err:
@@ -318,3 +320,39 @@ def test_malformed_replies_are_checked_like_the_simulator_checks_updates(sim_con
     assert set(dropped) == {wrong_shape, garbage}
     assert "has shape (3, 3)" in dropped[wrong_shape] and "no readable tensors" in dropped[garbage]
     assert read_log(tmp_path)[1]["clients"] == sorted(set(strategy.sim._sample_clients(1)) - set(dropped))
+
+
+def test_a_node_the_superlink_reports_gone_is_dropped(sim_config, tmp_path):
+    """The SuperLink answers for a node that went away with an error reply of its own, which carries no
+    source node: the client it was sent to is dropped with the SuperLink's reason."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 1, "rounds": 1})
+    strategy = FedloraStrategy(Simulation(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
+    grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
+    gone = strategy.sim._sample_clients(1)[0]
+    real_send = grid.send_and_receive
+
+    def superlink(messages, *, timeout=None):
+        replies = real_send(messages, timeout=timeout)
+        for i, (message, reply) in enumerate(zip(messages, replies)):
+            if reply.metadata.message_type == "train" and strategy.clients[message.metadata.dst_node_id] == gone:
+                replies[i] = create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+        return replies
+
+    grid.send_and_receive = superlink
+    strategy.start(grid)
+    record = read_log(tmp_path)[1]
+    assert [d["client"] for d in record["dropped"]] == [gone]
+    assert record["dropped"][0]["reason"].startswith("failed on its node:")
+    assert gone not in record["clients"] and record["clients"]
+
+
+def test_run_config_carries_a_section_left_at_its_defaults_and_names_clashing_keys():
+    from fedlora.config import build_config
+    from fedlora.errors import ConfigError
+
+    cfg = build_config({"method": {"name": "fedsb"}, "fedsb": {"init_data": "public", "public_data": {"name": "sst2"}}})
+    assert from_run_config(to_run_config(cfg)) == cfg
+    with pytest.raises(ConfigError, match="'fedlora.train.lr' is a value, not a section"):
+        from_run_config({"fedlora.train.lr": 0.1, "fedlora.train.lr.x": 1})

@@ -1,7 +1,8 @@
 """The fedlora config as Flower run config, and the app project `flwr run DIR` runs.
 
 Flower's run config holds only scalars under flat dotted keys, so the fedlora config travels as
-`fedlora.<section>.<key>` entries, lists written as TOML array strings ('["sentence"]').
+`fedlora.<section>.<key>` entries, lists written as TOML array strings ('["sentence"]') and a section
+given with all its keys at their defaults as "{}".
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ RUN_KEYS = {
 def _flat(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             out |= _flat(value, f"{prefix}{key}.")
+        elif isinstance(value, dict):  # a section that is given, with every key at its default
+            out[prefix + key] = "{}"
         elif isinstance(value, list):
             out[prefix + key] = "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
         else:
@@ -50,15 +53,20 @@ def from_run_config(run_config: dict[str, Any]) -> Config:
     for key, value in run_config.items():
         if not key.startswith(PREFIX):
             continue
-        if isinstance(value, str) and value.startswith("["):
+        if isinstance(value, str) and value[:1] in ("[", "{"):
             try:
                 value = tomllib.loads(f"v = {value}")["v"]
             except tomllib.TOMLDecodeError:
-                raise ConfigError(f"run config '{key}': not a TOML array: {value}") from None
+                raise ConfigError(f"run config '{key}': not a TOML array or table: {value}") from None
         *sections, name = key[len(PREFIX):].split(".")
         table = raw
-        for section in sections:
+        for depth, section in enumerate(sections):
             table = table.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"run config '{key}': '{PREFIX}{'.'.join(sections[:depth + 1])}' is a value, "
+                                  "not a section")
+        if isinstance(table.get(name), dict) and not isinstance(value, dict):
+            raise ConfigError(f"run config '{key}': is a section, not a value")
         table[name] = value
     return build_config(raw)
 

@@ -100,8 +100,8 @@ class FedloraStrategy(Strategy):
         wanted = sorted(sim.init_examples)
         messages = [self._message(c, MessageType.QUERY, "gradient-sum", 0) for c in wanted if c in self.nodes]
         sums = {}
-        for reply in grid.send_and_receive(messages, timeout=self.round_timeout):
-            client = self.clients[reply.metadata.src_node_id]
+        replies = self._by_client(messages, grid.send_and_receive(messages, timeout=self.round_timeout))
+        for client, reply in replies.items():
             if not reply.has_error():
                 self._count(0, "up", reply.content["arrays"])
                 sums[client] = from_record(reply.content["arrays"], sim.device)
@@ -130,17 +130,18 @@ class FedloraStrategy(Strategy):
             download = sim.method.download(c)
             bytes_down += payload_bytes(download)
             messages.append(self._message(c, MessageType.TRAIN, "train", r, download))
-        self._sent[r] = (clients, bytes_down, time.time(), dropped)
+        self._sent[r] = (clients, messages, bytes_down, time.time(), dropped)
         return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         sim, r = self.sim, server_round
-        clients, bytes_down, t0, dropped = self._sent.pop(r)
-        by_client = {self.clients[m.metadata.src_node_id]: m for m in replies}
+        clients, sent, bytes_down, t0, dropped = self._sent.pop(r)
+        by_client = self._by_client(sent, replies)
+        not_sent = {d["client"] for d in dropped}
         accepted = []
         for c in clients:
-            if any(d["client"] == c for d in dropped):
+            if c in not_sent:
                 continue
             reply = by_client.get(c)
             if reply is None:
@@ -200,6 +201,17 @@ class FedloraStrategy(Strategy):
             self.out_of_sync |= missed
         evaluation = self.last_record["eval"] if self.last_record else None
         return _metrics(evaluation) if evaluation else None
+
+    def _by_client(self, sent: list[Message], replies: Iterable[Message]) -> dict[int, Message]:
+        """Each reply under the fedlora client it answers. The SuperLink's own error reply for a node that is
+        gone carries no source node, only the id of the message it answers."""
+        asked = {m.metadata.message_id: self.clients[m.metadata.dst_node_id] for m in sent if m.metadata.message_id}
+        by_client = {}
+        for reply in replies:
+            client = asked.get(reply.metadata.reply_to_message_id, self.clients.get(reply.metadata.src_node_id))
+            if client is not None:
+                by_client[client] = reply
+        return by_client
 
     def _log_dropped(self, r: int, dropped: list[dict]) -> None:
         for d in dropped:
