@@ -87,6 +87,8 @@ def test_config_with_bom_and_windows_line_endings_reads(tmp_path):
     ("[train]\nlr = 1979-05-27",
      "config key 'train.lr': Input should be a valid number (got datetime.date(1979, 5, 27))"),
     ("[fedsb]\npublic_data = [1]", "config key 'fedsb.public_data': expected a table of settings (got [1])"),
+    ("[federation]\nparallel_clients = 'many'",
+     "config key 'federation.parallel_clients': should be an integer >= 1 or 'auto' (got 'many')"),
     # booleans are not numbers, though pydantic would read true as 1
     ("[adapter]\nrank = true", "config key 'adapter.rank': expected a number, got a boolean (true)"),
     ("[train]\nweight_decay = false", "config key 'train.weight_decay': expected a number, got a boolean (false)"),

@@ -1,5 +1,6 @@
 """Faults injected into whole runs: failing, slow, silent and hostile clients, crashes during checkpoint
 writes, robust aggregation. Each test checks that the run survived and that its result is right."""
+import copy
 import json
 import random
 import time
@@ -208,6 +209,21 @@ def test_retries_run_out(sim_config, tmp_path, monkeypatch):
     with pytest.raises(RoundFailed, match="round 1"):
         sim.run()
     assert len(read_log(tmp_path)[-1]["attempts"]) == 3
+
+
+def test_a_failed_attempt_leaves_a_clients_kept_optimizer_state_as_it_was(sim_config, tmp_path):
+    cfg = sim_config(method={"name": "ffa"}, train={"keep_optimizer_state": True, "optimizer": "adamw"})
+    sim = Simulation(cfg, tmp_path, progress=False)
+    params = sim.adapted.set_trainable(sim.method.trainable_keys())
+    first = sim._client_optimizer(0, params)
+    sum(p.sum() for p in params).backward()
+    first.step()
+    sim.optimizer_states[0] = first.state_dict()
+    saved = copy.deepcopy(sim.optimizer_states[0])
+    attempt = sim._client_optimizer(0, params)  # an attempt that steps, then fails before it reports back
+    attempt.step()
+    assert saved["state"] and all(torch.equal(saved["state"][i][k], v) for i, state in
+                                  sim.optimizer_states[0]["state"].items() for k, v in state.items())
 
 
 class _TornWrite(Exception):

@@ -62,6 +62,7 @@ def cmd_flower_init(args) -> int:
 
     cfg = load_config(args.config, args.set)
     try:
+        import tomli_w  # noqa: F401 - installed with Flower; write_app needs it
         from .flower.project import write_app
     except ImportError:
         raise ConfigError("flower init needs Flower: pip install 'fedlora[flower]'") from None

@@ -93,6 +93,13 @@ class FederationConfig(Section):
         "auto", description="clients trained together in one pass over the shared base model (1: one after "
                             "another); auto: as many as memory allows wherever that gives the sequential result")
 
+    @field_validator("parallel_clients", mode="before")
+    @classmethod
+    def _integer_or_auto(cls, value):
+        if isinstance(value, str) and value != "auto":
+            raise ValueError("should be an integer >= 1 or 'auto'")
+        return value
+
     @model_validator(mode="after")
     def _clients(self):
         if self.clients_per_round > self.num_clients:

@@ -20,20 +20,25 @@ with dropout (the masks of a joint pass come from one random stream instead of o
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from .lm_task import CausalLMTask
 from .seeding import derive_seed, rng
 
 STACKABLE_HEADS = (nn.Linear,)
-# What one more forward and backward part costs beyond its tokens, in tokens (see length_chunks). On the CPU
-# 64 was fastest for 10 and 50 clients at batches of 8 and 32 (MiniLM, SST-2; benchmarks/parallel_clients.py);
-# a GPU is kept busy only by large parts, so there a part must save many padded tokens to be worth it.
-PART_COST = {"cpu": 64}
-GPU_PART_COST = 4096
+
+
+def default_part_cost(device: torch.device) -> int:
+    """What one more forward and backward part costs beyond its tokens, in tokens (see length_chunks). On the
+    CPU 64 was fastest for 10 and 50 clients at batches of 8 and 32 (MiniLM, SST-2,
+    benchmarks/parallel_clients.py); a GPU is kept busy only by large parts, so there a part must save many
+    padded tokens to be worth it."""
+    return 64 if device.type == "cpu" else 4096
 
 
 class Slots:
@@ -88,18 +93,20 @@ def length_chunks(batch: dict[str, torch.Tensor], part_cost: int) -> list[tuple[
 
 
 def optimal_parts(sorted_lengths: np.ndarray, part_cost: int) -> list[int]:
-    """Where to cut ascending lengths so that sum(rows * longest) + part_cost * parts is least (the ends)."""
-    n = len(sorted_lengths)
-    best = np.zeros(n + 1)
-    start = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):
-        costs = best[:j] + (j - np.arange(j)) * sorted_lengths[j - 1] + part_cost
+    """Where to cut ascending lengths so that sum(rows * longest) + part_cost * parts is least (the ends).
+    A cut between equal lengths never pays, so only the distinct lengths are candidates."""
+    lengths, counts = np.unique(sorted_lengths, return_counts=True)
+    rows_before = np.concatenate([[0], np.cumsum(counts)])  # rows_before[g]: rows shorter than lengths[g]
+    best = np.zeros(len(lengths) + 1)
+    start = np.zeros(len(lengths) + 1, dtype=np.int64)
+    for j in range(1, len(lengths) + 1):
+        costs = best[:j] + (rows_before[j] - rows_before[:j]) * lengths[j - 1] + part_cost
         start[j] = int(np.argmin(costs))
         best[j] = costs[start[j]]
-    ends = [n]
+    ends = [len(lengths)]
     while start[ends[-1]] > 0:
         ends.append(int(start[ends[-1]]))
-    return ends[::-1]
+    return [int(rows_before[g]) for g in ends[::-1]]
 
 
 class ClientStack:
@@ -170,7 +177,7 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
     losses: list[list[float]] = [[] for _ in optimizers]
     params = [list(leaves.values()) for leaves in stack.leaves]
     recorder = dps[0].recorder if dps else None
-    part_cost = part_cost or PART_COST.get(task.device.type, GPU_PART_COST)
+    cost = part_cost or default_part_cost(task.device)
     model.train()
     while True:
         chosen = [next(d, None) for d in draws]
@@ -184,7 +191,7 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
         if len(owners):
             batch = task.batch(np.concatenate([chosen[k] for k in active]))
             per_row = torch.as_tensor(sizes[owners], dtype=torch.float32, device=task.device)
-            for rows, part in length_chunks(batch, part_cost):
+            for rows, part in length_chunks(batch, cost):
                 stack.begin_step(Slots(owners[rows], count, task.device))
                 if recorder is not None:
                     with recorder.recording(part.get("attention_mask")):
@@ -242,19 +249,25 @@ def available_memory(device: torch.device) -> int:
             info = dict(line.split(":", 1) for line in f)
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
+        pass
+    try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # not known here (macOS): "auto" then trains one client at a time
+        return 0
 
 
 def clients_that_fit(sim) -> int:
     """How many clients' activations fit in half the free memory: per token and layer about a dozen
-    hidden-size tensors, two intermediate-size ones and a row of attention per head, plus the logits."""
+    hidden-size tensors, two intermediate-size ones and a row of attention per head, plus a language
+    model's logits."""
     c, cfg = sim.model.config, sim.cfg
     hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 768)
     layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 12)
     inner = getattr(c, "intermediate_size", None) or 4 * hidden
     heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 12)
     tokens = cfg.train.batch_size * cfg.data.max_length
-    per_token = layers * (12 * hidden + 2 * inner + heads * cfg.data.max_length) + 2 * getattr(c, "vocab_size", 0)
+    logits = 2 * getattr(c, "vocab_size", 0) if isinstance(sim.task, CausalLMTask) else 0  # a class head's are few
+    per_token = layers * (12 * hidden + 2 * inner + heads * cfg.data.max_length) + logits
     return int(available_memory(sim.device) // 2 // (tokens * per_token * 4))
 
 
@@ -293,7 +306,9 @@ def train_together(sim, clients: list[int], r: int, starts: dict[int, dict]) -> 
             torch.manual_seed(derive_seed(cfg.seed, "client", r, clients[0]))  # dropout, if any
             losses = train_steps(sim.model, task, stack, optimizers, draws, cfg.train.max_grad_norm,
                                  dps if private else None)
-    except Exception:  # noqa: BLE001 - retried client by client, where the failure is attributed
+    except Exception as err:  # noqa: BLE001 - retried client by client, where the failure is attributed
+        warnings.warn(f"round {r}: clients {clients} are trained again one by one, as training them together "
+                      f"raised {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
         return None
     state = adapted.state(shared)
     return {c: sim._client_result(c, state | {k: v.detach().clone() for k, v in leaves.items()}, step_losses,

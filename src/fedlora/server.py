@@ -129,7 +129,10 @@ class Simulation:
         self.optimizer_states: dict[int, dict] = {}
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.last_eval: dict | None = None
-        self.last_broadcast: dict[str, torch.Tensor] = {}  # what the last exchange sent to every client
+        # what the last exchange sent to every client, kept only for a runtime that sends it itself (Flower):
+        # FedEx-LoRA's is as large as the adapted weights
+        self.keep_broadcast = False
+        self.last_broadcast: dict[str, torch.Tensor] = {}
         self.ledger: PrivacyLedger | None = None  # set by run() when privacy is enabled
         init_clients = self._sample_clients(0)
         share = cfg.fedsb.init_examples / sum(self.client_sizes[c] for c in init_clients)
@@ -200,9 +203,7 @@ class Simulation:
         if resume and (self.out / CHECKPOINT).exists():
             start = self._load_checkpoint() + 1
         else:
-            if (self.out / ROUNDS_LOG).exists():
-                raise FedloraError(f"{self.out} already holds a run: pass --resume to continue it, or choose "
-                                   "another --out")
+            self.refuse_existing_run()
             self._setup_privacy(None)
             self._log(self._initialise())
             self._save_checkpoint(0)
@@ -242,6 +243,11 @@ class Simulation:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
+    def refuse_existing_run(self) -> None:
+        if (self.out / ROUNDS_LOG).exists():
+            raise FedloraError(f"{self.out} already holds a run: choose another output folder (`fedlora run "
+                               "--resume` continues a run of the in-process simulator)")
+
     def _initialise(self, gradient_sum=None, clients: list[int] | None = None) -> dict:
         """Round 0: the method's set-up exchange (Fed-SB's gradient init) and the initial evaluation.
         Another runtime passes the clients' gradient sums it gathered (and the clients that sent them)."""
@@ -251,7 +257,7 @@ class Simulation:
                           gradient_sum=gradient_sum or self._client_gradient_sum,
                           public_gradient_sum=self._public_gradient_sum)
         exchange = self.method.initialise(ctx)
-        self.last_broadcast = exchange.broadcast
+        self.last_broadcast = exchange.broadcast if self.keep_broadcast else {}
         bytes_up = sum(payload_bytes(p) for p in exchange.uploads)
         bytes_down = payload_bytes(exchange.broadcast) * cfg.federation.num_clients
         return self._record(0, exchange.clients, None, bytes_up, bytes_down, 0.0, self._maybe_evaluate(0), t0)
@@ -338,7 +344,7 @@ class Simulation:
                 self.optimizer_states[c] = u.optimizer_state
         payloads = [u.payload for u in updates]
         aggregate = method.aggregate(payloads, weights, answered, r)
-        self.last_broadcast = aggregate.broadcast
+        self.last_broadcast = aggregate.broadcast if self.keep_broadcast else {}
         bytes_up = sum(payload_bytes(p) for p in payloads)
         bytes_down += payload_bytes(aggregate.broadcast) * fed.num_clients
         agg_error = aggregation_error(self.adapted, [u.trained for u in updates], weights, method.eval_state(),
@@ -407,7 +413,8 @@ class Simulation:
     def _client_optimizer(self, c: int, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         optimizer = make_optimizer(params, self.cfg.train)
         if self.cfg.train.keep_optimizer_state and c in self.optimizer_states:
-            optimizer.load_state_dict(self.optimizer_states[c])
+            # a copy: loading aliases the saved tensors, and an attempt that fails must leave them as they were
+            optimizer.load_state_dict(copy.deepcopy(self.optimizer_states[c]))
         return optimizer
 
     def _client_result(self, c: int, trained: dict, step_losses: list[float], optimizer: torch.optim.Optimizer,

@@ -40,6 +40,7 @@ class FedloraStrategy(Strategy):
     def __init__(self, sim: Simulation, round_timeout: float = 600, node_wait: float = 120):
         check_supported(sim.cfg)
         self.sim = sim
+        sim.keep_broadcast = True
         self.round_timeout = round_timeout
         self.node_wait = node_wait
         self.nodes: dict[int, int] = {}  # fedlora client -> Flower node id
@@ -232,9 +233,9 @@ class FedloraStrategy(Strategy):
             self.round_timeout = timeout
         self.summary()
         sim.out.mkdir(parents=True, exist_ok=True)
+        sim.refuse_existing_run()
         sim._setup_privacy(None)
         self.connect(grid)
-        sim.last_broadcast = {}
         self.last_record = self.initialise(grid)
         sim._log(self.last_record)
         self._exchange(grid, 0)
