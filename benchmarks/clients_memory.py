@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import resource
 import subprocess
 import sys
@@ -30,17 +31,19 @@ def child(method: str, num_clients: int, rounds: int) -> None:
         Simulation(cfg, out, progress=False).run()
         seconds = [json.loads(line)["seconds"] for line in open(f"{out}/rounds.jsonl")][1:]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"peak_rss_mb": peak_kib / 1024, "round_seconds": sorted(seconds)[len(seconds) // 2]}))
+    print(json.dumps({"peak_rss_mb": peak_kib / 1024, "round_seconds": statistics.median(seconds)}))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--methods", nargs="+", default=["fedsb", "ffa"])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="at least 2: the first round is not timed")
     parser.add_argument("--out", default="results/clients_memory.json")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "CLIENTS", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the first round, with its warm-up, is not timed)")
     if args.child:
         child(args.child[0], int(args.child[1]), int(args.child[2]))
         return

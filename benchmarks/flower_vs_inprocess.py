@@ -30,7 +30,8 @@ def make_config(args):
     return build_config({
         "seed": 0, "method": {"name": args.method}, "model": {"name": "minilm-l6"}, "adapter": {"rank": 16},
         "data": {"name": "sst2", "partition": "iid", "max_length": 64},
-        "federation": {"num_clients": args.clients, "clients_per_round": args.clients, "rounds": 2},
+        "federation": {"num_clients": args.clients, "clients_per_round": args.clients, "rounds": 2,
+                       "parallel_clients": 1},  # clients one by one, each timed in its local training
         "train": {"local_steps": args.steps, "batch_size": 16, "lr": 3e-3},
         "eval": {"every": 0, "max_examples": 64}, "device": "cpu"})  # evaluated after round 2 only
 

@@ -19,8 +19,6 @@ import torch
 from harness import write_results
 
 from fedlora.config import build_config
-from fedlora.methods import InitContext
-from fedlora.seeding import generator
 from fedlora.server import Simulation
 
 SETTINGS = [(10, 8), (10, 32), (50, 8), (50, 32)]  # (clients per round, batch size)
@@ -32,10 +30,10 @@ def simulation(model: str, data: str, device: str, clients: int, batch: int, ste
         "seed": 0, "device": device, "method": {"name": method}, "model": {"name": model},
         "adapter": {"rank": 8}, "data": {"name": data, "max_length": max_length, "max_train_examples": 20000},
         "federation": {"num_clients": clients, "clients_per_round": clients, "rounds": 1},
-        "train": {"local_steps": steps, "batch_size": batch, "lr": 1e-3},
+        "train": {"local_steps": steps, "batch_size": batch, "lr": 1e-3}, "eval": {"every": 0},
     })
     sim = Simulation(cfg, tempfile.mkdtemp(), progress=False)
-    sim.method.initialise(InitContext(sorted(sim.init_examples), generator(cfg.seed, "init")))
+    sim._initialise()  # the method's set-up (Fed-SB's subspace); no evaluation with eval.every = 0
     return sim
 
 

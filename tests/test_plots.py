@@ -11,7 +11,8 @@ from fedlora.plots import _mean_curve, read_run
 pytest.importorskip("matplotlib")
 
 
-def write_run(folder, accuracies, bytes_per_round, method="fedsb", rank=16, epsilon=None, eval_every=1):
+def write_run(folder, accuracies, bytes_per_round, method="fedsb", rank=16, epsilon=None, eval_every=1,
+              config_epsilon="same", lr=1e-3):
     folder.mkdir(parents=True)
     lines = []
     for r, acc in enumerate(accuracies):
@@ -21,7 +22,8 @@ def write_run(folder, accuracies, bytes_per_round, method="fedsb", rank=16, epsi
                       "epsilon": None if epsilon is None else epsilon * r / (len(accuracies) - 1)})
     lines.insert(2, {"round": 2, "failed": True, "clients": [0]})  # a failed attempt, then its successful rerun
     (folder / "rounds.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    config = {"method": {"name": method}, "adapter": {"rank": rank}, "privacy": {"epsilon": epsilon}}
+    config = {"method": {"name": method}, "adapter": {"rank": rank}, "train": {"lr": lr},
+              "privacy": {"epsilon": epsilon if config_epsilon == "same" else config_epsilon}}
     (folder / "summary.json").write_text(json.dumps({"config": config}))
     return folder
 
@@ -77,3 +79,17 @@ def test_plot_errors_are_one_line(tmp_path, capsys, problem, message):
     assert message in err and err.count("\n") == 1
     with pytest.raises(FedloraError):
         read_run(tmp_path / "nowhere")
+
+
+def test_a_run_private_by_its_noise_multiplier_alone_is_placed_at_its_accountants_epsilon(tmp_path):
+    run = read_run(write_run(tmp_path / "a", [0.5, 0.6, 0.7], [1, 1, 1], epsilon=2.3456, config_epsilon=None))
+    assert run.target_epsilon == 2.3
+
+
+def test_runs_that_differ_beyond_their_seed_are_not_averaged_as_seeds(tmp_path, capsys):
+    a = write_run(tmp_path / "a", [0.5, 0.6], [1, 1])
+    b = write_run(tmp_path / "b", [0.5, 0.7], [1, 1], lr=1e-2)
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "p.png")]) != 0
+    assert "differ in more than their seed (train.lr)" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "p.png"), "--labels", "lr 1e-3,lr 1e-2"]) == 0

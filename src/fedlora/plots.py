@@ -21,11 +21,12 @@ ROUNDS_LOG, SUMMARY = "rounds.jsonl", "summary.json"
 class Run:
     path: Path
     label: str
-    target_epsilon: float  # privacy.epsilon of the config; inf without DP
+    target_epsilon: float  # privacy.epsilon of the config (else the accountant's, two digits); inf without DP
     rounds: list[int]  # the evaluated rounds
     values: dict[str, list[float]]  # metric -> its value at each evaluated round
     total_bytes: list[int]  # bytes up + down of all clients up to and including each evaluated round
     final_epsilon: float | None  # the accountant's epsilon at the end
+    setting: dict  # the config without its seed: runs drawn as one curve must share it
 
 
 def read_run(run_dir: str | Path, label: str | None = None) -> Run:
@@ -57,8 +58,11 @@ def read_run(run_dir: str | Path, label: str | None = None) -> Run:
     method = config.get("method", {}).get("name", path.name)
     rank = config.get("adapter", {}).get("rank")
     target = config.get("privacy", {}).get("epsilon")
+    if target is None and epsilon is not None:  # private by privacy.noise_multiplier alone
+        target = float(f"{epsilon:.2g}")
     return Run(path, label or (method if method == "full" or rank is None else f"{method} r={rank}"),
-               math.inf if target is None else float(target), rounds, values, total_bytes, epsilon)
+               math.inf if target is None else float(target), rounds, values, total_bytes, epsilon,
+               {k: v for k, v in config.items() if k != "seed"})
 
 
 def _mean_curve(runs: list[Run], metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,10 +74,27 @@ def _mean_curve(runs: list[Run], metric: str, x: str) -> tuple[np.ndarray, np.nd
 
 
 def _groups(runs: list[Run]) -> dict[tuple[str, float], list[Run]]:
+    """Runs by label and privacy setting; the runs of one group may differ only in their seed."""
     groups: dict[tuple[str, float], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.label, run.target_epsilon), []).append(run)
+        members = groups.setdefault((run.label, run.target_epsilon), [])
+        if members and run.setting != members[0].setting:
+            keys = ", ".join(_differing(run.setting, members[0].setting)[:4])
+            raise FedloraError(f"{members[0].path} and {run.path} have the same label '{run.label}' but differ "
+                               f"in more than their seed ({keys}): give each its own label with --labels")
+        members.append(run)
     return groups
+
+
+def _differing(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differing(x, y, f"{prefix}{k}.")
+        elif x != y:
+            keys.append(prefix + k)
+    return keys
 
 
 def _setting_name(label: str, epsilon: float, all_eps: set[float]) -> str:
