@@ -211,6 +211,28 @@ def test_a_failing_client_inside_a_group_is_dropped_alone(cfg_parallel, tmp_path
         assert_states_match(faulty_uploads[0][c], clean_uploads[0][c], f"client {c}")
 
 
+def test_a_client_whose_upload_fails_after_joint_training_is_dropped_alone(cfg_parallel, tmp_path):
+    cfg = cfg_parallel(3, method={"name": "ffa"}, federation={"rounds": 1},
+                       train={"optimizer": "sgd", "momentum": 0.9})
+    _, clean_uploads = recorded_run(cfg, tmp_path / "clean")
+    clients = sorted(clean_uploads[0])
+
+    def break_upload(sim):
+        real_upload = sim.method.upload
+
+        def upload(c, trained):
+            if c == clients[1]:
+                raise ValueError("cannot send")
+            return real_upload(c, trained)
+        sim.method.upload = upload
+    _, uploads = recorded_run(cfg, tmp_path / "faulty", break_upload)
+    record = read_log(tmp_path / "faulty")[1]
+    assert record["clients"] == [clients[0], clients[2]]
+    assert record["dropped"] == [{"client": clients[1], "reason": "raised ValueError: cannot send"}]
+    for c in (clients[0], clients[2]):
+        assert_states_match(uploads[0][c], clean_uploads[0][c], f"client {c}")
+
+
 def test_which_runs_train_clients_together(cfg_parallel, sim_config, tmp_path):
     sim = Simulation(cfg_parallel("auto", method={"name": "ffa"}), tmp_path / "a", progress=False)
     assert parallel.client_groups(sim, [0, 1, 2]) == [[0, 1, 2]]

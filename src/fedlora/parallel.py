@@ -284,7 +284,8 @@ def client_groups(sim, clients: list[int]) -> list[list[int]]:
 def train_together(sim, clients: list[int], r: int, starts: dict[int, dict]) -> dict | None:
     """Every client's ClientUpdate from one joint training, exactly as Simulation._client_update would
     give them; None when the joint training failed (the caller trains them one by one, so that only a
-    failing client is dropped) or the clients do not share their untrained state."""
+    failing client is dropped) or the clients do not share their untrained state. A client whose update
+    cannot be made (its upload raises) is left out, and so trained again alone."""
     cfg, adapted, task = sim.cfg, sim.adapted, sim.task
     trainable = set(sim.method.trainable_keys())
     keys = [k for k in adapted.parameters_by_key() if k in trainable]
@@ -311,7 +312,12 @@ def train_together(sim, clients: list[int], r: int, starts: dict[int, dict]) -> 
                       f"raised {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
         return None
     state = adapted.state(shared)
-    return {c: sim._client_result(c, state | {k: v.detach().clone() for k, v in leaves.items()}, step_losses,
-                                  optimizer, dp)
-            for c, leaves, step_losses, optimizer, dp in zip(clients, stack.leaves, losses, optimizers, dps)}
+    results = {}
+    for c, leaves, step_losses, optimizer, dp in zip(clients, stack.leaves, losses, optimizers, dps):
+        try:
+            results[c] = sim._client_result(c, state | {k: v.detach().clone() for k, v in leaves.items()},
+                                            step_losses, optimizer, dp)
+        except Exception:  # noqa: BLE001 - left out: trained again alone, where its failure drops it alone
+            pass
+    return results
 
