@@ -254,6 +254,18 @@ def build_config(raw: dict[str, Any]) -> Config:
     return config
 
 
+def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += differing_keys(x, y, f"{prefix}{k}.")
+        elif x != y:
+            keys.append(prefix + k)
+    return keys
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.lr=0.1' -> (['train', 'lr'], 0.1); values are parsed as TOML, else kept as strings."""
     if "=" not in item:

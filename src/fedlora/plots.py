@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import differing_keys
 from .errors import FedloraError
 
 ROUNDS_LOG, SUMMARY = "rounds.jsonl", "summary.json"
@@ -79,22 +80,12 @@ def _groups(runs: list[Run]) -> dict[tuple[str, float], list[Run]]:
     for run in runs:
         members = groups.setdefault((run.label, run.target_epsilon), [])
         if members and run.setting != members[0].setting:
-            keys = ", ".join(_differing(run.setting, members[0].setting)[:4])
+            keys = ", ".join(differing_keys(run.setting, members[0].setting)[:4])
             raise FedloraError(f"{members[0].path} and {run.path} have the same label '{run.label}' but differ "
                                f"in more than their seed ({keys}): give each its own label with --labels")
         members.append(run)
     return groups
 
-
-def _differing(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            keys += _differing(x, y, f"{prefix}{k}.")
-        elif x != y:
-            keys.append(prefix + k)
-    return keys
 
 
 def _setting_name(label: str, epsilon: float, all_eps: set[float]) -> str:

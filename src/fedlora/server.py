@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .adapters import AdaptedModel
 from .client import local_train, make_optimizer
 from .comm import payload_bytes
-from .config import Config
+from .config import Config, differing_keys
 from .data import PRESETS as CLASSIFICATION_PRESETS
 from .data import INSTRUCTION_PRESETS, load_classification, load_instructions, partition
 from .errors import ClientTimeout, ConfigError, FedloraError, RoundFailed
@@ -484,7 +484,7 @@ class Simulation:
         for cfg_dict in (saved, now):
             cfg_dict["federation"] = {k: v for k, v in cfg_dict["federation"].items() if k != "rounds"}
         if saved != now:
-            key = _first_difference(saved, now)
+            key = differing_keys(saved, now)[0]
             raise FedloraError(f"{path} was written by a different config (key '{key}' differs); "
                                "resume with the same config or choose another --out")
         self._setup_privacy(state["privacy"])
@@ -523,12 +523,3 @@ class Simulation:
             tokenizer.save_pretrained(base_dir)
             base = str(base_dir.resolve())
         self.adapted.export_peft(self.out / "adapter", state, base_model=base, task_type=self.task.task_type)
-
-
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k):
-            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-                return _first_difference(a[k], b[k], f"{prefix}{k}.")
-            return prefix + k
-    return prefix.rstrip(".")
