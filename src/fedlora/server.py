@@ -18,6 +18,7 @@ from .adapters import AdaptedModel
 from .client import local_train, make_optimizer
 from .comm import payload_bytes
 from .config import Config, differing_keys
+from .experiment import build_task, load_task_data, task_kind
 from .data import PRESETS as CLASSIFICATION_PRESETS
 from .data import INSTRUCTION_PRESETS, load_classification, load_instructions, partition
 from .errors import ClientTimeout, ConfigError, FedloraError, RoundFailed
@@ -60,54 +61,6 @@ def aggregation_error(adapted: AdaptedModel, client_states: list[dict], weights:
         err += (ideal - actual).norm().item()
         norm += ideal.norm().item()
     return err / norm if norm > 0 else err
-
-
-def task_kind(data_cfg, model_name: str) -> str:
-    """'classification' or 'instructions', from data.kind, the data preset, or the model preset's task."""
-    if data_cfg.kind != "auto":
-        return data_cfg.kind
-    if data_cfg.name in INSTRUCTION_PRESETS:
-        return "instructions"
-    if data_cfg.name in CLASSIFICATION_PRESETS:
-        return "classification"
-    preset = MODEL_PRESETS.get(model_name)
-    return "instructions" if preset is not None and preset.task == "causal-lm" else "classification"
-
-
-def load_task_data(data_cfg, kind: str):
-    return load_instructions(data_cfg) if kind == "instructions" else load_classification(data_cfg)
-
-
-def build_task(cfg: Config, device: torch.device, progress: bool = False) -> tuple[Task, AdaptedModel, str]:
-    """The task (data, tokenizer, loss, evaluation), the adapted model on `device`, and the model source."""
-    method = METHODS[cfg.method.name]
-    kind = task_kind(cfg.data, cfg.model.name)
-    data = load_task_data(cfg.data, kind)
-    source = resolve_model_source(cfg.model.name, cfg.model.path)
-    if kind == "instructions":
-        model, tokenizer = load_causal_lm(source, cfg.model.dtype)
-    else:
-        model, tokenizer = load_classifier(source, data.num_labels, cfg.model.dtype)
-    rank, alpha = cfg.adapter.rank, cfg.adapter.alpha
-    if method.parameterisation == "lorasb" and alpha not in (None, rank):
-        raise ConfigError(f"adapter.alpha: Fed-SB fixes the scaling s = 1 (alpha = rank = {rank}); got {alpha}")
-    heads = cfg.adapter.modules_to_save if cfg.adapter.modules_to_save is not None else head_modules(model)
-    adapted = AdaptedModel(
-        model, parameterisation=method.parameterisation, rank=rank, scaling=(alpha or rank) / rank,
-        target_modules=cfg.adapter.target_modules or default_target_modules(model.config.model_type),
-        head_modules=heads, dropout=cfg.adapter.dropout)
-    adapted.model.to(device)
-    autocast = None if cfg.model.autocast == "off" else getattr(torch, cfg.model.autocast)
-    if kind == "instructions":
-        try:
-            task = CausalLMTask(data, tokenizer, cfg.data.max_length, device, chat_template=cfg.data.chat_template,
-                                choice_eval=cfg.eval.choice_mode, max_new_tokens=cfg.eval.max_new_tokens,
-                                autocast=autocast, progress=progress)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    else:
-        task = ClassificationTask(data, tokenizer, cfg.data.max_length, device, autocast=autocast)
-    return task, adapted, source
 
 
 class Simulation:
