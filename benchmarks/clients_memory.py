@@ -19,7 +19,7 @@ from harness import write_results
 
 def child(method: str, num_clients: int, rounds: int) -> None:
     from fedlora.config import build_config
-    from fedlora.server import Simulation
+    from fedlora.simulator import Simulator
 
     cfg = build_config({
         "seed": 0, "method": {"name": method}, "model": {"name": "minilm-l6"}, "adapter": {"rank": 16},
@@ -28,7 +28,7 @@ def child(method: str, num_clients: int, rounds: int) -> None:
         "train": {"local_steps": 2, "batch_size": 8, "lr": 1e-3},
         "eval": {"every": 0, "max_examples": 64}, "fedsb": {"init_examples": 64}})
     with tempfile.TemporaryDirectory() as out:
-        Simulation(cfg, out, progress=False).run()
+        Simulator(cfg, out, progress=False).run()
         seconds = [json.loads(line)["seconds"] for line in open(f"{out}/rounds.jsonl")][1:]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"peak_rss_mb": peak_kib / 1024, "round_seconds": statistics.median(seconds)}))

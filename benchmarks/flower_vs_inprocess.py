@@ -4,7 +4,7 @@ fedlora.flower), and the simulator's round wall time over the sum of its clients
 
 all-MiniLM-L6-v2 (preset minilm-l6), SST-2 from $FEDLORA_DATA_DIR, FFA-LoRA rank 16, 10 clients all
 sampled, a few local steps; round 1 timed, from sending the downloads to the aggregated model (in-process:
-Simulation._round; Flower: the ServerApp's round record, from configure_train to aggregate_train). The
+Simulator._round; Flower: the ServerApp's round record, from configure_train to aggregate_train). The
 two runtimes alternate, the median over repeats is reported; the JSON is rewritten after every repeat. Writes results/flower_vs_inprocess.json.
 
     FEDLORA_DATA_DIR=../shared/data python benchmarks/flower_vs_inprocess.py [--repeats 3] [--steps 3]
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from harness import write_results
 
-import fedlora.server
+import fedlora.client
 from fedlora.config import build_config
-from fedlora.server import Simulation
+from fedlora.simulator import Simulator
 
 
 def make_config(args):
@@ -45,7 +45,7 @@ def round_seconds(out: Path, r: int = 1) -> float:
 def in_process(cfg, out: Path) -> dict:
     """Round 1's wall time and the sum of its clients' local_train times."""
     training = {}
-    real = fedlora.server.local_train
+    real = fedlora.client.local_train
 
     def timed(*a, **k):
         t0 = time.perf_counter()
@@ -54,14 +54,14 @@ def in_process(cfg, out: Path) -> dict:
         finally:
             training[len(training)] = time.perf_counter() - t0
 
-    fedlora.server.local_train = timed
+    fedlora.client.local_train = timed
     try:
-        sim = Simulation(cfg, out, progress=False)
-        sim._setup_privacy(None)
-        sim._initialise()
-        record = sim._round(1)  # round 2 would be the same round again, and the final evaluation
+        sim = Simulator(cfg, out, progress=False)
+        sim.setup_privacy()
+        sim.initialise()
+        record = sim.round(1)  # round 2 would be the same round again, and the final evaluation
     finally:
-        fedlora.server.local_train = real
+        fedlora.client.local_train = real
     return {"round": record["seconds"], "training": sum(training.values())}
 
 

@@ -19,31 +19,31 @@ import torch
 from harness import write_results
 
 from fedlora.config import build_config
-from fedlora.server import Simulation
+from fedlora.simulator import Simulator
 
 SETTINGS = [(10, 8), (10, 32), (50, 8), (50, 32)]  # (clients per round, batch size)
 
 
 def simulation(model: str, data: str, device: str, clients: int, batch: int, steps: int, method: str,
-               max_length: int) -> Simulation:
+               max_length: int) -> Simulator:
     cfg = build_config({
         "seed": 0, "device": device, "method": {"name": method}, "model": {"name": model},
         "adapter": {"rank": 8}, "data": {"name": data, "max_length": max_length, "max_train_examples": 20000},
         "federation": {"num_clients": clients, "clients_per_round": clients, "rounds": 1},
         "train": {"local_steps": steps, "batch_size": batch, "lr": 1e-3}, "eval": {"every": 0},
     })
-    sim = Simulation(cfg, tempfile.mkdtemp(), progress=False)
-    sim._initialise()  # the method's set-up (Fed-SB's subspace); no evaluation with eval.every = 0
+    sim = Simulator(cfg, tempfile.mkdtemp(), progress=False)
+    sim.initialise()  # the method's set-up (Fed-SB's subspace); no evaluation with eval.every = 0
     return sim
 
 
-def round_seconds(sim: Simulation, parallel_clients: int) -> float:
+def round_seconds(sim: Simulator, parallel_clients: int) -> float:
     sim.cfg.federation.parallel_clients = parallel_clients
-    clients = sim._sample_clients(1)
+    clients = sim.server.sample_clients(1)
     if sim.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    accepted, dropped, _ = sim._collect(clients, 1)
+    accepted, dropped, _ = sim.collect(clients, 1)
     if sim.device.type == "cuda":
         torch.cuda.synchronize()
     assert not dropped and len(accepted) == len(clients), dropped

@@ -17,7 +17,7 @@ import torch
 
 from fedlora.config import load_config
 from fedlora.models import pick_device
-from fedlora.server import Simulation
+from fedlora.simulator import Simulator
 
 HERE = Path(__file__).resolve().parent
 # Fed-SB trains r x r per layer, so it affords a larger rank for the same traffic (as in the paper).
@@ -49,7 +49,7 @@ def main() -> None:
         overrides = METHODS[name] + (CPU_SCALE if args.scale == "cpu" else [])
         cfg = load_config(HERE / "gsm8k_smollm2.toml", overrides)
         start = time.time()
-        sim = Simulation(cfg, Path(args.out) / f"{args.scale}-{name}", progress=False)
+        sim = Simulator(cfg, Path(args.out) / f"{args.scale}-{name}", progress=False)
         summary = sim.run(resume=True)
         log = [json.loads(line) for line in (sim.out / "rounds.jsonl").read_text().splitlines()]
         rows.append({"method": name, "rank": cfg.adapter.rank, "lr": cfg.train.lr,

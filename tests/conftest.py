@@ -205,12 +205,12 @@ class Killed(Exception):
 
 def run_until_killed(sim, monkeypatch, after_round: int) -> None:
     """Run a simulation that dies right after writing the checkpoint of `after_round`."""
-    real_save = sim._save_checkpoint
+    real_save = sim.server.save_checkpoint
 
-    def save_then_die(r):
-        real_save(r)
+    def save_then_die(r, runtime_state=None):
+        real_save(r, runtime_state)
         if r == after_round:
             raise Killed
-    monkeypatch.setattr(sim, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(sim.server, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         sim.run()

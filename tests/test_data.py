@@ -152,11 +152,72 @@ def test_string_labels_use_sorted_train_vocabulary(tmp_path):
 
 
 def test_integer_string_labels_are_converted(tmp_path):
-    train = write(tmp_path / "train.csv", "text,label\na,2\nb,0\nc,2\n")
+    train = write(tmp_path / "train.csv", "text,label\na,2\nb,0\nc,2\nd,1\n")
     dev = write(tmp_path / "dev.jsonl", '{"text": "d", "label": 1}\n{"text": "e", "label": "0"}\n')
     data = read_classification_files(train, dev, ["text"], "label")
-    assert data.train.labels == [2, 0, 2] and data.eval.labels == [1, 0]
+    assert data.train.labels == [2, 0, 2, 1] and data.eval.labels == [1, 0]
     assert data.num_labels == 3 and data.label_names == ["0", "1", "2"]
+
+
+def test_integer_labels_map_to_contiguous_ids(tmp_path):
+    # labels 1..4 (as AG News ships them) are four classes, ids 0..3, in numeric order (10 after 9)
+    train = write(tmp_path / "train.csv", "text,label\na,4\nb,1\nc,10\nd,2\ne,01\n")
+    dev = write(tmp_path / "dev.jsonl", '{"text": "f", "label": 10}\n{"text": "g", "label": "2"}\n')
+    data = read_classification_files(train, dev, ["text"], "label")
+    assert data.label_names == ["1", "2", "4", "10"] and data.num_labels == 4
+    assert data.train.labels == [2, 0, 3, 1, 0] and data.eval.labels == [3, 1]
+    dev = write(tmp_path / "dev3.csv", "text,label\nf,1\ng,3\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(dev))} line 3: label 3 does not occur in the training "
+                                        rf"data {re.escape(str(train))} \(labels: 1, 2, 4, 10\)"):
+        read_classification_files(train, dev, ["text"], "label")
+
+
+def test_a_label_that_is_not_a_class_is_refused(tmp_path):
+    # 0.5 or a typo among integer labels would add a class without a word: refused with its line
+    for typo in ("0.5", "l", "2x"):
+        train = write(tmp_path / "train.csv", f"text,label\na,1\nb,2\nc,{typo}\nd,1\n")
+        with pytest.raises(DataError, match=rf"^{re.escape(str(train))} line 4: label '{re.escape(typo)}' is not "
+                                            rf"an integer, but 3 of the 4 training labels are"):
+            read_classification_files(train, train, ["text"], "label")
+    train = write(tmp_path / "train.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0.5}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(train))} line 2: label must be an integer or a string"):
+        read_classification_files(train, train, ["text"], "label")
+    train = write(tmp_path / "names.csv", "text,label\na,pos\nb,neg\nc,7\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(train))} line 4: label 7 is an integer, but 2 of the 3 "):
+        read_classification_files(train, train, ["text"], "label")
+
+
+def test_headerless_csv_with_column_numbers(tmp_path):
+    train = write(tmp_path / "train.csv", '3,"Wall St. rises","Stocks, bonds"\n1,"Cup final",x\n')
+    data = load_classification(DataConfig(name=None, path=str(train), header=False, text_columns=[1, 2],
+                                          label_column=0, holdout_fraction=0.5))
+    assert sorted(data.train.text_a + data.eval.text_a) == ["Cup final", "Wall St. rises"]
+    assert data.label_names == ["1", "3"]
+    text_a, text_b, labels = read_table(train, [1], 0, header=False)
+    assert (text_a, text_b, labels) == (["Wall St. rises", "Cup final"], None, ["3", "1"])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(train))} line 1: no column 3 \(a row has 3 fields: "
+                                        rf"columns 0..2\)"):
+        read_table(train, [3], 0, header=False)
+    ragged = write(tmp_path / "ragged.tsv", "1\ta\n2\tb\textra\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(ragged))} line 2: expected 2 tab-separated fields, got 3"):
+        read_table(ragged, [1], 0, header=False)
+    jsonl = write(tmp_path / "x.jsonl", '{"a": "t", "b": 1}\n')
+    with pytest.raises(DataError, match="column numbers are for CSV/TSV"):
+        read_table(jsonl, [0], 1, header=False)
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(text_columns=[1], label_column=0), "data.text_columns: column numbers .*need data.header = false"),
+    (dict(header=False, text_columns=["text"], label_column=0), "data.text_columns: with data.header = false"),
+    (dict(header=False, text_columns=[1], label_column="label"), "data.label_column: with data.header = false"),
+    (dict(header=False, text_columns=[-1], label_column=0), "data.text_columns.0.*greater than or equal to 0"),
+])
+def test_column_numbers_go_with_header_false(data, message):
+    from fedlora.config import build_config
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build_config({"data": {"name": "none", **data}})
 
 
 def test_eval_label_unseen_in_train(tmp_path):
@@ -169,7 +230,7 @@ def test_eval_label_unseen_in_train(tmp_path):
     with pytest.raises(DataError, match=rf"^{re.escape(str(dev))} line 1: label 2 does not occur in the training data"):
         read_classification_files(train, dev, ["text"], "label")
     dev = write(tmp_path / "dev2.jsonl", '{"text": "a", "label": "pos"}\n')
-    with pytest.raises(DataError, match=rf"^{re.escape(str(dev))} line 1: label 'pos' is not an integer"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(dev))} line 1: label 'pos' does not occur"):
         read_classification_files(train, dev, ["text"], "label")
 
 
@@ -187,7 +248,7 @@ def test_plain_files_need_columns_and_eval_path(tmp_path):
         load_classification(DataConfig(name=None, path=str(train), eval_path=str(train), label_column="label"))
     with pytest.raises(DataError, match="data.label_column"):
         load_classification(DataConfig(name=None, path=str(train), eval_path=str(train), text_columns=["text"]))
-    with pytest.raises(DataError, match="data.eval_path"):
+    with pytest.raises(DataError, match="data.eval_path.*or set data.holdout_fraction"):
         load_classification(DataConfig(name=None, path=str(train), text_columns=["text"], label_column="label"))
     with pytest.raises(DataError, match=rf"data.path.*{re.escape(str(tmp_path / 'missing.tsv'))}"):
         load_classification(files_config(tmp_path / "missing.tsv", train))
@@ -257,6 +318,10 @@ def test_holdout_evaluates_on_held_out_training_rows(tmp_path):
     tiny = write(tmp_path / "tiny.tsv", "text\tlabel\nx\t0\n")
     with pytest.raises(DataError, match="data.holdout_fraction"):
         load_classification(files_config(tiny, tiny, holdout_fraction=0.5))
+    # a plain training file alone: the held-out rows are the evaluation split
+    alone = load_classification(DataConfig(name=None, path=str(train), text_columns=["text"], label_column="label",
+                                           holdout_fraction=0.1))
+    assert alone.eval.text_a == tuned.eval.text_a and alone.train.text_a == tuned.train.text_a
 
 
 # ---------------------------------------------------------------- hub (datasets.load_dataset replaced)

@@ -23,7 +23,8 @@ from fedlora.flower.project import from_run_config, to_run_config, write_app  # 
 from fedlora.flower.records import from_record, to_record  # noqa: E402
 from fedlora.flower.strategy import FLOWER_BYTES, FedloraStrategy  # noqa: E402
 from fedlora.methods import METHODS  # noqa: E402
-from fedlora.server import Simulation  # noqa: E402
+from fedlora.simulator import Simulator  # noqa: E402
+from fedlora.federation import FederationServer  # noqa: E402
 
 from conftest import read_log  # noqa: E402
 from flower_federation import LoopbackFederation  # noqa: E402
@@ -84,7 +85,7 @@ class InMemoryGrid(Grid):
 
 def run_in_memory(cfg, out: Path) -> tuple[FedloraStrategy, InMemoryGrid]:
     run_config = to_run_config(cfg)
-    strategy = FedloraStrategy(Simulation(from_run_config(run_config), out, progress=False), round_timeout=5,
+    strategy = FedloraStrategy(FederationServer.from_config(from_run_config(run_config), out, progress=False), round_timeout=5,
                                node_wait=0)
     grid = InMemoryGrid(client_app(), run_config, cfg.federation.num_clients)
     strategy.start(grid)
@@ -100,15 +101,15 @@ def assert_same_tensors(a: dict, b: dict, tol: float = 1e-6) -> None:
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_on_flower_matches_the_simulator_and_its_byte_counts(sim_config, tmp_path, name):
     cfg = sim_config(method={"name": name}, eval={"every": 0})  # 4 clients, 3 sampled per round, 2 rounds
-    sim = Simulation(cfg, tmp_path / "sim", progress=False)
+    sim = Simulator(cfg, tmp_path / "sim", progress=False)
     sim.run()
     strategy, grid = run_in_memory(cfg, tmp_path / "flower")
     # the same global state, and the same W0 after FedEx-LoRA's or FLoRA's merges, on the server and on every
     # client (the W0 a client keeps in its node's context.state)
-    assert_same_tensors(strategy.sim.method.global_state, sim.method.global_state)
+    assert_same_tensors(strategy.server.method.global_state, sim.method.global_state)
     kept = {c.node_config["partition-id"]: c.state for c in grid.contexts.values()}
     if sim.method.changes_base:
-        assert_same_tensors(strategy.sim.adapted.base_weights(), sim.adapted.base_weights())
+        assert_same_tensors(strategy.server.adapted.base_weights(), sim.adapted.base_weights())
         for state in kept.values():
             assert_same_tensors(from_record(state["fedlora.base"]), sim.adapted.base_weights())
     if name == "fedsa":  # every client's own B, which never leaves it, as the simulator's
@@ -133,9 +134,9 @@ def test_a_client_that_raises_is_dropped_and_named(sim_config, tmp_path, monkeyp
     cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 2})
     monkeypatch.setenv("FEDLORA_FLOWER_FAULT", "raise@2")
     run_config = to_run_config(cfg)
-    strategy = FedloraStrategy(Simulation(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
+    strategy = FedloraStrategy(FederationServer.from_config(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
     grid = InMemoryGrid(client_app(), run_config, cfg.federation.num_clients)
-    faulty = sorted(strategy.sim._sample_clients(2))[0]
+    faulty = sorted(strategy.server.sample_clients(2))[0]
     real_send = grid.send_and_receive
 
     def only_one_faulty(messages, *, timeout=None):  # the fault is set for every node: keep it to one
@@ -189,7 +190,7 @@ def test_live_loopback_federation_matches_the_simulator(loopback_config, tmp_pat
                             node_wait=60).parent
             done = federation.run(app, timeout=300)
             assert (tmp_path / f"flower-{name}" / "summary.json").exists(), done.stdout + federation.logs()
-            sim = Simulation(cfg, tmp_path / f"sim-{name}", progress=False)
+            sim = Simulator(cfg, tmp_path / f"sim-{name}", progress=False)
             sim.run()
             assert_same_tensors(adapter(tmp_path / f"flower-{name}"), adapter(tmp_path / f"sim-{name}"))
             flower = json.loads((tmp_path / f"flower-{name}" / FLOWER_BYTES).read_text())
@@ -236,17 +237,17 @@ def test_a_node_trains_on_its_own_copy_of_the_data(sim_config, toy_data, tmp_pat
     copy = tmp_path / "mine" / "train.tsv"
     copy.parent.mkdir()
     copy.write_text(Path(toy_data["path"]).read_text())
-    sim = Simulation(cfg, tmp_path / "sim", progress=False)
+    sim = Simulator(cfg, tmp_path / "sim", progress=False)
     sim.run()
     run_config = to_run_config(cfg)
     grid = InMemoryGrid(client_app(), run_config, 2)
     list(grid.contexts.values())[0].node_config["data-path"] = str(copy)
-    strategy = FedloraStrategy(Simulation(cfg, tmp_path / "one", progress=False), round_timeout=5, node_wait=0)
+    strategy = FedloraStrategy(FederationServer.from_config(cfg, tmp_path / "one", progress=False), round_timeout=5, node_wait=0)
     strategy.start(grid)
-    assert_same_tensors(strategy.sim.method.global_state, sim.method.global_state)
+    assert_same_tensors(strategy.server.method.global_state, sim.method.global_state)
 
     list(grid.contexts.values())[1].node_config["data-path"] = str(tmp_path / "nowhere.tsv")
-    strategy = FedloraStrategy(Simulation(cfg, tmp_path / "two", progress=False), round_timeout=5, node_wait=0)
+    strategy = FedloraStrategy(FederationServer.from_config(cfg, tmp_path / "two", progress=False), round_timeout=5, node_wait=0)
     strategy.start(grid)
     dropped = read_log(tmp_path / "two")[1]["dropped"]
     assert [d["client"] for d in dropped] == [1] and "nowhere.tsv" in dropped[0]["reason"]
@@ -294,9 +295,9 @@ def test_malformed_replies_are_checked_like_the_simulator_checks_updates(sim_con
     from flwr.app import Array, ArrayRecord
 
     cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 1, "rounds": 1})
-    strategy = FedloraStrategy(Simulation(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
+    strategy = FedloraStrategy(FederationServer.from_config(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
     grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
-    wrong_shape, garbage, _ = strategy.sim._sample_clients(1)
+    wrong_shape, garbage, _ = strategy.server.sample_clients(1)
     real_send = grid.send_and_receive
 
     def tamper(messages, *, timeout=None):
@@ -319,7 +320,7 @@ def test_malformed_replies_are_checked_like_the_simulator_checks_updates(sim_con
     dropped = {d["client"]: d["reason"] for d in read_log(tmp_path)[1]["dropped"]}
     assert set(dropped) == {wrong_shape, garbage}
     assert "has shape (3, 3)" in dropped[wrong_shape] and "no readable tensors" in dropped[garbage]
-    assert read_log(tmp_path)[1]["clients"] == sorted(set(strategy.sim._sample_clients(1)) - set(dropped))
+    assert read_log(tmp_path)[1]["clients"] == sorted(set(strategy.server.sample_clients(1)) - set(dropped))
 
 
 def test_a_node_the_superlink_reports_gone_is_dropped(sim_config, tmp_path):
@@ -328,9 +329,9 @@ def test_a_node_the_superlink_reports_gone_is_dropped(sim_config, tmp_path):
     from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
     cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 1, "rounds": 1})
-    strategy = FedloraStrategy(Simulation(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
+    strategy = FedloraStrategy(FederationServer.from_config(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
     grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
-    gone = strategy.sim._sample_clients(1)[0]
+    gone = strategy.server.sample_clients(1)[0]
     real_send = grid.send_and_receive
 
     def superlink(messages, *, timeout=None):

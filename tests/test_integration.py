@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from fedlora.config import build_config
-from fedlora.server import Simulation
+from fedlora.simulator import Simulator
 
 from conftest import SHARED_DATA, minilm_path
 
@@ -35,7 +35,7 @@ def sst2_config(monkeypatch):
 
 @pytest.mark.parametrize("method", ["fedsb", "fedex"])
 def test_peft_export_reproduces_the_federated_model(sst2_config, tmp_path, method):
-    sim = Simulation(sst2_config(method), tmp_path, progress=False)
+    sim = Simulator(sst2_config(method), tmp_path, progress=False)
     summary = sim.run()
     assert summary["final_eval"]["accuracy"] > 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -63,5 +63,5 @@ def test_fedsb_learns_sst2(sst2_config, tmp_path):
     cfg.federation.rounds = 5
     cfg.eval.every = 5
     cfg.eval.max_examples = 256
-    summary = Simulation(cfg, tmp_path, progress=False).run()
+    summary = Simulator(cfg, tmp_path, progress=False).run()
     assert summary["final_eval"]["accuracy"] > 0.6

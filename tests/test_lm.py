@@ -8,7 +8,7 @@ import torch
 from fedlora.config import build_config
 from fedlora.lm_task import IGNORE, PLAIN_TEMPLATE
 from fedlora.methods import METHODS
-from fedlora.server import Simulation
+from fedlora.simulator import Simulator
 
 from conftest import read_log, run_until_killed, without_seconds
 
@@ -16,7 +16,7 @@ from conftest import read_log, run_until_killed, without_seconds
 @pytest.fixture
 def lm_sim(lm_config, tmp_path):
     def make(**sections):
-        return Simulation(lm_config(**sections), tmp_path / "run", progress=False)
+        return Simulator(lm_config(**sections), tmp_path / "run", progress=False)
     return make
 
 
@@ -106,14 +106,14 @@ def test_core_guarantees_hold_on_llama(lm_config, tmp_path, monkeypatch, name):
     from transformers import AutoModelForCausalLM
 
     cfg = lm_config(method={"name": name}, federation={"rounds": 2}, train={"keep_optimizer_state": True})
-    whole = Simulation(cfg, tmp_path / "whole", progress=False)
+    whole = Simulator(cfg, tmp_path / "whole", progress=False)
     whole.run()
     log = read_log(tmp_path / "whole")
     if name in ("ffa", "fedsb", "fedex", "flora", "full"):
         assert all(r["agg_error"] < 1e-5 for r in log[1:]), [r["agg_error"] for r in log]
 
-    run_until_killed(Simulation(cfg, tmp_path / "cut", progress=False), monkeypatch, after_round=1)
-    resumed = Simulation(cfg, tmp_path / "cut", progress=False)
+    run_until_killed(Simulator(cfg, tmp_path / "cut", progress=False), monkeypatch, after_round=1)
+    resumed = Simulator(cfg, tmp_path / "cut", progress=False)
     resumed.run(resume=True)
     assert without_seconds(read_log(tmp_path / "cut")) == without_seconds(log)
     a, b = whole.method.eval_state(), resumed.method.eval_state()
@@ -142,7 +142,7 @@ def test_dp_training_on_llama_matches_per_example_reference(lm_sim, grad_norm):
     from torch.func import functional_call, grad
 
     sim = lm_sim(method={"name": "ffa"}, privacy={"noise_multiplier": 1.0, "grad_norm": grad_norm})
-    sim._setup_privacy(None)
+    sim.setup_privacy()
     keys = sim.method.trainable_keys()
     params = sim.adapted.parameters_by_key()
     batch = sim.task.batch([0, 1, 2, 3])
@@ -151,9 +151,9 @@ def test_dp_training_on_llama_matches_per_example_reference(lm_sim, grad_norm):
             params[k].normal_(0, 0.1)
     for p in sim.adapted.set_trainable(keys):
         p.grad = None
-    with sim._recorder.recording(batch["attention_mask"]):
+    with sim.clients.recorder.recording(batch["attention_mask"]):
         sim.task.example_losses(sim.model, batch).sum().backward()
-    ours, _ = sim._recorder.clipped_sum(0.5)
+    ours, _ = sim.clients.recorder.clipped_sum(0.5)
 
     names = {k: n for n, p in sim.model.named_parameters() for k, q in params.items() if p is q}
     expected = {k: torch.zeros_like(params[k]) for k in keys}
@@ -189,7 +189,7 @@ def test_smollm2_federated_run_on_cpu(smollm2_dir, toy_instructions, tmp_path):
         "eval": {"every": 2, "max_examples": 4, "max_new_tokens": 8, "batch_size": 4},
         "fedsb": {"init_examples": 4},
     })
-    summary = Simulation(cfg, tmp_path, progress=False).run()
+    summary = Simulator(cfg, tmp_path, progress=False).run()
     log = read_log(tmp_path)
     assert [r["round"] for r in log] == [0, 1, 2]
     assert all(r["agg_error"] < 1e-5 for r in log[1:])

@@ -8,7 +8,7 @@ from fedlora.adapters import AdaptedModel
 from fedlora.config import build_config
 from fedlora.init_sb import gradient_sums
 from fedlora.methods import METHODS, InitContext
-from fedlora.server import aggregation_error
+from fedlora.federation import aggregation_error
 
 from conftest import tiny_bert, tiny_gpt2
 

@@ -13,7 +13,7 @@ from fedlora.data import load_classification
 from fedlora.errors import ConfigError
 from fedlora.privacy.dpsgd import DPSGD
 from fedlora.privacy.grad_sample import for_trainable
-from fedlora.server import Simulation
+from fedlora.simulator import Simulator
 from fedlora.tasks import ClassificationTask
 
 from conftest import config_with, minilm_path, read_log
@@ -50,9 +50,9 @@ def assert_states_match(got: dict, want: dict, what: str, tolerance: float = TOL
         assert diff < tolerance, f"{what} {k}: relative difference {diff:.2e}"
 
 
-def recorded_run(cfg, out, prepare=lambda sim: None) -> tuple[Simulation, list[dict]]:
+def recorded_run(cfg, out, prepare=lambda sim: None) -> tuple[Simulator, list[dict]]:
     """Run a simulation; every round's {client: upload} as the server received them."""
-    sim = Simulation(cfg, out, progress=False)
+    sim = Simulator(cfg, out, progress=False)
     prepare(sim)
     uploads = []
     aggregate = sim.method.aggregate
@@ -80,7 +80,7 @@ def joint_groups(monkeypatch) -> list[list[int]]:
     return trained
 
 
-def assert_runs_match(make_cfg, tmp_path, tolerance=TOLERANCE, **sections) -> tuple[Simulation, Simulation]:
+def assert_runs_match(make_cfg, tmp_path, tolerance=TOLERANCE, **sections) -> tuple[Simulator, Simulator]:
     alone, alone_uploads = recorded_run(make_cfg(1, **sections), tmp_path / "one-by-one")
     joint, joint_uploads = recorded_run(make_cfg(3, **sections), tmp_path / "together")
     assert [sorted(u) for u in joint_uploads] == [sorted(u) for u in alone_uploads]
@@ -127,11 +127,11 @@ def test_optimizer_state_clipping_and_uneven_shards(cfg_parallel, tmp_path, join
     alone, joint = assert_runs_match(cfg_parallel, tmp_path, tolerance, method={"name": "fedit"}, train=train,
                                      federation={"num_clients": 4, "clients_per_round": 3, "rounds": 3})
     assert joint_groups == [record["clients"] for record in read_log(tmp_path / "together")[1:]]
-    assert min(alone.client_sizes) < 16 and sorted(alone.optimizer_states) == sorted(joint.optimizer_states)
-    for c, state in alone.optimizer_states.items():  # clients sampled a different number of times
+    assert min(alone.client_sizes) < 16 and sorted(alone.clients.optimizer_states) == sorted(joint.clients.optimizer_states)
+    for c, state in alone.clients.optimizer_states.items():  # clients sampled a different number of times
         for i, s in state["state"].items():
             for name, value in s.items():
-                assert relative_difference(joint.optimizer_states[c]["state"][i][name].float(),
+                assert relative_difference(joint.clients.optimizer_states[c]["state"][i][name].float(),
                                            value.float()) < tolerance, (c, i, name)
 
 
@@ -234,16 +234,16 @@ def test_a_client_whose_upload_fails_after_joint_training_is_dropped_alone(cfg_p
 
 
 def test_which_runs_train_clients_together(cfg_parallel, sim_config, tmp_path):
-    sim = Simulation(cfg_parallel("auto", method={"name": "ffa"}), tmp_path / "a", progress=False)
+    sim = Simulator(cfg_parallel("auto", method={"name": "ffa"}), tmp_path / "a", progress=False)
     assert parallel.client_groups(sim, [0, 1, 2]) == [[0, 1, 2]]
     sim.cfg.federation.parallel_clients = 2
     assert parallel.client_groups(sim, [0, 1, 2]) == [[0, 1], [2]]
     sim.cfg.federation.client_timeout = 5.0
     assert parallel.client_groups(sim, [0, 1, 2]) == [[0], [1], [2]]
-    with_dropout = Simulation(sim_config(method={"name": "ffa"}), tmp_path / "b", progress=False)
+    with_dropout = Simulator(sim_config(method={"name": "ffa"}), tmp_path / "b", progress=False)
     assert parallel.sequential_reason(with_dropout, auto=True) == "dropout draws its masks per client"
     assert parallel.client_groups(with_dropout, [0, 1, 2]) == [[0], [1], [2]]
-    full = Simulation(cfg_parallel(3, method={"name": "full"}), tmp_path / "c", progress=False)
+    full = Simulator(cfg_parallel(3, method={"name": "full"}), tmp_path / "c", progress=False)
     assert parallel.client_groups(full, [0, 1, 2]) == [[0], [1], [2]]
 
 

@@ -7,7 +7,7 @@ from fedlora.errors import ConfigError
 from fedlora.methods import METHODS
 from fedlora.privacy.dpsgd import DPSGD
 from fedlora.privacy.grad_sample import for_trainable
-from fedlora.server import Simulation
+from fedlora.simulator import Simulator
 
 from conftest import read_log, run_until_killed, without_seconds
 from test_grad_sample import build, padded_batch
@@ -50,7 +50,7 @@ def opacus_epsilon(segments, delta):
 def test_epsilon_composes_every_step_of_every_round(sim_config, tmp_path):
     cfg = sim_config(method={"name": "fedsb"}, federation={"num_clients": 4, "clients_per_round": 2, "rounds": 3},
                      privacy={"noise_multiplier": 1.1, "clip_norm": 0.8})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     summary = sim.run()
     log = read_log(tmp_path)
     delta = summary["privacy"]["delta"]
@@ -60,7 +60,7 @@ def test_epsilon_composes_every_step_of_every_round(sim_config, tmp_path):
     for c in range(4):
         segments = []
         if c in log[0]["clients"]:  # the private LoRA-SB initialisation: one Poisson-sampled release
-            segments.append((1.1, sim.init_examples[c] / sim.client_sizes[c], 1))
+            segments.append((1.1, sim.server.init_examples[c] / sim.client_sizes[c], 1))
         segments.append((1.1, min(1.0, 8 / sim.client_sizes[c]), rounds_of[c] * cfg.train.local_steps))
         assert spent.get(c, 0.0) == pytest.approx(opacus_epsilon(segments, delta), rel=1e-6)
     assert log[-1]["epsilon"] == pytest.approx(max(spent.values()))
@@ -72,7 +72,7 @@ def test_epsilon_composes_every_step_of_every_round(sim_config, tmp_path):
 
 def test_calibrated_run_ends_within_5_percent_under_the_target(sim_config, tmp_path):
     cfg = sim_config(method={"name": "ffa"}, privacy={"epsilon": 3.0})
-    summary = Simulation(cfg, tmp_path, progress=False).run()
+    summary = Simulator(cfg, tmp_path, progress=False).run()
     assert 0.95 * 3.0 <= summary["privacy"]["epsilon_max"] <= 3.0
     assert summary["privacy"]["noise_multiplier"] > 0
 
@@ -80,33 +80,33 @@ def test_calibrated_run_ends_within_5_percent_under_the_target(sim_config, tmp_p
 def test_a_run_that_would_exceed_the_target_is_refused(sim_config, tmp_path):
     cfg = sim_config(privacy={"epsilon": 1.0, "noise_multiplier": 0.3})
     with pytest.raises(ConfigError, match=r"planned training spends epsilon [\d.]+ > privacy.epsilon 1.0"):
-        Simulation(cfg, tmp_path, progress=False).run()
+        Simulator(cfg, tmp_path, progress=False).run()
     assert not (tmp_path / "rounds.jsonl").exists()
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_trains_under_dp(sim_config, tmp_path, name):
     cfg = sim_config(method={"name": name}, federation={"rounds": 1}, privacy={"noise_multiplier": 0.9})
-    summary = Simulation(cfg, tmp_path, progress=False).run()
+    summary = Simulator(cfg, tmp_path, progress=False).run()
     assert summary["privacy"]["epsilon_max"] > 0
     assert read_log(tmp_path)[1]["epsilon"] > 0
 
 
 def test_init_noise_of_its_own_is_charged_and_calibrated_around(sim_config, tmp_path):
     cfg = sim_config(method={"name": "fedsb"}, privacy={"epsilon": 3.0}, fedsb={"init_noise_multiplier": 8.0})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     summary = sim.run()
-    first = sim.ledger.history[sorted(sim.init_examples)[0]][0]
+    first = sim.ledger.history[sorted(sim.server.init_examples)[0]][0]
     assert first[0] == 8.0 and first[2] == 1
     assert 0.95 * 3.0 <= summary["privacy"]["epsilon_max"] <= 3.0
     assert summary["privacy"]["noise_multiplier"] != 8.0
 
 
 def test_private_fedsb_init_is_noised_and_charged(sim_config, tmp_path):
-    plain = Simulation(sim_config(method={"name": "fedsb"}), tmp_path / "plain", progress=False)
-    private = Simulation(sim_config(method={"name": "fedsb"}, privacy={"noise_multiplier": 1.0}),
+    plain = Simulator(sim_config(method={"name": "fedsb"}), tmp_path / "plain", progress=False)
+    private = Simulator(sim_config(method={"name": "fedsb"}, privacy={"noise_multiplier": 1.0}),
                          tmp_path / "private", progress=False)
-    private._setup_privacy(None)
+    private.setup_privacy()
     client = sorted(private.init_examples)[0]
     g_plain, g_private = plain._client_gradient_sum(client), private._client_gradient_sum(client)
     assert private.ledger.history[client] == [(1.0, private.init_examples[client] / private.client_sizes[client], 1)]
@@ -119,7 +119,7 @@ def test_public_fedsb_init_costs_no_privacy_and_no_upload(sim_config, toy_data, 
               "text_columns": ["sentence"], "label_column": "label"}
     cfg = sim_config(method={"name": "fedsb"}, fedsb={"init_data": "public", "public_data": public},
                      privacy={"noise_multiplier": 1.0})
-    Simulation(cfg, tmp_path, progress=False).run()
+    Simulator(cfg, tmp_path, progress=False).run()
     log = read_log(tmp_path)
     assert log[0]["bytes_up"] == 0 and log[0]["epsilon"] == 0.0 and log[0]["bytes_down"] > 0
     with pytest.raises(ConfigError, match="fedsb.public_data is required"):
@@ -128,10 +128,10 @@ def test_public_fedsb_init_costs_no_privacy_and_no_upload(sim_config, toy_data, 
 
 def test_resume_under_dp_is_bit_identical(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 3}, privacy={"epsilon": 5.0})
-    whole = Simulation(cfg, tmp_path / "whole", progress=False)
+    whole = Simulator(cfg, tmp_path / "whole", progress=False)
     whole.run()
-    run_until_killed(Simulation(cfg, tmp_path / "cut", progress=False), monkeypatch, after_round=2)
-    resumed = Simulation(cfg, tmp_path / "cut", progress=False)
+    run_until_killed(Simulator(cfg, tmp_path / "cut", progress=False), monkeypatch, after_round=2)
+    resumed = Simulator(cfg, tmp_path / "cut", progress=False)
     resumed.run(resume=True)
     a, b = whole.method.eval_state(), resumed.method.eval_state()
     assert all(torch.equal(a[k], b[k]) for k in a)

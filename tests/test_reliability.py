@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fedlora.aggregation import combine
 from fedlora.errors import ConfigError, FedloraError, RoundFailed
-from fedlora.server import Simulation
+from fedlora.simulator import Simulator
 from fedlora.validation import update_problem
 
 from conftest import Killed, read_log, run_until_killed, without_seconds
@@ -21,7 +21,7 @@ from conftest import Killed, read_log, run_until_killed, without_seconds
 
 def inject(sim, faults: dict, monkeypatch):
     """faults: (round, client) -> "raise" | "none" | callable(payload) -> hostile payload | "slow"."""
-    real = sim._client_update
+    real = sim.clients.update
     uploads = {}
 
     def client_update(c, r, start, deadline):
@@ -31,16 +31,16 @@ def inject(sim, faults: dict, monkeypatch):
         if fault == "none":
             return None
         if fault == "slow":
-            real_losses = sim._losses
+            real_losses = sim.clients.losses
 
             def slow(batch):
                 time.sleep(0.4)
                 return real_losses(batch)
-            monkeypatch.setattr(sim, "_losses", slow)
+            monkeypatch.setattr(sim.clients, "losses", slow)
             try:
                 return real(c, r, start, deadline)
             finally:
-                monkeypatch.setattr(sim, "_losses", real_losses)
+                monkeypatch.setattr(sim.clients, "losses", real_losses)
         update = real(c, r, start, deadline)
         if callable(fault):
             update.payload = fault(dict(update.payload))
@@ -48,7 +48,7 @@ def inject(sim, faults: dict, monkeypatch):
             uploads[(r, c)] = {k: v.clone() for k, v in update.payload.items()}
         return update
 
-    monkeypatch.setattr(sim, "_client_update", client_update)
+    monkeypatch.setattr(sim.clients, "update", client_update)
     return uploads
 
 
@@ -68,7 +68,7 @@ def assert_global_is(sim, expected):
 def test_failing_and_silent_clients_are_dropped_and_weights_renormalised(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(method={"name": "ffa"}, federation={"num_clients": 4, "clients_per_round": 4, "rounds": 1,
                                                           "min_clients": 2})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     uploads = inject(sim, {(1, 0): "raise", (1, 2): "none"}, monkeypatch)
     sim.run()
     record = read_log(tmp_path)[1]
@@ -82,7 +82,7 @@ def test_failing_and_silent_clients_are_dropped_and_weights_renormalised(sim_con
 def test_a_client_past_the_timeout_is_dropped(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(method={"name": "fedsb"}, federation={"num_clients": 3, "clients_per_round": 3, "rounds": 1,
                                                             "client_timeout": 0.5})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     uploads = inject(sim, {(1, 1): "slow"}, monkeypatch)
     sim.run()
     record = read_log(tmp_path)[1]
@@ -146,7 +146,7 @@ def test_hostile_update_is_rejected_and_never_reaches_the_global_state(sim_confi
                                                                        hostile, reason):
     cfg = sim_config(method={"name": "fedit"}, federation={"num_clients": 3, "clients_per_round": 3, "rounds": 1},
                      server={"max_update_norm": 100.0})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     uploads = inject(sim, {(1, 1): hostile}, monkeypatch)
     sim.run()
     record = read_log(tmp_path)[1]
@@ -158,9 +158,9 @@ def test_hostile_update_is_rejected_and_never_reaches_the_global_state(sim_confi
 def test_too_few_clients_stops_keeping_finished_rounds_and_resume_matches(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(method={"name": "fedsb"}, federation={"num_clients": 3, "clients_per_round": 3, "rounds": 3,
                                                             "min_clients": 3})
-    whole = Simulation(cfg, tmp_path / "whole", progress=False)
+    whole = Simulator(cfg, tmp_path / "whole", progress=False)
     whole.run()
-    cut = Simulation(cfg, tmp_path / "cut", progress=False)
+    cut = Simulator(cfg, tmp_path / "cut", progress=False)
     inject(cut, {(2, 1): "raise"}, monkeypatch)
     with pytest.raises(RoundFailed, match=r"round 2: 2 of 3 clients answered, fewer than federation.min_clients = 3 "
                                           r"\(dropped: client 1: raised RuntimeError.*stopped after round 1"):
@@ -168,7 +168,7 @@ def test_too_few_clients_stops_keeping_finished_rounds_and_resume_matches(sim_co
     log = read_log(tmp_path / "cut")
     assert [r["round"] for r in log] == [0, 1, 2] and log[-1]["failed"]
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["round"] == 1
-    resumed = Simulation(cfg, tmp_path / "cut", progress=False)  # the client is back
+    resumed = Simulator(cfg, tmp_path / "cut", progress=False)  # the client is back
     resumed.run(resume=True)
     assert without_seconds(read_log(tmp_path / "cut")) == without_seconds(read_log(tmp_path / "whole"))
     final, expected = resumed.method.eval_state(), whole.method.eval_state()
@@ -179,11 +179,11 @@ def test_too_few_clients_stops_keeping_finished_rounds_and_resume_matches(sim_co
 def test_retry_after_a_transient_fault_gives_the_clean_result(sim_config, tmp_path, monkeypatch, name):
     cfg = sim_config(method={"name": name}, federation={"num_clients": 3, "clients_per_round": 3, "rounds": 2,
                                                          "min_clients": 3, "on_too_few_clients": "retry"})
-    clean = Simulation(cfg, tmp_path / "clean", progress=False)
+    clean = Simulator(cfg, tmp_path / "clean", progress=False)
     clean.run()
-    sim = Simulation(cfg, tmp_path / "faulty", progress=False)
+    sim = Simulator(cfg, tmp_path / "faulty", progress=False)
     calls = {"n": 0}
-    real = sim._client_update
+    real = sim.clients.update
 
     def flaky(c, r, start, deadline):  # client 2 fails its first try in round 1
         if (r, c) == (1, 2):
@@ -191,7 +191,7 @@ def test_retry_after_a_transient_fault_gives_the_clean_result(sim_config, tmp_pa
             if calls["n"] == 1:
                 raise ConnectionError("link reset")
         return real(c, r, start, deadline)
-    monkeypatch.setattr(sim, "_client_update", flaky)
+    monkeypatch.setattr(sim.clients, "update", flaky)
     sim.run()
     record = read_log(tmp_path / "faulty")[1]
     assert record["retries"] == 1 and record["dropped"] == []
@@ -204,7 +204,7 @@ def test_retry_after_a_transient_fault_gives_the_clean_result(sim_config, tmp_pa
 def test_retries_run_out(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(federation={"num_clients": 3, "clients_per_round": 3, "rounds": 1, "min_clients": 3,
                                  "on_too_few_clients": "retry", "round_retries": 2})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     inject(sim, {(1, 0): "raise"}, monkeypatch)
     with pytest.raises(RoundFailed, match="round 1"):
         sim.run()
@@ -213,17 +213,17 @@ def test_retries_run_out(sim_config, tmp_path, monkeypatch):
 
 def test_a_failed_attempt_leaves_a_clients_kept_optimizer_state_as_it_was(sim_config, tmp_path):
     cfg = sim_config(method={"name": "ffa"}, train={"keep_optimizer_state": True, "optimizer": "adamw"})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     params = sim.adapted.set_trainable(sim.method.trainable_keys())
-    first = sim._client_optimizer(0, params)
+    first = sim.clients.optimizer(0, params)
     sum(p.sum() for p in params).backward()
     first.step()
-    sim.optimizer_states[0] = first.state_dict()
-    saved = copy.deepcopy(sim.optimizer_states[0])
-    attempt = sim._client_optimizer(0, params)  # an attempt that steps, then fails before it reports back
+    sim.clients.optimizer_states[0] = first.state_dict()
+    saved = copy.deepcopy(sim.clients.optimizer_states[0])
+    attempt = sim.clients.optimizer(0, params)  # an attempt that steps, then fails before it reports back
     attempt.step()
     assert saved["state"] and all(torch.equal(saved["state"][i][k], v) for i, state in
-                                  sim.optimizer_states[0]["state"].items() for k, v in state.items())
+                                  sim.clients.optimizer_states[0]["state"].items() for k, v in state.items())
 
 
 class _TornWrite(Exception):
@@ -235,10 +235,10 @@ def test_kill_during_checkpoint_write_then_resume_gives_the_same_run(sim_config,
     extra = {"privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0}} if dp else {}
     cfg = sim_config(method={"name": "fedsb"}, federation={"rounds": 3}, train={"keep_optimizer_state": True},
                      **extra)
-    whole = Simulation(cfg, tmp_path / "whole", progress=False)
+    whole = Simulator(cfg, tmp_path / "whole", progress=False)
     summary_whole = whole.run()
 
-    import fedlora.server as server
+    import fedlora.federation as server
     real_save = torch.save
     writes = {"n": 0}
 
@@ -252,11 +252,11 @@ def test_kill_during_checkpoint_write_then_resume_gives_the_same_run(sim_config,
         real_save(obj, path)
     monkeypatch.setattr(server.torch, "save", torn_save)
     with pytest.raises(_TornWrite):
-        Simulation(cfg, tmp_path / "cut", progress=False).run()
+        Simulator(cfg, tmp_path / "cut", progress=False).run()
     monkeypatch.setattr(server.torch, "save", real_save)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["round"] == 1
 
-    resumed = Simulation(cfg, tmp_path / "cut", progress=False)
+    resumed = Simulator(cfg, tmp_path / "cut", progress=False)
     summary = resumed.run(resume=True)
     final, expected = resumed.method.eval_state(), whole.method.eval_state()
     assert all(torch.equal(final[k], expected[k]) for k in expected)
@@ -267,19 +267,19 @@ def test_kill_during_checkpoint_write_then_resume_gives_the_same_run(sim_config,
 
 
 def test_checkpoint_of_another_method_is_refused(sim_config, tmp_path):
-    Simulation(sim_config(method={"name": "ffa"}, federation={"rounds": 1}), tmp_path, progress=False).run()
+    Simulator(sim_config(method={"name": "ffa"}, federation={"rounds": 1}), tmp_path, progress=False).run()
     with pytest.raises(FedloraError, match="key 'method.name' differs"):
-        Simulation(sim_config(method={"name": "fedsb"}), tmp_path, progress=False).run(resume=True)
+        Simulator(sim_config(method={"name": "fedsb"}), tmp_path, progress=False).run(resume=True)
 
 
 def test_rng_state_is_restored_on_resume(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(federation={"rounds": 2})
-    run_until_killed(Simulation(cfg, tmp_path, progress=False), monkeypatch, after_round=1)
+    run_until_killed(Simulator(cfg, tmp_path, progress=False), monkeypatch, after_round=1)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["rng"]
     torch.manual_seed(12345)
     np.random.seed(6789)
     random.seed(3)
-    Simulation(cfg, tmp_path, progress=False)._load_checkpoint()
+    Simulator(cfg, tmp_path, progress=False).server.load_checkpoint()
     assert torch.equal(torch.get_rng_state(), saved["torch"])
     assert np.random.get_state()[1].tolist() == saved["numpy"][1].tolist()
     assert random.getstate() == saved["python"]
@@ -308,7 +308,7 @@ def test_robust_rules_against_hand_computation():
 def test_median_aggregation_resists_a_hostile_client(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(method={"name": "ffa"}, federation={"num_clients": 3, "clients_per_round": 3, "rounds": 1},
                      server={"aggregation": "median"})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     uploads = inject(sim, {(1, 2): lambda p: {k: v + 1e3 for k, v in p.items()}}, monkeypatch)
     sim.run()
     state = sim.method.eval_state()
@@ -320,7 +320,7 @@ def test_median_aggregation_resists_a_hostile_client(sim_config, tmp_path, monke
 
 def test_robust_rules_refused_for_methods_that_are_not_a_weighted_sum(sim_config, tmp_path):
     with pytest.raises(ConfigError, match="server.aggregation = 'median' needs a method"):
-        Simulation(sim_config(method={"name": "flora"}, server={"aggregation": "median"}), tmp_path, progress=False)
+        Simulator(sim_config(method={"name": "flora"}, server={"aggregation": "median"}), tmp_path, progress=False)
 
 
 # -- privacy hygiene ----------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def test_robust_rules_refused_for_methods_that_are_not_a_weighted_sum(sim_config
 def test_only_the_payload_leaves_a_client_and_logs_hold_no_client_data(sim_config, toy_data, tmp_path):
     cfg = sim_config(method={"name": "ffa"}, privacy={"noise_multiplier": 1.0},
                      train={"keep_optimizer_state": True})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     method = sim.method
     sent = []
     real_upload = method.upload
@@ -362,7 +362,7 @@ def test_thousand_clients_with_five_percent_failing(sim_config, tmp_path, monkey
     cfg = sim_config(method={"name": "ffa"}, data={"path": str(tmp_path / "train.tsv"), "partition": "iid"},
                      federation={"num_clients": 1000, "clients_per_round": 1000, "rounds": 3, "min_clients": 900},
                      train={"local_steps": 1, "batch_size": 2}, eval={"every": 0, "max_examples": 8})
-    sim = Simulation(cfg, tmp_path / "run", progress=False)
+    sim = Simulator(cfg, tmp_path / "run", progress=False)
     failing = {(r, c): "raise" for r in (1, 2, 3) for c in random.Random(r).sample(range(1000), 50)}
     uploads = inject(sim, failing, monkeypatch)
     captured = {}

@@ -8,7 +8,7 @@ from safetensors.torch import save as safetensors_save
 
 from fedlora.errors import FedloraError
 from fedlora.methods import METHODS
-from fedlora.server import Simulation
+from fedlora.simulator import Simulator
 
 from conftest import read_log, run_until_killed, without_seconds
 
@@ -23,7 +23,7 @@ def serialised_tensor_bytes(payload):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_logged_bytes_are_the_serialised_payloads(sim_config, tmp_path, name):
     cfg = sim_config(method={"name": name})
-    sim = Simulation(cfg, tmp_path, progress=False)
+    sim = Simulator(cfg, tmp_path, progress=False)
     sent = {"up": {}, "down": {}}
     method = sim.method
     real_upload, real_download, real_aggregate = method.upload, method.download, method.aggregate
@@ -45,13 +45,13 @@ def test_logged_bytes_are_the_serialised_payloads(sim_config, tmp_path, name):
             sent["down"][r] += serialised_tensor_bytes(agg.broadcast) * cfg.federation.num_clients
         return agg
 
-    real_round = sim._round
+    real_round = sim.round
 
     def round_(r):
         current["round"] = r
         return real_round(r)
 
-    method.upload, method.download, method.aggregate, sim._round = upload, download, aggregate, round_
+    method.upload, method.download, method.aggregate, sim.round = upload, download, aggregate, round_
     sim.run()
     log = read_log(tmp_path)
     assert [r["round"] for r in log] == [0, 1, 2]
@@ -73,7 +73,7 @@ def test_logged_bytes_are_the_serialised_payloads(sim_config, tmp_path, name):
 def test_run_log_fields_and_agg_error(sim_config, tmp_path):
     for name in ("fedit", "ffa"):
         out = tmp_path / name
-        Simulation(sim_config(method={"name": name}), out, progress=False).run()
+        Simulator(sim_config(method={"name": name}), out, progress=False).run()
         log = read_log(out)
         for rec in log:
             assert set(rec) >= {"round", "clients", "train_loss", "eval", "bytes_up", "bytes_down", "agg_error",
@@ -89,9 +89,9 @@ def test_run_log_fields_and_agg_error(sim_config, tmp_path):
 
 
 def test_same_seed_same_numbers_other_seed_differs(sim_config, tmp_path):
-    a = Simulation(sim_config(method={"name": "fedsb"}), tmp_path / "a", progress=False).run()
-    b = Simulation(sim_config(method={"name": "fedsb"}), tmp_path / "b", progress=False).run()
-    c = Simulation(sim_config(method={"name": "fedsb"}, seed=4), tmp_path / "c", progress=False).run()
+    a = Simulator(sim_config(method={"name": "fedsb"}), tmp_path / "a", progress=False).run()
+    b = Simulator(sim_config(method={"name": "fedsb"}), tmp_path / "b", progress=False).run()
+    c = Simulator(sim_config(method={"name": "fedsb"}, seed=4), tmp_path / "c", progress=False).run()
     assert without_seconds(read_log(tmp_path / "a")) == without_seconds(read_log(tmp_path / "b"))
     assert a["final_eval"] == b["final_eval"]
     assert without_seconds(read_log(tmp_path / "a")) != without_seconds(read_log(tmp_path / "c"))
@@ -100,14 +100,14 @@ def test_same_seed_same_numbers_other_seed_differs(sim_config, tmp_path):
 @pytest.mark.parametrize("name,keep", [("fedex", False), ("fedsa", True), ("fedsb", True)])
 def test_resume_after_kill_is_bit_identical(sim_config, tmp_path, monkeypatch, name, keep):
     cfg = sim_config(method={"name": name}, federation={"rounds": 3}, train={"keep_optimizer_state": keep})
-    whole = Simulation(cfg, tmp_path / "whole", progress=False)
+    whole = Simulator(cfg, tmp_path / "whole", progress=False)
     whole.run()
 
-    run_until_killed(Simulation(cfg, tmp_path / "cut", progress=False), monkeypatch, after_round=1)
+    run_until_killed(Simulator(cfg, tmp_path / "cut", progress=False), monkeypatch, after_round=1)
     with (tmp_path / "cut" / "rounds.jsonl").open("a") as f:  # a round logged but never checkpointed
         f.write(json.dumps({"round": 2, "partial": True}) + "\n")
 
-    resumed = Simulation(cfg, tmp_path / "cut", progress=False)
+    resumed = Simulator(cfg, tmp_path / "cut", progress=False)
     resumed.run(resume=True)
     final_whole, final_resumed = whole.method.eval_state(), resumed.method.eval_state()
     assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
@@ -118,25 +118,25 @@ def test_resume_after_kill_is_bit_identical(sim_config, tmp_path, monkeypatch, n
 
 
 def test_resume_refuses_other_config_and_fresh_run_refuses_existing_dir(sim_config, tmp_path):
-    Simulation(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run()
+    Simulator(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run()
     with pytest.raises(FedloraError, match="already holds a run"):
-        Simulation(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run()
+        Simulator(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run()
     with pytest.raises(FedloraError, match="key 'train.lr' differs"):
-        Simulation(sim_config(train={"lr": 0.5}), tmp_path, progress=False).run(resume=True)
+        Simulator(sim_config(train={"lr": 0.5}), tmp_path, progress=False).run(resume=True)
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(FedloraError, match="not a readable fedlora checkpoint"):
-        Simulation(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run(resume=True)
+        Simulator(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run(resume=True)
 
 
 def test_more_rounds_can_be_added_on_resume(sim_config, tmp_path):
-    Simulation(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run()
-    Simulation(sim_config(federation={"rounds": 2}), tmp_path, progress=False).run(resume=True)
+    Simulator(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run()
+    Simulator(sim_config(federation={"rounds": 2}), tmp_path, progress=False).run(resume=True)
     assert [r["round"] for r in read_log(tmp_path)] == [0, 1, 2]
 
 
 def test_memory_is_shared_between_clients(sim_config, tmp_path):
     """One base model for every client: no module of the model is copied per client."""
-    sim = Simulation(sim_config(federation={"num_clients": 4, "clients_per_round": 4}), tmp_path, progress=False)
+    sim = Simulator(sim_config(federation={"num_clients": 4, "clients_per_round": 4}), tmp_path, progress=False)
     ids_before = {id(p) for p in sim.model.parameters()}
     sim.run()
     assert {id(p) for p in sim.model.parameters()} == ids_before
@@ -145,7 +145,7 @@ def test_memory_is_shared_between_clients(sim_config, tmp_path):
 def test_full_fedavg_exports_a_complete_model(sim_config, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    sim = Simulation(sim_config(method={"name": "full"}, federation={"rounds": 1}), tmp_path, progress=False)
+    sim = Simulator(sim_config(method={"name": "full"}, federation={"rounds": 1}), tmp_path, progress=False)
     sim.run()
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
     sim.model.eval()

@@ -12,11 +12,11 @@ from .errors import FedloraError
 
 def cmd_run(args) -> int:
     from .config import load_config
-    from .server import Simulation
+    from .simulator import Simulator
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    summary = Simulation(cfg, out, progress=not args.quiet).run(resume=args.resume)
+    summary = Simulator(cfg, out, progress=not args.quiet).run(resume=args.resume)
     ev = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_eval"].items())
     print(f"{summary['method']}: {summary['rounds']} rounds, final {ev}; "
           f"{summary['bytes_up_total']:,} bytes up, {summary['bytes_down_total']:,} bytes down -> {out}")

@@ -1,14 +1,34 @@
-"""Local training of one client: a plain loop over its batches, optionally DP-SGD."""
+"""The client side of a federation: local training of one client (a plain loop over its batches, optionally
+DP-SGD), and ClientTrainer, which trains any of the clients whose shards it holds on one shared model. The
+in-process simulator holds every client's shard; a Flower ClientApp holds its own."""
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
-from .config import TrainConfig
+from .adapters import AdaptedModel
+from .config import Config, TrainConfig
 from .errors import ClientTimeout
+from .federation import FederationPlan
+from .init_sb import gradient_sums, private_gradient_sum
+from .methods.base import Method
 from .privacy.dpsgd import DPSGD
+from .privacy.grad_sample import for_trainable
+from .seeding import derive_seed, rng
+from .tasks import Task
+
+
+@dataclass
+class ClientUpdate:
+    payload: dict[str, torch.Tensor]  # what the client sends
+    trained: dict[str, torch.Tensor]  # its whole trained state (for the exactness diagnostic only)
+    loss: float
+    optimizer_state: dict | None  # kept on the client across rounds with train.keep_optimizer_state
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -42,3 +62,93 @@ def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
         if deadline is not None and time.monotonic() > deadline:
             raise ClientTimeout(f"still training after {step} steps at federation.client_timeout")
     return losses
+
+
+class ClientTrainer:
+    """Trains clients on one shared model: each client's update starts from the state the method gives it,
+    on its own shard, with its own optimizer (kept across rounds with train.keep_optimizer_state), DP-SGD
+    noise and batch draws. `shards` maps a client to its training examples; `noise_multiplier` is None
+    without privacy."""
+
+    def __init__(self, cfg: Config, task: Task, adapted: AdaptedModel, method: Method, plan: FederationPlan,
+                 shards: dict[int, np.ndarray], noise_multiplier: float | None = None):
+        self.cfg, self.task, self.adapted, self.method, self.plan = cfg, task, adapted, method, plan
+        self.model = adapted.model
+        self.device = task.device
+        self.shards = shards
+        self.optimizer_states: dict[int, dict] = {}
+        self.noise_multiplier, self.recorder = None, None
+        if noise_multiplier is not None:
+            self.enable_privacy(noise_multiplier)
+
+    def enable_privacy(self, noise_multiplier: float) -> None:
+        """Train with DP-SGD at this noise multiplier (the one the server's plan calibrated)."""
+        self.noise_multiplier = noise_multiplier
+        if self.recorder is None:
+            self.recorder = for_trainable(self.adapted, self.method.trainable_keys(), self.cfg.privacy.grad_norm)
+
+    def losses(self, batch: dict) -> torch.Tensor:
+        return self.task.example_losses(self.model, batch)
+
+    def sample_rate(self, client: int) -> float:
+        return self.plan.sample_rate(client)
+
+    def dp(self, client: int, r: int, params: dict | None = None) -> DPSGD | None:
+        """The client's DP-SGD for round r over `params` (default: the model's trainable parameters)."""
+        if self.noise_multiplier is None:
+            return None
+        params = params or self.adapted.parameters_by_key()
+        noise = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.seed, "noise", r, client))
+        return DPSGD(self.recorder, {k: params[k] for k in self.method.trainable_keys()},
+                     self.cfg.privacy.clip_norm, self.noise_multiplier,
+                     self.sample_rate(client) * self.plan.client_sizes[client], noise)
+
+    def optimizer(self, client: int, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        optimizer = make_optimizer(params, self.cfg.train)
+        if self.cfg.train.keep_optimizer_state and client in self.optimizer_states:
+            # a copy: loading aliases the saved tensors, and an attempt that fails must leave them as they were
+            optimizer.load_state_dict(copy.deepcopy(self.optimizer_states[client]))
+        return optimizer
+
+    def update(self, client: int, r: int, start: dict, deadline: float | None = None) -> ClientUpdate:
+        """The client's local training of round r from `start`: what it sends back, and what it keeps."""
+        cfg, adapted = self.cfg, self.adapted
+        adapted.load_state(start)
+        optimizer = self.optimizer(client, adapted.set_trainable(self.method.trainable_keys()))
+        torch.manual_seed(derive_seed(cfg.seed, "client", r, client))  # dropout
+        dp = self.dp(client, r)
+        batches = self.task.client_batches(self.shards[client], cfg.train.batch_size, cfg.train.local_steps,
+                                           rng(cfg.seed, "client", r, client),
+                                           sample_rate=self.sample_rate(client) if dp else None)
+        step_losses = local_train(self.model, optimizer, batches, self.losses, cfg.train.max_grad_norm, dp, deadline)
+        return self.result(client, adapted.state(), step_losses, optimizer)
+
+    def result(self, client: int, trained: dict, step_losses: list[float],
+               optimizer: torch.optim.Optimizer) -> ClientUpdate:
+        return ClientUpdate(payload=self.method.upload(client, trained), trained=trained,
+                            loss=float(np.mean(step_losses)) if step_losses else float("nan"),
+                            optimizer_state=optimizer.state_dict() if self.cfg.train.keep_optimizer_state else None)
+
+    def keep(self, client: int, update: ClientUpdate) -> None:
+        """What the client keeps of an update the server accepted."""
+        if update.optimizer_state is not None:
+            self.optimizer_states[client] = update.optimizer_state
+
+    def gradient_sum(self, client: int) -> dict[str, torch.Tensor]:
+        """The client's sum of dL/dW0 over its set-up examples; under DP a Poisson draw at the same expected
+        size, clipped per example and noised (a release the server charges to the client's budget)."""
+        cfg, n, shard = self.cfg, self.plan.init_examples[client], self.shards[client]
+        torch.manual_seed(derive_seed(cfg.seed, "init", client))  # dropout
+        draw = rng(cfg.seed, "init", client)
+        if self.noise_multiplier is None:
+            return gradient_sums(self.adapted, self._batches(draw.permutation(shard)[:n]), self.losses)
+        chosen = shard[draw.random(len(shard)) < self.plan.init_sample_rate(client)]
+        noise = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, "noise", 0, client))
+        return private_gradient_sum(self.adapted, self._batches(chosen), self.losses, cfg.privacy.clip_norm,
+                                    self.plan.init_noise_multiplier(self.noise_multiplier), noise,
+                                    cfg.privacy.grad_norm)
+
+    def _batches(self, indices: np.ndarray):
+        size = self.cfg.train.batch_size
+        for i in range(0, len(indices), size):
+            yield self.task.batch(indices[i:i + size])

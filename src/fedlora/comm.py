@@ -65,9 +65,14 @@ def communication_report(model: str, method: str, rank: int, clients: int = 1, d
     def with_bytes(up: int, down: int) -> dict:
         return {"params_up": up, "params_down": down, "bytes_up": up * itemsize, "bytes_down": down * itemsize}
 
+    def sized(payload: dict) -> int:  # floats at --dtype, anything else (sign votes) as it is
+        return sum(t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in payload.values())
+
+    init_up, init_down = m.init_traffic()
     per_round = round_traffic(m, clients)
     return {"model": model, "method": method, "rank": rank, "clients": clients, "dtype": dtype,
             "layers": len(adapted.layer_names),
             "head_params": sum(p.numel() for p in adapted.head_params.values()),
             "round": with_bytes(per_round["params_up"], per_round["params_down"]),
-            "init": with_bytes(*m.init_traffic())}
+            "init": {"params_up": payload_params(init_up), "params_down": payload_params(init_down),
+                     "bytes_up": sized(init_up), "bytes_down": sized(init_down)}}

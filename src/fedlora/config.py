@@ -56,9 +56,13 @@ class DataConfig(Section):
     eval_path: str | None = Field(None, description="evaluation file")
     eval_split: str | None = Field(None, description="preset split used for evaluation (default: the dev split)")
     hub_id: str | None = None
-    text_columns: list[str] | None = Field(None, min_length=1, max_length=2)
-    label_column: str | None = None
-    max_length: int = Field(128, gt=0)
+    header: bool = Field(True, description="CSV/TSV files start with a header row; false: columns are "
+                                          "named by their 0-based index in text_columns and label_column")
+    text_columns: list[Annotated[int, annotated_types.Ge(0)] | str] | None = Field(
+        None, min_length=1, max_length=2, description="one or two text columns (0-based indices without a header)")
+    label_column: Annotated[int, annotated_types.Ge(0)] | str | None = Field(
+        None, description="the label column (a 0-based index without a header)")
+    max_length: int = Field(128, gt=0, description="token limit of an example (longer texts are truncated)")
     max_train_examples: int | None = Field(None, gt=0)
     holdout_fraction: float | None = Field(
         None, gt=0, le=0.5, description="evaluate on this fraction of the training data, held out from training "
@@ -75,6 +79,20 @@ class DataConfig(Section):
     @classmethod
     def _no_preset(cls, name):  # TOML has no null: "none" or "" mean plain files
         return None if name is None or name.lower() in ("", "none") else name
+
+    @model_validator(mode="after")
+    def _column_kinds(self):
+        columns = {"text_columns": self.text_columns or [], "label_column": [self.label_column]}
+        for key, values in columns.items():
+            numbers = [v for v in values if isinstance(v, int)]
+            names = [v for v in values if isinstance(v, str)]
+            if self.header and numbers:
+                raise ValueError(f"data.{key}: column numbers ({numbers[0]}) need data.header = false; "
+                                 f"with a header row, name the column")
+            if not self.header and names:
+                raise ValueError(f"data.{key}: with data.header = false columns are 0-based numbers, "
+                                 f"got {names[0]!r}")
+        return self
 
 
 class FederationConfig(Section):
@@ -113,8 +131,11 @@ class FederationConfig(Section):
 
 class ServerConfig(Section):
     """What the server checks and how it combines the updates it accepts."""
-    max_update_norm: float | None = Field(
-        None, gt=0, description="reject an update whose L2 distance from what the client started with is larger")
+    max_update_norm: Annotated[float, annotated_types.Gt(0)] | Literal["auto", "off"] | None = Field(
+        "auto", description="reject an update whose L2 distance from what the client started with is larger than "
+                            "this; auto: than norm_factor x the round's median (3+ updates) or than local training "
+                            "can reach; off: no size check")
+    norm_factor: float = Field(10.0, gt=1, description="max_update_norm = 'auto': the factor over the round's median")
     aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
         "mean", description="weighted mean (exact), or a robust coordinate-wise weighted median / trimmed mean "
                             "(not exact; for the methods whose rule is a weighted sum)")
@@ -130,12 +151,27 @@ class TrainConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(None, gt=0)
     keep_optimizer_state: bool = Field(False, description="carry each client's optimizer state across rounds")
+    physical_batch_size: Annotated[int, annotated_types.Ge(1)] | Literal["auto"] = Field(
+        "auto", description="most rows in one forward/backward: a batch is cut into micro-batches of similar "
+                            "lengths whose gradients add up to the batch's; auto: from free memory")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="linear or cosine decay to 0 over the run's rounds * local_steps steps")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 (counted over the whole run)")
+
+    @field_validator("physical_batch_size", mode="before")
+    @classmethod
+    def _integer_or_auto(cls, value):
+        if isinstance(value, str) and value != "auto":
+            raise ValueError("should be an integer >= 1 or 'auto'")
+        return value
 
 
 class EvalConfig(Section):
     every: int = Field(1, ge=0, description="evaluate every N rounds (0: only at the end)")
     batch_size: int = Field(64, gt=0)
-    max_examples: int | None = Field(None, gt=0, description="instructions: taken round-robin over the tasks")
+    max_examples: int | None = Field(
+        None, gt=0, description="evaluate on a fixed random sample of this size (classification: stratified by "
+                                "label); instructions: taken round-robin over the tasks")
     choice_mode: Literal["score", "generate", "both"] = Field(
         "score", description="multiple-choice instructions: option log-likelihood, generation + answer "
                              "extraction, or both (free-form answers are always generated)")
@@ -149,7 +185,11 @@ class PrivacyConfig(Section):
     delta: float | None = Field(None, gt=0, lt=1, description="default: 1e-5, or 1/(10 n) for a client of n > 10^4 examples")
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float | None = Field(None, gt=0)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["auto", "rdp", "prv"] = Field(
+        "auto", description="auto: the smaller of the RDP and PRV bounds (both are valid upper bounds)")
+    randomness: Literal["secret", "seeded"] = Field(
+        "secret", description="noise and Poisson draws from the OS's CSPRNG, or from the seed (reproducible "
+                              "simulations only; refused on Flower)")
     grad_norm: Literal["auto", "ghost", "materialise"] = Field(
         "auto", description="per-example norms from materialised gradients or by the ghost-norm identity")
 
@@ -159,6 +199,10 @@ class PrivacyConfig(Section):
 
 
 class FedSBConfig(Section):
+    init: Literal["sketch", "sign_sketch", "signs", "dense"] = Field(
+        "sketch", description="the set-up exchange: a federated randomized SVD of the summed gradient (sketch) "
+                              "or of the clients' signs (sign_sketch), sign votes (signs), or dense gradient sums")
+    oversampling: int = Field(8, ge=0, description="sketch columns beyond the rank (k = adapter.rank + oversampling)")
     init_examples: int = Field(128, gt=0, description="examples, over all clients, for the first-step gradient")
     init_data: Literal["clients", "public"] = Field(
         "clients", description="whose data gives the init gradient: the clients' (private under DP) or public_data")

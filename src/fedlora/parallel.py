@@ -217,18 +217,18 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
 
 
 # -- which clients train together ------------------------------------------------------------
-def sequential_reason(sim, auto: bool) -> str | None:
+def sequential_reason(trainer, auto: bool) -> str | None:
     """Why this run's clients cannot train together (None: they can)."""
-    adapted = sim.adapted
+    adapted = trainer.adapted
     if adapted.parameterisation == "full":
         return "full fine-tuning trains each client's own base weights"
-    if sim.cfg.federation.client_timeout is not None:
+    if trainer.cfg.federation.client_timeout is not None:
         return "federation.client_timeout is a per-client wall-clock deadline"
     for key in adapted.head_params:
         owner, _, param = key.rpartition(".")
         if not isinstance(adapted.model.get_submodule(owner), STACKABLE_HEADS) or param not in ("weight", "bias"):
             return f"the head parameter {key} is not a linear layer's"
-    if auto and dropout_active(sim.model):
+    if auto and dropout_active(trainer.model):
         return "dropout draws its masks per client"
     return None
 
@@ -256,38 +256,38 @@ def available_memory(device: torch.device) -> int:
         return 0
 
 
-def clients_that_fit(sim) -> int:
+def clients_that_fit(trainer) -> int:
     """How many clients' activations fit in half the free memory: per token and layer about a dozen
     hidden-size tensors, two intermediate-size ones and a row of attention per head, plus a language
     model's logits."""
-    c, cfg = sim.model.config, sim.cfg
+    c, cfg = trainer.model.config, trainer.cfg
     hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 768)
     layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 12)
     inner = getattr(c, "intermediate_size", None) or 4 * hidden
     heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 12)
     tokens = cfg.train.batch_size * cfg.data.max_length
-    logits = 2 * getattr(c, "vocab_size", 0) if isinstance(sim.task, CausalLMTask) else 0  # a class head's are few
+    logits = 2 * getattr(c, "vocab_size", 0) if isinstance(trainer.task, CausalLMTask) else 0  # a class head's are few
     per_token = layers * (12 * hidden + 2 * inner + heads * cfg.data.max_length) + logits
-    return int(available_memory(sim.device) // 2 // (tokens * per_token * 4))
+    return int(available_memory(trainer.device) // 2 // (tokens * per_token * 4))
 
 
-def client_groups(sim, clients: list[int]) -> list[list[int]]:
+def client_groups(trainer, clients: list[int]) -> list[list[int]]:
     """The round's clients in consecutive groups trained together (groups of one: one after another)."""
-    setting = sim.cfg.federation.parallel_clients
+    setting = trainer.cfg.federation.parallel_clients
     size = 1
-    if setting != 1 and len(clients) > 1 and sequential_reason(sim, setting == "auto") is None:
-        size = setting if setting != "auto" else clients_that_fit(sim)
+    if setting != 1 and len(clients) > 1 and sequential_reason(trainer, setting == "auto") is None:
+        size = setting if setting != "auto" else clients_that_fit(trainer)
     size = max(1, min(size, len(clients)))
     return [clients[i:i + size] for i in range(0, len(clients), size)]
 
 
-def train_together(sim, clients: list[int], r: int, starts: dict[int, dict]) -> dict | None:
-    """Every client's ClientUpdate from one joint training, exactly as Simulation._client_update would
+def train_together(trainer, clients: list[int], r: int, starts: dict[int, dict]) -> dict | None:
+    """Every client's ClientUpdate from one joint training, exactly as ClientTrainer.update would
     give them; None when the joint training failed (the caller trains them one by one, so that only a
     failing client is dropped) or the clients do not share their untrained state. A client whose update
     cannot be made (its upload raises) is left out, and so trained again alone."""
-    cfg, adapted, task = sim.cfg, sim.adapted, sim.task
-    trainable = set(sim.method.trainable_keys())
+    cfg, adapted, task = trainer.cfg, trainer.adapted, trainer.task
+    trainable = set(trainer.method.trainable_keys())
     keys = [k for k in adapted.parameters_by_key() if k in trainable]
     first = starts[clients[0]]
     shared = {k: v for k, v in first.items() if k not in trainable}
@@ -297,15 +297,15 @@ def train_together(sim, clients: list[int], r: int, starts: dict[int, dict]) -> 
         adapted.load_state(first)
         adapted.set_trainable([])
         with ClientStack(adapted, keys, [starts[c] for c in clients]) as stack:
-            optimizers = [sim._client_optimizer(c, list(leaves.values())) for c, leaves in zip(clients, stack.leaves)]
-            dps = [sim._client_dp(c, r, leaves) for c, leaves in zip(clients, stack.leaves)]
+            optimizers = [trainer.optimizer(c, list(leaves.values())) for c, leaves in zip(clients, stack.leaves)]
+            dps = [trainer.dp(c, r, leaves) for c, leaves in zip(clients, stack.leaves)]
             private = dps[0] is not None
-            draws = [task.client_batch_indices(sim.shards[c], cfg.train.batch_size, cfg.train.local_steps,
+            draws = [task.client_batch_indices(trainer.shards[c], cfg.train.batch_size, cfg.train.local_steps,
                                                rng(cfg.seed, "client", r, c),
-                                               sample_rate=sim._sample_rate(c) if private else None)
+                                               sample_rate=trainer.sample_rate(c) if private else None)
                      for c in clients]
             torch.manual_seed(derive_seed(cfg.seed, "client", r, clients[0]))  # dropout, if any
-            losses = train_steps(sim.model, task, stack, optimizers, draws, cfg.train.max_grad_norm,
+            losses = train_steps(trainer.model, task, stack, optimizers, draws, cfg.train.max_grad_norm,
                                  dps if private else None)
     except Exception as err:  # noqa: BLE001 - retried client by client, where the failure is attributed
         warnings.warn(f"round {r}: clients {clients} are trained again one by one, as training them together "
@@ -313,10 +313,10 @@ def train_together(sim, clients: list[int], r: int, starts: dict[int, dict]) -> 
         return None
     state = adapted.state(shared)
     results = {}
-    for c, leaves, step_losses, optimizer, dp in zip(clients, stack.leaves, losses, optimizers, dps):
+    for c, leaves, step_losses, optimizer in zip(clients, stack.leaves, losses, optimizers):
         try:
-            results[c] = sim._client_result(c, state | {k: v.detach().clone() for k, v in leaves.items()},
-                                            step_losses, optimizer, dp)
+            results[c] = trainer.result(c, state | {k: v.detach().clone() for k, v in leaves.items()},
+                                    step_losses, optimizer)
         except Exception:  # noqa: BLE001 - left out: trained again alone, where its failure drops it alone
             pass
     return results

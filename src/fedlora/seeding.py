@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-PURPOSES = {"init": 0, "sample": 1, "client": 2, "fresh_lora": 3, "partition": 4, "svd": 5, "noise": 6, "public": 7}
+PURPOSES = {"init": 0, "sample": 1, "client": 2, "fresh_lora": 3, "partition": 4, "svd": 5, "noise": 6, "public": 7, "sketch": 8}
 
 
 def derive_seed(seed: int, purpose: str, *parts: int) -> int:

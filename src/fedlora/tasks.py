@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .batching import default_part_cost, length_parts
 from .data import ClassificationData, ClassificationSplit
 
 
@@ -39,6 +40,13 @@ class Task(ABC):
         """The batches of `client_batch_indices`; None for an empty Poisson draw."""
         for chosen in self.client_batch_indices(shard, batch_size, steps, rng, sample_rate):
             yield self.batch(chosen) if len(chosen) else None
+
+    def micro_batches(self, indices: Sequence[int], max_rows: int | None = None,
+                      part_cost: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """These training examples as micro-batches of similar lengths, each of at most `max_rows` rows and cut
+        to its own longest row (batching.length_parts)."""
+        cost = default_part_cost(self.device) if part_cost is None else part_cost
+        return [part for _, part in length_parts(self.batch(indices), cost, max_rows)]
 
     @staticmethod
     def client_batch_indices(shard: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator,

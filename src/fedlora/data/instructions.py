@@ -180,15 +180,17 @@ def _read_preset_file(root: Path, relative: str, task: str, empty_output: EmptyO
 
 
 def _load_files(cfg: DataConfig) -> InstructionData:
-    if not cfg.eval_path:
-        raise ConfigError("config key 'data.eval_path' is required with data.path (the evaluation file)")
-    train_path, eval_path = Path(cfg.path), Path(cfg.eval_path)
+    if not cfg.eval_path and cfg.holdout_fraction is None:
+        raise ConfigError("config key 'data.eval_path' is required with data.path (the evaluation file; or set "
+                          "data.holdout_fraction to evaluate on held-out training rows)")
+    train_path = Path(cfg.path)
+    eval_path = Path(cfg.eval_path) if cfg.eval_path else None
     for key, path in (("data.path", train_path), ("data.eval_path", eval_path)):
-        if not path.is_file():
+        if path is not None and not path.is_file():
             raise DataError(f"config key '{key}': file not found: {path}")
-    data = InstructionData(_default_task(train_path),
-                           _read_file(train_path, _default_task(train_path), "error"),
-                           _read_file(eval_path, _default_task(eval_path), "answer"))
+    train = _read_file(train_path, _default_task(train_path), "error")
+    evaluation = train if eval_path is None else _read_file(eval_path, _default_task(eval_path), "answer")
+    data = InstructionData(_default_task(train_path), train, evaluation)
     return _keep_tasks(data, cfg.tasks)
 
 

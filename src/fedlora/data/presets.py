@@ -126,9 +126,9 @@ def resize_training(data, cfg: DataConfig):
     return data
 
 
-def _columns(cfg: DataConfig, preset: Preset | None) -> tuple[list[str], str]:
+def _columns(cfg: DataConfig, preset: Preset | None) -> tuple[list[str | int], str | int]:
     text_columns = cfg.text_columns or (preset.text_columns if preset else None)
-    label_column = cfg.label_column or (preset.label_column if preset else None)
+    label_column = cfg.label_column if cfg.label_column is not None else (preset.label_column if preset else None)
     if text_columns is None:
         raise DataError("config key 'data.text_columns' is required when data.name is not a preset "
                         "(e.g. text_columns = [\"sentence\"])")
@@ -166,11 +166,14 @@ def _load_from_paths(cfg: DataConfig, preset: Preset | None) -> ClassificationDa
         if not eval_path.is_file():
             raise DataError(f"config key 'data.eval_path' is not set and the '{split}' file of preset "
                             f"'{preset.name}' is not next to data.path: {eval_path} not found")
+    elif cfg.holdout_fraction is not None:
+        eval_path = None  # resize_training holds out part of the training file
     else:
-        raise DataError("config key 'data.eval_path' is required with data.path when data.name is not a preset")
-    return build_data(_read_file(train_path, text_columns, label_column),
-                      _read_file(eval_path, text_columns, label_column),
-                      preset.label_names if preset else None)
+        raise DataError("config key 'data.eval_path' is required with data.path when data.name is not a preset "
+                        "(or set data.holdout_fraction to evaluate on held-out training rows)")
+    train = _read_file(train_path, text_columns, label_column, cfg.header)
+    evaluation = train if eval_path is None else _read_file(eval_path, text_columns, label_column, cfg.header)
+    return build_data(train, evaluation, preset.label_names if preset else None)
 
 
 def _load_preset(cfg: DataConfig, preset: Preset) -> ClassificationData:
@@ -184,7 +187,7 @@ def _load_preset(cfg: DataConfig, preset: Preset) -> ClassificationData:
             if not path.is_file():
                 raise DataError(f"{path} not found: set data.root or {DATA_DIR_ENV} to the folder that holds "
                                 f"'{preset.folder}/{path.name}'")
-        tables = [_read_file(path, text_columns, label_column) for path in paths]
+        tables = [_read_file(path, text_columns, label_column, cfg.header) for path in paths]
     else:
         _check_split(preset, eval_split, preset.hub_splits, "on the hub")
         hub_id = cfg.hub_id or preset.hub_id

@@ -62,17 +62,20 @@ class _Table:
 
 # ---------------------------------------------------------------- local files
 
-def read_table(path: str | Path, text_columns: list[str], label_column: str
+Column = str | int  # a name, or a 0-based position in a CSV/TSV file without a header row
+
+
+def read_table(path: str | Path, text_columns: list[Column], label_column: Column, header: bool = True
                ) -> tuple[list[str], list[str] | None, list[int | str]]:
     """Read one file into (text_a, text_b or None, raw labels).
 
     Raw labels are ints or stripped strings; `encode_labels` turns them into ids.
     """
-    table = _read_file(Path(path), text_columns, label_column)
+    table = _read_file(Path(path), text_columns, label_column, header)
     return table.text_a, table.text_b, table.labels
 
 
-def _read_file(path: Path, text_columns: list[str], label_column: str) -> _Table:
+def _read_file(path: Path, text_columns: list[Column], label_column: Column, header: bool = True) -> _Table:
     if not 1 <= len(text_columns) <= 2:
         raise DataError(f"{path}: expected 1 or 2 text columns, got {len(text_columns)}")
     if label_column in text_columns:
@@ -89,7 +92,11 @@ def _read_file(path: Path, text_columns: list[str], label_column: str) -> _Table
         raise DataError(f"{path}: file is empty")
     columns = [*text_columns, label_column]
     if suffix in (".tsv", ".csv"):
-        rows, where = _read_delimited(path, text, columns, delimiter="\t" if suffix == ".tsv" else ",")
+        rows, where = _read_delimited(path, text, columns, delimiter="\t" if suffix == ".tsv" else ",",
+                                      header=header)
+    elif not header or any(isinstance(c, int) for c in columns):
+        raise DataError(f"{path}: data.header = false and column numbers are for CSV/TSV files; "
+                        f"name the JSON keys in data.text_columns / data.label_column")
     elif suffix == ".jsonl":
         rows, where = _read_jsonl(path, text, columns)
     else:
@@ -129,7 +136,7 @@ def _missing_columns_error(path: Path, where: str, missing: list[str], available
         f"(available: {', '.join(available) or 'none'}); set data.text_columns / data.label_column")
 
 
-def _read_delimited(path: Path, text: str, columns: list[str], delimiter: str):
+def _read_delimited(path: Path, text: str, columns: list[Column], delimiter: str, header: bool = True):
     # Long documents are one field; the csv module refuses fields over its (process-wide) limit.
     if csv.field_size_limit() < len(text):
         csv.field_size_limit(len(text))
@@ -140,24 +147,32 @@ def _read_delimited(path: Path, text: str, columns: list[str], delimiter: str):
                         strict=delimiter != "\t")
     previous_end = 0  # last line of the previous record: an error lies in the record after it
     try:
-        header = next(reader)
-        header = [h.strip() for h in header]
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise _missing_columns_error(path, " line 1", missing, header)
-        repeated = [c for c in columns if header.count(c) > 1]
-        if repeated:
-            raise DataError(f"{path} line 1: column {repeated[0]!r} appears {header.count(repeated[0])} times")
-        positions = [header.index(c) for c in columns]
+        if header:
+            names = [h.strip() for h in next(reader)]
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise _missing_columns_error(path, " line 1", missing, names)
+            repeated = [c for c in columns if names.count(c) > 1]
+            if repeated:
+                raise DataError(f"{path} line 1: column {repeated[0]!r} appears {names.count(repeated[0])} times")
+            positions, width = [names.index(c) for c in columns], len(names)
+        else:
+            positions, width = columns, None  # the first row's width is every row's
         rows, lines = [], []
         previous_end = reader.line_num
         for fields in reader:
             start, previous_end = previous_end + 1, reader.line_num
             if not fields:  # blank line
                 continue
-            if len(fields) != len(header):
+            if width is None:
+                width = len(fields)
+                beyond = [c for c in columns if c >= width]
+                if beyond:
+                    raise DataError(f"{path} line {start}: no column {beyond[0]} (a row has {width} fields: "
+                                    f"columns 0..{width - 1}); set data.text_columns / data.label_column")
+            if len(fields) != width:
                 sep = "tab-separated" if delimiter == "\t" else "comma-separated"
-                raise DataError(f"{path} line {start}: expected {len(header)} {sep} fields, got {len(fields)}")
+                raise DataError(f"{path} line {start}: expected {width} {sep} fields, got {len(fields)}")
             rows.append([fields[p] for p in positions])
             lines.append(start)
     except csv.Error as err:
@@ -266,63 +281,69 @@ def _as_int(value: int | str) -> int | None:
     return int(value)
 
 
-def encode_labels(train: _Table, evaluation: _Table,
-                  label_names: list[str] | None = None) -> tuple[list[int], list[int], int, list[str]]:
-    """Map raw labels to ids: (train ids, eval ids, num_labels, label names).
+def label_vocabulary(train: _Table, preset_names: list[str] | None = None) -> tuple[list[str], bool]:
+    """The class names of a training split, id -> name, and whether its integer labels are the ids.
 
-    Integer labels (or strings that are all integers) are used as ids. With `label_names` (a preset's)
-    they must lie in 0..len(label_names) - 1; else num_labels = max + 1. String labels that are all
-    among `label_names` take their position there; other strings get ids from the sorted vocabulary
-    of training labels.
+    Without a preset the names are the sorted distinct training labels (integers in numeric order), so
+    labels 1..4 or "neg"/"pos" become ids 0..k-1. A preset's integer labels are ids into its names.
+    Integer and non-integer labels mixed in one file are refused: one kind is a typo.
     """
-    if all(_as_int(v) is not None for v in train.labels):
-        limit = len(label_names) if label_names else MAX_LABELS
-        train_ids = _integer_ids(train, limit, label_names)
-        num_labels = len(label_names) if label_names else max(train_ids) + 1
-        eval_ids = _integer_ids(evaluation, limit, label_names)
-        for i, label in enumerate(eval_ids):
-            if label >= num_labels:
-                raise evaluation.error(
-                    i, f"label {label} does not occur in the training data {train.source} (labels 0..{num_labels - 1})")
-        names = list(label_names) if label_names else [str(k) for k in range(num_labels)]
-        return train_ids, eval_ids, num_labels, names
-
-    if label_names and all(str(v) in label_names for v in train.labels):
-        vocabulary = list(label_names)
-    else:
-        vocabulary = sorted({str(v) for v in train.labels})
-    if len(vocabulary) > MAX_LABELS:
-        raise DataError(f"{train.source}: {len(vocabulary)} different labels, more than {MAX_LABELS}; "
+    integers = [_as_int(v) for v in train.labels]
+    odd = [i for i, n in enumerate(integers) if n is None]
+    if odd and len(odd) < len(integers):
+        if len(odd) <= len(integers) - len(odd):
+            i = odd[0]
+            raise train.error(i, f"label {_shorten(repr(train.labels[i]))} is not an integer, but "
+                                 f"{len(integers) - len(odd)} of the {len(integers)} training labels are")
+        i = next(i for i, n in enumerate(integers) if n is not None)
+        raise train.error(i, f"label {_shorten(str(train.labels[i]))} is an integer, but {len(odd)} of the "
+                             f"{len(integers)} training labels are names")
+    if not odd:
+        for i, n in enumerate(integers):
+            if n < 0:
+                raise train.error(i, f"label {_shorten(str(n))} is negative (unlabelled rows cannot be used)")
+            if n >= 10 ** 20:
+                raise train.error(i, f"label {_shorten(str(train.labels[i]))} has over 20 digits: not a class; "
+                                     f"is data.label_column the right column?")
+    if preset_names and (not odd or all(str(v) in preset_names for v in train.labels)):
+        return list(preset_names), not odd
+    names = [str(n) for n in sorted(set(integers))] if not odd else sorted({str(v) for v in train.labels})
+    if len(names) > MAX_LABELS:
+        raise DataError(f"{train.source}: {len(names)} different labels, more than {MAX_LABELS}; "
                         f"is data.label_column the right column?")
-    index = {name: k for k, name in enumerate(vocabulary)}
-    eval_ids = []
-    for i, value in enumerate(evaluation.labels):
-        if str(value) not in index:
-            raise evaluation.error(
-                i, f"label {_shorten(repr(str(value)))} does not occur in the training data {train.source} "
-                   f"(labels: {_shorten(', '.join(vocabulary), 200)})")
-        eval_ids.append(index[str(value)])
-    return [index[str(v)] for v in train.labels], eval_ids, len(vocabulary), vocabulary
+    return names, False
 
 
-def _integer_ids(table: _Table, limit: int, label_names: list[str] | None) -> list[int]:
-    """Labels as ids in 0..limit - 1 (limit: the number of label names, else MAX_LABELS)."""
+def encode_split(table: _Table, names: list[str], integer_ids: bool, train_source: str) -> list[int]:
+    """The ids of a split's labels under a training split's names (see `label_vocabulary`)."""
+    index = {name: k for k, name in enumerate(names)}
     ids = []
     for i, value in enumerate(table.labels):
-        label = _as_int(value)
-        if label is None:
-            raise table.error(i, f"label {_shorten(repr(value))} is not an integer, but the training labels are")
-        if label < 0:
+        number = _as_int(value)
+        if number is not None and number < 0:
             raise table.error(i, f"label {_shorten(str(value))} is negative (unlabelled rows cannot be used)")
-        if label >= limit:
-            if label_names:
-                named = ", ".join(f"{k} {name}" for k, name in enumerate(label_names))
+        if integer_ids and number is not None:
+            if number >= len(names):
+                named = ", ".join(f"{k} {name}" for k, name in enumerate(names))
                 raise table.error(i, f"label {_shorten(str(value))} is out of range: this data set has "
-                                     f"{limit} labels ({named})")
-            raise table.error(i, f"label {_shorten(str(value))} is too large for a class id (at most {limit} "
-                                 f"classes); is data.label_column the right column?")
-        ids.append(label)
+                                     f"{len(names)} labels ({named})")
+            ids.append(number)
+            continue
+        key = str(number) if number is not None else str(value)
+        if key not in index:
+            shown = str(value) if number is not None else repr(key)
+            raise table.error(i, f"label {_shorten(shown)} does not occur in the training data {train_source} "
+                                 f"(labels: {_shorten(', '.join(names), 200)})")
+        ids.append(index[key])
     return ids
+
+
+def encode_labels(train: _Table, evaluation: _Table,
+                  label_names: list[str] | None = None) -> tuple[list[int], list[int], int, list[str]]:
+    """Map raw labels to ids: (train ids, eval ids, num_labels, label names); see `label_vocabulary`."""
+    names, integer_ids = label_vocabulary(train, label_names)
+    return (encode_split(train, names, integer_ids, train.source),
+            encode_split(evaluation, names, integer_ids, train.source), len(names), names)
 
 
 def build_data(train: _Table, evaluation: _Table, label_names: list[str] | None = None) -> ClassificationData:
@@ -335,11 +356,12 @@ def build_data(train: _Table, evaluation: _Table, label_names: list[str] | None 
     )
 
 
-def read_classification_files(train_path: str | Path, eval_path: str | Path, text_columns: list[str],
-                              label_column: str, label_names: list[str] | None = None) -> ClassificationData:
+def read_classification_files(train_path: str | Path, eval_path: str | Path, text_columns: list[Column],
+                              label_column: Column, label_names: list[str] | None = None,
+                              header: bool = True) -> ClassificationData:
     """Read a training and an evaluation file and encode their labels together."""
-    return build_data(_read_file(Path(train_path), text_columns, label_column),
-                      _read_file(Path(eval_path), text_columns, label_column), label_names)
+    return build_data(_read_file(Path(train_path), text_columns, label_column, header),
+                      _read_file(Path(eval_path), text_columns, label_column, header), label_names)
 
 
 # ---------------------------------------------------------------- Hugging Face hub

@@ -17,9 +17,15 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+import torch
+
+from ..client import ClientTrainer
 from ..errors import ConfigError
+from ..experiment import build_task
+from ..federation import FederationPlan, client_shards
+from ..methods import METHODS
+from ..models import pick_device
 from ..seeding import generator
-from ..server import Simulation
 from .project import from_run_config
 from .records import flatten, from_record, nest, to_record
 from .strategy import check_supported
@@ -35,26 +41,32 @@ class ClientRuntime:
         if data_path:  # this node's own copy of the training file
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path})})
         check_supported(cfg)
-        self.sim = Simulation(cfg, "unused", progress=False)
-        self.sim._setup_privacy(None)  # the same noise multiplier as the server's, from the same plan
-        method = self.sim.method
+        device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        task, adapted, _ = build_task(cfg, device)
+        shards = client_shards(cfg, task)
+        plan = FederationPlan(cfg, [len(s) for s in shards])
+        method = METHODS[cfg.method.name](adapted, cfg, plan.client_sizes)
+        # the same noise multiplier as the server's, from the same plan
+        sigma = plan.noise_multiplier(method.init_reads_client_data()) if cfg.privacy.enabled else None
+        self.trainer = ClientTrainer(cfg, task, adapted, method, plan, dict(enumerate(shards)), sigma)
         method.global_state = method.seed_state(generator(cfg.seed, "init"))
         self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
-        self.pristine_base = self.sim.adapted.base_weights() if method.changes_base else None
+        self.pristine_base = adapted.base_weights() if method.changes_base else None
 
     def restore(self, context: Context) -> None:
         """This client's state as the last message it answered left it."""
-        method, state = self.sim.method, context.state
-        kept = from_record(state[METHOD_STATE], self.sim.device) if METHOD_STATE in state else self.initial_state
+        method, state = self.trainer.method, context.state
+        kept = from_record(state[METHOD_STATE], self.trainer.device) if METHOD_STATE in state else self.initial_state
         method.load_state_dict(nest(kept))
         if method.changes_base:
             base = state[BASE_WEIGHTS] if BASE_WEIGHTS in state else None
-            self.sim.adapted.load_base_weights(from_record(base, self.sim.device) if base else self.pristine_base)
+            self.trainer.adapted.load_base_weights(from_record(base, self.trainer.device) if base else self.pristine_base)
 
     def keep(self, context: Context) -> None:
-        context.state[METHOD_STATE] = to_record(flatten(self.sim.method.state_dict()))
-        if self.sim.method.changes_base:
-            context.state[BASE_WEIGHTS] = to_record(self.sim.adapted.base_weights())
+        context.state[METHOD_STATE] = to_record(flatten(self.trainer.method.state_dict()))
+        if self.trainer.method.changes_base:
+            context.state[BASE_WEIGHTS] = to_record(self.trainer.adapted.base_weights())
 
 
 _runtimes: dict[str, ClientRuntime] = {}
@@ -110,26 +122,26 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         if phase != "gradient-sum":
             raise ValueError(f"unknown query '{phase}'")
         runtime = _runtime(context, settings(context))
-        sim = runtime.sim
+        trainer = runtime.trainer
         runtime.restore(context)
-        sim.adapted.load_state(sim.method.global_state)  # the gradient is taken through the seed's head
-        sums = sim._client_gradient_sum(client)
+        trainer.adapted.load_state(trainer.method.global_state)  # the gradient is taken through the seed's head
+        sums = trainer.gradient_sum(client)
         return Message(RecordDict({"arrays": to_record(sums)}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         client = _client_id(context, settings(context))
         runtime = _runtime(context, settings(context))
-        sim, r = runtime.sim, int(msg.content["config"]["round"])
+        trainer, r = runtime.trainer, int(msg.content["config"]["round"])
         _inject_fault(r)
         runtime.restore(context)
-        sim.method.global_state = sim.method.global_state | from_record(msg.content["arrays"], sim.device)
-        timeout = sim.cfg.federation.client_timeout
-        update = sim._client_update(client, r, sim.method.client_state(client, r),
+        trainer.method.global_state = trainer.method.global_state | from_record(msg.content["arrays"], trainer.device)
+        timeout = trainer.cfg.federation.client_timeout
+        update = trainer.update(client, r, trainer.method.client_state(client, r),
                                     time.monotonic() + timeout if timeout else None)
         runtime.keep(context)  # FedSA-LoRA's upload keeps the client's own B
-        metrics = {"num-examples": sim.client_sizes[client]}
-        if sim.ledger is None and update.loss == update.loss:  # under DP the loss is not released
+        metrics = {"num-examples": trainer.plan.client_sizes[client]}
+        if trainer.noise_multiplier is None and update.loss == update.loss:  # under DP the loss is not released
             metrics["loss"] = update.loss
         return Message(RecordDict({"arrays": to_record(update.payload), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
@@ -139,7 +151,7 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         _client_id(context, settings(context))
         runtime = _runtime(context, settings(context))
         runtime.restore(context)
-        runtime.sim.method.receive(from_record(msg.content["arrays"], runtime.sim.device))
+        runtime.trainer.method.receive(from_record(msg.content["arrays"], runtime.trainer.device))
         runtime.keep(context)
         return Message(RecordDict({"metrics": MetricRecord({"applied": 1})}), reply_to=msg)
 

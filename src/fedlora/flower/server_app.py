@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..server import Simulation
+from ..federation import FederationServer
 from .project import from_run_config
 from .strategy import FedloraStrategy
 
@@ -17,8 +17,8 @@ def server_app(defaults: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         run_config = (defaults or {}) | dict(context.run_config)
         cfg = from_run_config(run_config)
-        sim = Simulation(cfg, str(run_config.get("out", "runs/flower")), progress=False)
-        strategy = FedloraStrategy(sim, round_timeout=float(run_config.get("round-timeout", 600)),
+        server = FederationServer.from_config(cfg, str(run_config.get("out", "runs/flower")), progress=False)
+        strategy = FedloraStrategy(server, round_timeout=float(run_config.get("round-timeout", 600)),
                                    node_wait=float(run_config.get("node-wait", 120)))
         strategy.start(grid)
 

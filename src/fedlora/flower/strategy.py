@@ -21,8 +21,8 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from ..comm import payload_bytes
 from ..errors import ConfigError, RoundFailed
-from ..server import ClientUpdate, Simulation
-from ..validation import update_problem
+from ..client import ClientUpdate
+from ..federation import FederationServer
 from .records import flower_bytes, from_record, to_record
 
 FLOWER_BYTES = "flower_bytes.json"  # Flower's own count of the ArrayRecord bytes, per round, up and down
@@ -37,10 +37,10 @@ def check_supported(cfg) -> None:
 
 
 class FedloraStrategy(Strategy):
-    def __init__(self, sim: Simulation, round_timeout: float = 600, node_wait: float = 120):
-        check_supported(sim.cfg)
-        self.sim = sim
-        sim.keep_broadcast = True
+    def __init__(self, server: FederationServer, round_timeout: float = 600, node_wait: float = 120):
+        check_supported(server.cfg)
+        self.server = server
+        server.keep_broadcast = True
         self.round_timeout = round_timeout
         self.node_wait = node_wait
         self.nodes: dict[int, int] = {}  # fedlora client -> Flower node id
@@ -51,8 +51,8 @@ class FedloraStrategy(Strategy):
         self._sent: dict[int, tuple[list[int], int, float, list[dict]]] = {}
 
     def summary(self) -> None:
-        fed = self.sim.cfg.federation
-        log(INFO, "fedlora %s: %d clients, %d per round, %d rounds", self.sim.cfg.method.name, fed.num_clients,
+        fed = self.server.cfg.federation
+        log(INFO, "fedlora %s: %d clients, %d per round, %d rounds", self.server.cfg.method.name, fed.num_clients,
             fed.clients_per_round, fed.rounds)
 
     # -- traffic --------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ class FedloraStrategy(Strategy):
     # -- who is who -----------------------------------------------------------------------------
     def connect(self, grid: Grid) -> None:
         """Wait for the federation's SuperNodes and learn which fedlora client (partition-id) each one is."""
-        wanted = self.sim.cfg.federation.num_clients
+        wanted = self.server.cfg.federation.num_clients
         deadline = time.monotonic() + self.node_wait
         while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -95,40 +95,40 @@ class FedloraStrategy(Strategy):
     # -- the set-up exchange --------------------------------------------------------------------
     def initialise(self, grid: Grid) -> dict:
         """Round 0: Fed-SB's gradient sums from the init clients (a QUERY round), the method's set-up."""
-        sim = self.sim
-        if not sim.method.init_reads_client_data():
-            return sim._initialise()
-        wanted = sorted(sim.init_examples)
+        server = self.server
+        if not server.method.init_reads_client_data():
+            return server.initialise(None)
+        wanted = sorted(server.init_examples)
         messages = [self._message(c, MessageType.QUERY, "gradient-sum", 0) for c in wanted if c in self.nodes]
         sums = {}
         replies = self._by_client(messages, grid.send_and_receive(messages, timeout=self.round_timeout))
         for client, reply in replies.items():
             if not reply.has_error():
                 self._count(0, "up", reply.content["arrays"])
-                sums[client] = from_record(reply.content["arrays"], sim.device)
+                sums[client] = from_record(reply.content["arrays"], server.device)
         dropped = [{"client": c, "reason": "sent no gradient sum"} for c in wanted if c not in sums]
         self._log_dropped(0, dropped)
         if not sums:
             raise RoundFailed("round 0: no client sent its gradient sum for Fed-SB's initialisation")
-        if sim.ledger is not None:
+        if server.ledger is not None:
             for c in sums:
-                sim._charge_init(c)
-        record = sim._initialise(gradient_sum=sums.__getitem__, clients=sorted(sums))
+                server.charge_init(c)
+        record = server.initialise(gradient_sum=sums.__getitem__, clients=sorted(sums))
         record["dropped"] = dropped
         return record
 
     # -- a round ----------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        sim, r = self.sim, server_round
-        clients = sim._sample_clients(r)
+        server, r = self.server, server_round
+        clients = server.sample_clients(r)
         messages, dropped, bytes_down = [], [], 0
         for c in clients:
             if c not in self.nodes or c in self.out_of_sync:
                 why = "has no SuperNode" if c not in self.nodes else "missed a broadcast and holds a stale model"
                 dropped.append({"client": c, "reason": why})
                 continue
-            download = sim.method.download(c)
+            download = server.method.download(c)
             bytes_down += payload_bytes(download)
             messages.append(self._message(c, MessageType.TRAIN, "train", r, download))
         self._sent[r] = (clients, messages, bytes_down, time.time(), dropped)
@@ -136,7 +136,7 @@ class FedloraStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        sim, r = self.sim, server_round
+        server, r = self.server, server_round
         clients, sent, bytes_down, t0, dropped = self._sent.pop(r)
         by_client = self._by_client(sent, replies)
         not_sent = {d["client"] for d in dropped}
@@ -153,15 +153,15 @@ class FedloraStrategy(Strategy):
                 continue
             try:
                 record = reply.content["arrays"]
-                payload = from_record(record, sim.device)
+                payload = from_record(record, server.device)
             except Exception as err:  # a reply without arrays, or arrays that are no tensors
                 dropped.append({"client": c, "reason": f"sent no readable tensors ({type(err).__name__})"})
                 continue
             self._count(r, "up", record)
-            start = sim.method.client_state(c, r)
-            if sim.ledger is not None:
-                sim._charge_training(c)
-            problem = update_problem(payload, sim.method.upload_of(start), sim.cfg.server.max_update_norm)
+            start = server.method.client_state(c, r)
+            if server.ledger is not None:
+                server.charge_training(c)
+            problem = server.check_update(payload, server.reference(c, r))
             if problem is not None:
                 dropped.append({"client": c, "reason": problem})
                 continue
@@ -169,31 +169,30 @@ class FedloraStrategy(Strategy):
             accepted.append((c, ClientUpdate(payload=payload, trained=start | payload,
                                              loss=float(metrics.get("loss", float("nan"))), optimizer_state=None)))
         self._log_dropped(r, dropped)
-        min_clients = sim.cfg.federation.min_clients
+        min_clients = server.cfg.federation.min_clients
         if len(accepted) < min_clients:
-            sim._log({"round": r, "failed": True, "clients": clients, "attempts": [dropped],
-                      "seconds": round(time.time() - t0, 3)})
+            server.log_failed_round(r, clients, [dropped], t0)
             raise RoundFailed(f"round {r}: {len(accepted)} of {len(clients)} clients answered, fewer than "
                               f"federation.min_clients = {min_clients}")
-        record = self.last_record = sim._aggregate_round(r, accepted, dropped, bytes_down, t0)
-        sim._log(record)
+        record = self.last_record = server.aggregate_round(r, accepted, dropped, bytes_down, t0)
+        server.log(record)
         train = {"clients": float(len(accepted))}
         if record["train_loss"] is not None:
             train["train_loss"] = float(record["train_loss"])
-        return to_record(sim.method.eval_state()), MetricRecord(train)
+        return to_record(server.method.eval_state()), MetricRecord(train)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """The broadcast of the round (FedEx-LoRA's residuals, FLoRA's stacked factors, Fed-SB's B and A in
         round 0) to every node, which applies it to its copy of the model; evaluation itself is central."""
-        broadcast = self.sim.last_broadcast
+        broadcast = self.server.last_broadcast
         if not broadcast:
             return []
         return [self._message(c, MessageType.EVALUATE, "broadcast", server_round, broadcast)
                 for c in sorted(self.nodes)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if self.sim.last_broadcast:
+        if self.server.last_broadcast:
             applied = {self.clients[m.metadata.src_node_id] for m in replies if not m.has_error()}
             missed = set(self.nodes) - applied
             if missed:
@@ -227,20 +226,20 @@ class FedloraStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float | None = None, train_config=None, evaluate_config=None, evaluate_fn=None) -> Result:
         """The whole run, as the simulator's: round 0 (set-up), federation.rounds rounds, export, summary."""
-        sim = self.sim
+        server = self.server
         started = time.time()
         if timeout is not None:
             self.round_timeout = timeout
         self.summary()
-        sim.out.mkdir(parents=True, exist_ok=True)
-        sim.refuse_existing_run()
-        sim._setup_privacy(None)
+        server.out.mkdir(parents=True, exist_ok=True)
+        server.refuse_existing_run()
+        server.setup_privacy(None)
         self.connect(grid)
         self.last_record = self.initialise(grid)
-        sim._log(self.last_record)
+        server.log(self.last_record)
         self._exchange(grid, 0)
         result = Result()
-        for r in range(1, (num_rounds or sim.cfg.federation.rounds) + 1):
+        for r in range(1, (num_rounds or server.cfg.federation.rounds) + 1):
             messages = self.configure_train(r, ArrayRecord(), ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=self.round_timeout)
             arrays, metrics = self.aggregate_train(r, replies)
@@ -249,8 +248,8 @@ class FedloraStrategy(Strategy):
             self._exchange(grid, r)
             if self.last_record["eval"]:
                 result.evaluate_metrics_serverapp[r] = _metrics(self.last_record["eval"])
-        sim._finish(started)
-        (sim.out / FLOWER_BYTES).write_text(json.dumps(self.flower_bytes, indent=2))
+        server.finish(started)
+        (server.out / FLOWER_BYTES).write_text(json.dumps(self.flower_bytes, indent=2))
         return result
 
 

@@ -19,20 +19,38 @@ State = dict[str, torch.Tensor]
 
 
 @dataclass
+class Request:
+    """One phase of a set-up exchange: what every asked client computes on its set-up examples and sends back
+    (Fed-SB's phases are described in init_sb.py)."""
+    phase: str
+    expected: State  # a valid reply's keys, shapes and dtypes (meta tensors); checked like a round's update
+    arrays: State = field(default_factory=dict)  # sent with the request to every asked client
+    release: int = 0  # under DP, the private release the reply is computed from: each new one is charged
+    signs: bool = False  # sketch phases: sketch sign(G) rather than G
+    sketch_seed: int = 0  # the seed of the shared test matrices
+    sketch_size: int = 0  # k, their columns
+
+    def settings(self) -> dict:
+        """The request's scalar fields (what a runtime sends beside its arrays)."""
+        return {"phase": self.phase, "release": self.release, "signs": self.signs,
+                "sketch_seed": self.sketch_seed, "sketch_size": self.sketch_size}
+
+
+@dataclass
 class InitContext:
-    """What a method's initialisation may use (Fed-SB's needs the first-step gradient)."""
+    """What a method's initialisation may use (Fed-SB's needs the clients' first-step gradients)."""
     clients: list[int]  # the clients taking part in the set-up exchange
     generator: torch.Generator
-    # client -> its sum of dL/dW0 per adapted layer (clipped and noised under DP, and charged to its budget)
-    gradient_sum: Callable[[int], dict[str, torch.Tensor]] | None = None
-    # the same sum over a public data set, at no privacy cost
-    public_gradient_sum: Callable[[], dict[str, torch.Tensor]] | None = None
+    # sends a request to the given clients; returns the replies that passed the server's checks, by client
+    # (the runtime counts the bytes, charges private releases and logs what it dropped)
+    ask: Callable[[Request, list[int]], dict[int, State]] | None = None
+    # the reply the server computes itself on fedsb.public_data: nothing is sent, no privacy is spent
+    ask_public: Callable[[Request], State] | None = None
 
 
 @dataclass
 class Exchange:
-    """Tensors that crossed the network outside the per-client download/upload of a round."""
-    uploads: list[State] = field(default_factory=list)  # one payload per client
+    """The set-up exchange's outcome: what every client of the federation receives, and who contributed."""
     broadcast: State = field(default_factory=dict)  # sent to every client of the federation
     clients: list[int] = field(default_factory=list)
 
@@ -80,9 +98,14 @@ class Method:
         """Whether the set-up exchange computes on the clients' data (and so, under DP, costs privacy)."""
         return False
 
-    def init_traffic(self) -> tuple[int, int]:
-        """Parameters one client sends and receives in the set-up exchange, before round 1."""
-        return 0, 0
+    def init_releases(self) -> int:
+        """Private releases each set-up client makes under DP (each charged to its budget, planned alike)."""
+        return 0
+
+    def init_traffic(self) -> tuple[State, State]:
+        """What one set-up client sends and receives in the set-up exchange, before round 1, all phases
+        together, as meta tensors of the real shapes and dtypes."""
+        return {}, {}
 
     # -- one round ----------------------------------------------------------------------------
     def client_state(self, client: int, round_: int) -> State:

@@ -1,15 +1,26 @@
 """Fed-SB: LoRA-SB adapters W0 + B R A with B and A fixed from the clients' first-step gradient; only the
 r x r matrix R is trained and sent, so averaging is exact: B (sum w_i R_i) A.
 
-Initialisation, as one extra exchange before round 1: each client sums dL/dW0 over its share of
-`fedsb.init_examples` and uploads it (under DP: clipped per example, noised, charged to its budget);
-the server adds the sums, takes -eta * sign, the rank-r SVD, and broadcasts B and A once to every
-client (both counted). R starts at the singular values S_r. With `fedsb.init_data = "public"` the
-server takes the gradient on a public data set instead and no client uploads anything.
+Initialisation, an exchange of its own before round 1 (round 0), chosen by `fedsb.init`; each client works
+on its share of `fedsb.init_examples` and every upload is a sum the server only adds up:
+- "sketch": a federated randomized SVD of M = -(eta / N) sum_i G_i (G_i: the client's sum of dL/dW0, N the
+  set-up examples: the SGD first step). Phase 1: each client sends G_i Omega (Omega: d_in x k from the
+  run's seed, k = rank + fedsb.oversampling); the server takes Q = orth(sum). Phase 2: the server sends Q,
+  each client sends Q^T G_i; the server takes the SVD of the sum. k (d_in + d_out) numbers up per layer.
+- "sign_sketch": the same on sign(G_i), so M = -(eta / n) sum_i sign(G_i), the clients' mean vote.
+- "signs": each client sends sign(G_i) as int8 votes; M = -eta sign(sum of votes), the majority.
+- "dense": each client sends G_i; M = -eta sign(sum_i G_i), LoRA-SB's Adam-step approximation.
+Then M ~ U_r S_r V_r^T, B = U_r, R = S_r, A = V_r^T, and the server broadcasts B and A once to every client.
+Under DP each reply is clipped per example and noised in the space it is sent in (the sign variants send
+the signs of a clipped, noised dense sum); each release is charged to the client's budget. With
+`fedsb.init_data = "public"` the server runs the same computation on public data and no client sends anything.
 """
-from ..init_sb import lora_sb_factors
+import torch
+
+from ..errors import RoundFailed
+from ..init_sb import factors_from_projection, lora_sb_factors, orthonormal_basis, sketch_columns
 from ..seeding import derive_seed
-from .base import Exchange, Method
+from .base import Exchange, Method, Request
 
 
 class FedSB(Method):
@@ -21,20 +32,71 @@ class FedSB(Method):
         head = self.seed_state(ctx.generator)
         self.adapted.load_state(head)  # the gradient is taken through the head every client starts from
         if self.init_reads_client_data():
-            uploads = sums = [ctx.gradient_sum(c) for c in ctx.clients]
+            ask, clients = ctx.ask, list(ctx.clients)
         else:
-            uploads, sums = [], [ctx.public_gradient_sum()]
-        eta = self.cfg.fedsb.init_lr or self.cfg.train.lr
+            ask, clients = (lambda request, _: {-1: ctx.ask_public(request)}), [-1]
+        variant = self.cfg.fedsb.init
+        if variant in ("sketch", "sign_sketch"):
+            factors, answered = self._sketched(ask, clients, signs=variant == "sign_sketch")
+        else:
+            factors, answered = self._summed(ask, clients, variant)
         state, broadcast = {}, {}
-        for i, layer in enumerate(self.adapted.layers):
-            total = sum(g[layer] for g in sums)
-            B, R, A = lora_sb_factors(total, self.adapted.rank, eta, self.cfg.fedsb.svd_niter,
-                                      derive_seed(self.cfg.seed, "svd", i))
+        for layer, (B, R, A) in factors.items():
             state |= {f"{layer}.lora_B": B, f"{layer}.lora_R": R, f"{layer}.lora_A": A}
             broadcast |= {f"{layer}.lora_B": B, f"{layer}.lora_A": A}
         self.global_state = state | head
-        return Exchange(uploads=[{f"{k}.grad_sum": v for k, v in u.items()} for u in uploads],
-                        broadcast=broadcast, clients=list(ctx.clients) if uploads else [])
+        return Exchange(broadcast=broadcast, clients=sorted(answered) if self.init_reads_client_data() else [])
+
+    def _summed(self, ask, clients, variant):
+        """dense / signs: one phase; the server adds the uploads and takes the SVD of -eta sign(sum)."""
+        key = "grad_sum" if variant == "dense" else "signs"
+        replies = self._ask(ask, self._request("gradient-sum" if variant == "dense" else "signs"), clients)
+        eta = self.cfg.fedsb.init_lr or self.cfg.train.lr
+        factors = {}
+        for i, layer in enumerate(self.adapted.layers):
+            total = sum(reply[f"{layer}.{key}"].float() for reply in replies.values())
+            factors[layer] = lora_sb_factors(total, self.adapted.rank, eta, self.cfg.fedsb.svd_niter,
+                                             derive_seed(self.cfg.seed, "svd", i))
+        return factors, list(replies)
+
+    def _sketched(self, ask, clients, signs):
+        """sketch / sign_sketch: the randomized SVD in two phases, each reply summed by the server."""
+        ranges = self._ask(ask, self._request("range", signs=signs), clients)
+        bases = {f"{layer}.basis": orthonormal_basis(sum(r[f"{layer}.range"] for r in ranges.values()))
+                 for layer in self.adapted.layers}
+        # the sign variant sends the signs of the same private release twice; the sketch releases anew
+        projections = self._ask(ask, self._request("project", bases, signs=signs, release=0 if signs else 1),
+                                list(ranges))
+        eta = self.cfg.fedsb.init_lr or self.cfg.train.lr
+        scale = -eta / (len(projections) if signs else self.cfg.fedsb.init_examples)
+        factors = {layer: factors_from_projection(bases[f"{layer}.basis"],
+                                                  sum(p[f"{layer}.projection"] for p in projections.values()),
+                                                  self.adapted.rank, scale)
+                   for layer in self.adapted.layers}
+        return factors, list(projections)
+
+    @staticmethod
+    def _ask(ask, request, clients):
+        replies = ask(request, clients)
+        if not replies:
+            raise RoundFailed(f"round 0: no client sent a valid reply to Fed-SB's set-up phase '{request.phase}'")
+        return replies
+
+    def _request(self, phase, arrays=None, signs=False, release=0) -> Request:
+        """The request of one phase, with the keys, shapes and dtypes a valid reply has."""
+        expected = {}
+        k = self.adapted.rank + self.cfg.fedsb.oversampling
+        for name, layer in self.adapted.layers.items():
+            k_layer = sketch_columns(k, layer)
+            shape, dtype, key = {
+                "gradient-sum": ((layer.d_out, layer.d_in), torch.float32, "grad_sum"),
+                "signs": ((layer.d_out, layer.d_in), torch.int8, "signs"),
+                "range": ((layer.d_out, k_layer), torch.float32, "range"),
+                "project": ((k_layer, layer.d_in), torch.float32, "projection"),
+            }[phase]
+            expected[f"{name}.{key}"] = torch.empty(shape, dtype=dtype, device="meta")
+        return Request(phase, expected, arrays or {}, release=release, signs=signs,
+                       sketch_seed=self.cfg.seed, sketch_size=k)
 
     def seed_state(self, generator):
         return self.adapted.head_init(generator)  # B, R, A come from the clients' gradients
@@ -42,7 +104,22 @@ class FedSB(Method):
     def init_reads_client_data(self):
         return self.cfg.fedsb.init_data == "clients"
 
+    def init_releases(self):
+        if not self.init_reads_client_data():
+            return 0
+        return 2 if self.cfg.fedsb.init == "sketch" else 1
+
     def init_traffic(self):
-        layers = self.adapted.layers.values()
-        return (sum(layer.d_out * layer.d_in for layer in layers) if self.init_reads_client_data() else 0,
-                sum(layer.rank * (layer.d_out + layer.d_in) for layer in layers))
+        if not self.init_reads_client_data():
+            up, down = {}, {}
+        elif self.cfg.fedsb.init in ("sketch", "sign_sketch"):
+            up = self._request("range").expected | self._request("project").expected
+            k = self.adapted.rank + self.cfg.fedsb.oversampling
+            down = {f"{name}.basis": torch.empty(layer.d_out, sketch_columns(k, layer), device="meta")
+                    for name, layer in self.adapted.layers.items()}
+        else:
+            up = self._request("gradient-sum" if self.cfg.fedsb.init == "dense" else "signs").expected
+            down = {}
+        ba = {f"{name}.lora_{f}": torch.empty(shape, device="meta") for name, layer in self.adapted.layers.items()
+              for f, shape in (("B", (layer.d_out, layer.rank)), ("A", (layer.rank, layer.d_in)))}
+        return up, down | ba

@@ -1,5 +1,6 @@
-"""One DP-SGD gradient: per-example clipping of the whole gradient, Gaussian noise once per step,
-normalisation by the expected batch size."""
+"""One DP-SGD gradient: per-example clipping of the whole gradient, summed over the micro-batches of the
+logical batch, Gaussian noise once per step, normalisation by the expected batch size (as Opacus'
+BatchMemoryManager with its DPOptimizer)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -19,18 +20,22 @@ class DPSGD:
         self.expected_batch_size = expected_batch_size
         self.generator = generator
 
-    def set_gradients(self, example_losses: Callable[[dict], torch.Tensor], batch: dict | None) -> float | None:
-        """Fill .grad of every trainable parameter with the private gradient; returns the batch's mean loss.
-        `batch` None is an empty Poisson draw: the step is noise alone."""
-        sums, loss = {}, None
-        if batch is not None:
-            with self.recorder.recording(batch.get("attention_mask")):
-                losses = example_losses(batch)
+    def set_gradients(self, example_losses: Callable[[dict], torch.Tensor], parts: list[dict] | None) -> float | None:
+        """Fill .grad of every trainable parameter with the private gradient of one logical batch, given as
+        its micro-batches (their per-example clipped gradients summed before the one noise draw); returns the
+        batch's mean loss. `parts` None is an empty Poisson draw: the step is noise alone."""
+        if isinstance(parts, dict):  # TEMP until callers pass micro-batches
+            parts = [parts]
+        sums, loss_sum, rows = {}, 0.0, 0
+        for part in parts or []:
+            with self.recorder.recording(part.get("attention_mask")):
+                losses = example_losses(part)
                 losses.sum().backward()
-            sums, _ = self.recorder.clipped_sum(self.clip_norm)
-            loss = losses.mean().item()
+            part_sums, _ = self.recorder.clipped_sum(self.clip_norm)
+            sums = {k: sums[k] + v if k in sums else v for k, v in part_sums.items()}
+            loss_sum, rows = loss_sum + losses.detach().sum().item(), rows + len(losses)
         self.set_noised(sums)
-        return loss
+        return loss_sum / rows if rows else None
 
     def set_noised(self, sums: dict[str, torch.Tensor]) -> None:
         """.grad = (clipped sum + noise) / expected batch size; a key missing from `sums` gets noise alone."""

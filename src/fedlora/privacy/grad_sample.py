@@ -119,7 +119,8 @@ class PerExampleGradients:
             return a * m[:, :, None].to(a.dtype)
         return a
 
-    def _outers(self) -> dict[str, _Outer]:
+    def _outers(self, project: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
+                ) -> dict[str, _Outer]:
         outers = {}
         by_layer: dict[int, dict[str, str]] = {}
         for key, (layer, factor) in self.factors.items():
@@ -140,20 +141,27 @@ class PerExampleGradients:
         for key, (module, param) in self.linears.items():
             s = self._saved[id(module)]
             g = self._mask(_rows(s["g"]))
-            outers[key] = _Outer(g, None if param == "bias" else _rows(s["x"]), self.path)
+            x = None if param == "bias" else _rows(s["x"])
+            if project is not None:  # a weight's sketch L^T G R = sum_t (L^T g_t) (R^T x_t)^T
+                left, right = project[key]
+                g = g if left is None else g @ left.to(g.device, g.dtype)
+                x = x if right is None else x @ right.to(x.device, x.dtype)
+            outers[key] = _Outer(g, x, self.path)
         return outers
 
-    def clipped_sum(self, clip_norm: float, slots=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def clipped_sum(self, clip_norm: float, slots=None, project=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(sum over examples of each example's whole gradient clipped to clip_norm, per-example norms).
-        With `slots` (several clients' examples in one batch) the sums are per client, shape (K, ...)."""
-        outers = self._outers()
+        With `slots` (several clients' examples in one batch) the sums are per client, shape (K, ...).
+        With `project` (linear weight key -> (L or None, R or None)) the per-example gradient G_e (d_out x d_in)
+        of each linear weight is replaced by its sketch L^T G_e R, and the sketches are what is clipped."""
+        outers = self._outers(project)
         norms = torch.stack([o.squared_norms() for o in outers.values()]).sum(0).sqrt()
         weights = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
         sums = {}
         for key, outer in outers.items():
             total = outer.weighted_sum(weights) if slots is None else outer.client_sums(weights, slots)
             module, param = self.linears.get(key, (None, ""))
-            if isinstance(module, Conv1D) and param == "weight":
+            if isinstance(module, Conv1D) and param == "weight" and project is None:
                 total = total.transpose(-1, -2)  # Conv1D stores its weight as d_in x d_out
             sums[key] = total
         return sums, norms

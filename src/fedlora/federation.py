@@ -1,0 +1,381 @@
+"""The server side of a federation, whatever runs the clients: the plan every party derives from the config
+(client sampling, the set-up's clients, sample rates, the DP noise), and the server core (the method's set-up and
+aggregation of what the clients sent, payload checks, privacy accounting, the log, checkpoints, evaluation,
+export). It never trains a client: a runtime (the in-process simulator, or Flower) hands it the clients' uploads."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .adapters import AdaptedModel
+from .comm import payload_bytes
+from .config import Config, differing_keys
+from .data import partition
+from .errors import ConfigError, FedloraError
+from .experiment import build_task, load_task_data, task_kind
+from .init_sb import gradient_sums
+from .methods import METHODS, InitContext
+from .models import pick_device
+from .privacy.accounting import PrivacyLedger, calibrate_noise, planned_epsilon
+from .seeding import derive_seed, generator, rng
+from .tasks import ClassificationTask, Task
+from .validation import update_problem
+
+if TYPE_CHECKING:
+    from .client import ClientUpdate
+
+CHECKPOINT = "checkpoint.pt"
+ROUNDS_LOG = "rounds.jsonl"
+
+Segment = tuple[float, int, float | None]  # DP-SGD steps: (sample rate, steps, own noise multiplier or None)
+
+
+def client_shards(cfg: Config, task: Task) -> list[np.ndarray]:
+    """Every client's training examples (indices into the task's training split), from the config's partition."""
+    d = cfg.data
+    return partition(task.train_labels, cfg.federation.num_clients, d.partition,
+                     seed=derive_seed(cfg.seed, "partition"), dirichlet_alpha=d.dirichlet_alpha,
+                     label_proportions=d.label_proportions, min_client_examples=d.min_client_examples,
+                     num_labels=task.num_groups)
+
+
+class FederationPlan:
+    """What the server and every client derive alike from the config and the clients' sizes: which clients
+    each round samples, who takes part in the set-up and with how many examples, the DP sample rates, the
+    planned DP-SGD steps and so the noise multiplier."""
+
+    def __init__(self, cfg: Config, client_sizes: list[int]):
+        self.cfg = cfg
+        self.client_sizes = client_sizes
+        init_clients = self.sample_clients(0)
+        share = cfg.fedsb.init_examples / sum(client_sizes[c] for c in init_clients)
+        self.init_examples = {c: max(1, min(client_sizes[c], round(share * client_sizes[c]))) for c in init_clients}
+
+    def sample_clients(self, r: int) -> list[int]:
+        fed = self.cfg.federation
+        return sorted(int(c) for c in rng(self.cfg.seed, "sample", r).choice(
+            fed.num_clients, fed.clients_per_round, replace=False))
+
+    def sample_rate(self, client: int) -> float:
+        return min(1.0, self.cfg.train.batch_size / self.client_sizes[client])
+
+    def init_sample_rate(self, client: int) -> float:
+        return self.init_examples[client] / self.client_sizes[client]
+
+    def privacy_segments(self, init_reads_client_data: bool) -> list[list[Segment]]:
+        """Every client's planned DP-SGD steps as (sample rate, steps, fixed noise or None) segments."""
+        plans: list[list[Segment]] = [[] for _ in self.client_sizes]
+        if init_reads_client_data:
+            for c in self.init_examples:
+                plans[c].append((self.init_sample_rate(c), 1, self.cfg.fedsb.init_noise_multiplier))
+        rounds = np.zeros(len(self.client_sizes), dtype=int)
+        for r in range(1, self.cfg.federation.rounds + 1):
+            rounds[self.sample_clients(r)] += 1
+        for c, k in enumerate(rounds):
+            if k:
+                plans[c].append((self.sample_rate(c), int(k) * self.cfg.train.local_steps, None))
+        return plans
+
+    def delta(self) -> float:
+        return self.cfg.privacy.delta or min(1e-5, 1 / (10 * max(self.client_sizes)))
+
+    def noise_multiplier(self, init_reads_client_data: bool) -> float:
+        """sigma: given, or calibrated so that no client's planned training exceeds privacy.epsilon; a plan
+        that a given sigma cannot fit into the target is refused before any training."""
+        p = self.cfg.privacy
+        plans = self.privacy_segments(init_reads_client_data)
+        delta = self.delta()
+        sigma = p.noise_multiplier if p.noise_multiplier is not None else calibrate_noise(
+            p.accountant, p.epsilon, delta, plans)
+        if p.epsilon is not None:
+            planned = planned_epsilon(p.accountant, sigma, plans, delta)
+            if planned > p.epsilon * (1 + 1e-6):
+                worst = max(range(len(plans)), key=lambda c: sum(n for _, n, _ in plans[c]))
+                steps = ", ".join(f"{n} steps at sample rate {q:.4g}" for q, n, _ in plans[worst])
+                raise ConfigError(
+                    f"privacy: the planned training spends epsilon {planned:.3f} > privacy.epsilon {p.epsilon} "
+                    f"(noise_multiplier {sigma:.3f}, delta {delta:g}; e.g. client {worst}: {steps}); lower "
+                    "federation.rounds or train.local_steps, or raise privacy.noise_multiplier")
+        return sigma
+
+    def init_noise_multiplier(self, sigma: float) -> float:
+        return self.cfg.fedsb.init_noise_multiplier or sigma
+
+
+def aggregation_error(adapted: AdaptedModel, client_states: list[dict], weights: list[float],
+                      global_state: dict, base_change: dict) -> float:
+    """sum_l ||sum_i w_i delta_i,l - global delta_l||_F / sum_l ||sum_i w_i delta_i,l||_F, where the global
+    delta is the new global adapter's update plus whatever aggregation wrote into W0 this round."""
+    err, norm = 0.0, 0.0
+    for layer in adapted.layer_names:
+        ideal = sum(w * adapted.layer_delta(s, layer) for s, w in zip(client_states, weights))
+        actual = adapted.layer_delta(global_state, layer)
+        if layer in base_change:
+            actual = actual + base_change[layer]
+        err += (ideal - actual).norm().item()
+        norm += ideal.norm().item()
+    return err / norm if norm > 0 else err
+
+
+class FederationServer:
+    """The server core. It holds the method object (the global state and the aggregation rule) and the
+    adapted model, which it uses only to evaluate and export the global model (and, for a public-data set-up,
+    to take the public gradient)."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, task: Task, adapted: AdaptedModel, model_source: str,
+                 client_sizes: list[int], progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.task, self.adapted, self.model_source = task, adapted, model_source
+        self.model = adapted.model
+        self.device = task.device
+        self.progress = progress
+        self.client_sizes = client_sizes
+        self.plan = FederationPlan(cfg, client_sizes)
+        self.method = METHODS[cfg.method.name](adapted, cfg, client_sizes)
+        self.totals = {"bytes_up": 0, "bytes_down": 0}
+        self.last_eval: dict | None = None
+        # what the last exchange sent to every client, kept only for a runtime that sends it itself (Flower):
+        # FedEx-LoRA's is as large as the adapted weights
+        self.keep_broadcast = False
+        self.last_broadcast: dict[str, torch.Tensor] = {}
+        self.ledger: PrivacyLedger | None = None  # set by setup_privacy when privacy is enabled
+
+    @classmethod
+    def from_config(cls, cfg: Config, out_dir: str | Path, progress: bool = True) -> "FederationServer":
+        """A server with its own copy of the model (for evaluation and export) and of the data's partition
+        (for the clients' sizes)."""
+        device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        task, adapted, source = build_task(cfg, device, progress)
+        return cls(cfg, out_dir, task, adapted, source, [len(s) for s in client_shards(cfg, task)], progress)
+
+    @property
+    def init_examples(self) -> dict[int, int]:
+        return self.plan.init_examples
+
+    def sample_clients(self, r: int) -> list[int]:
+        return self.plan.sample_clients(r)
+
+    # -- privacy ------------------------------------------------------------------------------
+    def setup_privacy(self, saved: dict | None = None) -> None:
+        if not self.cfg.privacy.enabled:
+            return
+        if saved is not None:
+            self.ledger = PrivacyLedger.from_state_dict(saved)
+        else:
+            sigma = self.plan.noise_multiplier(self.method.init_reads_client_data())
+            self.ledger = PrivacyLedger(self.cfg.privacy.accountant, self.plan.delta(), sigma)
+
+    def charge_init(self, client: int) -> None:
+        """Charge a client's private release in the set-up exchange to its budget."""
+        self.ledger.charge(client, self.plan.init_sample_rate(client), 1,
+                           self.plan.init_noise_multiplier(self.ledger.noise_multiplier))
+
+    def charge_training(self, client: int) -> None:
+        self.ledger.charge(client, self.plan.sample_rate(client), self.cfg.train.local_steps)
+
+    # -- the run folder -----------------------------------------------------------------------
+    def begin(self, resume: bool) -> int:
+        """Prepare the run folder; the first round still to run (0: the set-up exchange)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and (self.out / CHECKPOINT).exists():
+            return self.load_checkpoint() + 1
+        self.refuse_existing_run()
+        self.setup_privacy(None)
+        return 0
+
+    def refuse_existing_run(self) -> None:
+        if (self.out / ROUNDS_LOG).exists():
+            raise FedloraError(f"{self.out} already holds a run: choose another output folder (`fedlora run "
+                               "--resume` continues a run of the in-process simulator)")
+
+    # -- the set-up exchange ------------------------------------------------------------------
+    def initialise(self, gradient_sum, clients: list[int] | None = None) -> dict:
+        """Round 0: the method's set-up exchange (Fed-SB's gradient init, with `gradient_sum(client)` what the
+        runtime gathered from that client) and the initial evaluation; the round's log record."""
+        t0 = time.time()
+        cfg = self.cfg
+        ctx = InitContext(sorted(self.init_examples) if clients is None else clients, generator(cfg.seed, "init"),
+                          gradient_sum=gradient_sum, public_gradient_sum=self.public_gradient_sum)
+        exchange = self.method.initialise(ctx)
+        self.last_broadcast = exchange.broadcast if self.keep_broadcast else {}
+        bytes_up = sum(payload_bytes(p) for p in exchange.uploads)
+        bytes_down = payload_bytes(exchange.broadcast) * cfg.federation.num_clients
+        return self.record(0, exchange.clients, None, bytes_up, bytes_down, 0.0, self.maybe_evaluate(0), t0)
+
+    def public_gradient_sum(self) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        public = load_task_data(cfg.fedsb.public_data, task_kind(cfg.data, cfg.model.name)).train
+        if isinstance(self.task, ClassificationTask) and max(public.labels) >= self.task.data.num_labels:
+            raise ConfigError(f"fedsb.public_data has labels up to {max(public.labels)}, but the task has "
+                              f"{self.task.data.num_labels} classes")
+        chosen = rng(cfg.seed, "public").permutation(len(public))[:cfg.fedsb.init_examples]
+        torch.manual_seed(derive_seed(cfg.seed, "public"))
+        size = cfg.train.batch_size
+        batches = (self.task.batch(chosen[i:i + size], public) for i in range(0, len(chosen), size))
+        return gradient_sums(self.adapted, batches, lambda batch: self.task.example_losses(self.model, batch))
+
+    # -- a round ------------------------------------------------------------------------------
+    def reference(self, client: int, r: int) -> dict[str, torch.Tensor]:
+        """What the client would upload untrained in round r: an update is checked against it."""
+        return {k: v.detach().clone() for k, v in self.method.upload_of(self.method.client_state(client, r)).items()}
+
+    def check_update(self, payload, reference: dict[str, torch.Tensor]) -> str | None:
+        """Why an upload cannot be aggregated, or None."""
+        return update_problem(payload, reference, self.cfg.server.max_update_norm)
+
+    def aggregate_round(self, r: int, accepted: list[tuple[int, "ClientUpdate"]], dropped: list[dict],
+                        bytes_down: int, t0: float, retries: int = 0) -> dict:
+        """Aggregate the accepted updates of round r with the method's rule; the round's log record."""
+        fed, method = self.cfg.federation, self.method
+        answered = [c for c, _ in accepted]
+        updates = [u for _, u in accepted]
+        sizes = [self.client_sizes[c] for c in answered]
+        weights = ([n / sum(sizes) for n in sizes] if fed.weighting == "examples"
+                   else [1 / len(answered)] * len(answered))
+        payloads = [u.payload for u in updates]
+        aggregate = method.aggregate(payloads, weights, answered, r)
+        self.last_broadcast = aggregate.broadcast if self.keep_broadcast else {}
+        bytes_up = sum(payload_bytes(p) for p in payloads)
+        bytes_down += payload_bytes(aggregate.broadcast) * fed.num_clients
+        agg_error = aggregation_error(self.adapted, [u.trained for u in updates], weights, method.eval_state(),
+                                      aggregate.base_change)
+        seen = [(w, u.loss) for w, u in zip(weights, updates) if u.loss == u.loss]  # DP may draw only empty batches
+        train_loss = sum(w * l for w, l in seen) / sum(w for w, _ in seen) if seen else None
+        if self.ledger is not None:
+            train_loss = None  # computed on raw client data: not released under DP
+        record = self.record(r, answered, train_loss, bytes_up, bytes_down, agg_error, self.maybe_evaluate(r), t0)
+        record["dropped"] = [{"client": d["client"], "reason": d["reason"]} for d in dropped]
+        if retries:
+            record["retries"] = retries
+        return record
+
+    def log_failed_round(self, r: int, clients: list[int], attempts: list[list[dict]], t0: float) -> None:
+        self.log({"round": r, "failed": True, "clients": clients, "attempts": attempts,
+                  "seconds": round(time.time() - t0, 3)})
+
+    # -- evaluation and the log ---------------------------------------------------------------
+    def evaluate(self) -> dict:
+        self.adapted.load_state(self.method.eval_state())
+        e = self.cfg.eval
+        return self.task.evaluate(self.model, e.batch_size, e.max_examples)
+
+    def maybe_evaluate(self, r: int) -> dict | None:
+        every = self.cfg.eval.every
+        if (every and r % every == 0) or r == self.cfg.federation.rounds:
+            self.last_eval = self.evaluate()
+            return self.last_eval
+        return None
+
+    def record(self, r, clients, train_loss, bytes_up, bytes_down, agg_error, evaluation, t0) -> dict:
+        self.totals["bytes_up"] += bytes_up
+        self.totals["bytes_down"] += bytes_down
+        return {"round": r, "clients": clients, "train_loss": train_loss, "eval": evaluation,
+                "bytes_up": bytes_up, "bytes_down": bytes_down, "agg_error": agg_error,
+                "epsilon": None if self.ledger is None else self.ledger.max_epsilon(),
+                "seconds": round(time.time() - t0, 3)}
+
+    def log(self, record: dict) -> None:
+        with open(self.out / ROUNDS_LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, r: int, runtime_state: dict | None = None) -> None:
+        """The server's state after round r, and `runtime_state`: what the runtime keeps for its clients."""
+        state = {
+            "round": r,
+            "config": self.cfg.to_dict(),
+            "method": self.method.state_dict(),
+            "base_weights": self.adapted.base_weights() if self.method.changes_base else None,
+            "runtime": runtime_state or {},
+            "totals": self.totals,
+            "last_eval": self.last_eval,
+            "privacy": None if self.ledger is None else self.ledger.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> int:
+        """Restore the state of the last checkpoint; its round. The runtime's part is in self.runtime_state."""
+        path = self.out / CHECKPOINT
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:  # a truncated or foreign file
+            raise FedloraError(f"{path}: not a readable fedlora checkpoint ({type(err).__name__})") from None
+        saved, now = dict(state["config"]), self.cfg.to_dict()
+        for cfg_dict in (saved, now):
+            cfg_dict["federation"] = {k: v for k, v in cfg_dict["federation"].items() if k != "rounds"}
+        if saved != now:
+            key = differing_keys(saved, now)[0]
+            raise FedloraError(f"{path} was written by a different config (key '{key}' differs); "
+                               "resume with the same config or choose another --out")
+        self.setup_privacy(state["privacy"])
+        self.method.load_state_dict(state["method"])
+        if state["base_weights"] is not None:
+            self.adapted.load_base_weights(state["base_weights"])
+        self.runtime_state = state["runtime"]
+        self.totals = state["totals"]
+        self.last_eval = state["last_eval"]
+        rng_state = state["rng"]
+        torch.set_rng_state(rng_state["torch"].cpu())
+        np.random.set_state(rng_state["numpy"])
+        random.setstate(rng_state["python"])
+        if rng_state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in rng_state["cuda"]])
+        r = state["round"]
+        log = self.out / ROUNDS_LOG
+        if log.exists():  # drop rounds logged after the checkpoint was written
+            kept = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["round"] <= r]
+            log.write_text("".join(ln + "\n" for ln in kept))
+        return r
+
+    # -- the end ------------------------------------------------------------------------------
+    def finish(self, started: float) -> dict:
+        """Export the final global model and write summary.json."""
+        if self.last_eval is None:
+            self.last_eval = self.evaluate()
+        self.export()
+        summary = {
+            "method": self.cfg.method.name,
+            "rounds": self.cfg.federation.rounds,
+            "final_eval": self.last_eval,
+            "bytes_up_total": self.totals["bytes_up"],
+            "bytes_down_total": self.totals["bytes_down"],
+            "client_sizes": self.client_sizes,
+            "model_source": self.model_source,
+            "privacy": None if self.ledger is None else {
+                "noise_multiplier": self.ledger.noise_multiplier, "delta": self.ledger.delta,
+                "accountant": self.ledger.kind, "epsilon_max": self.ledger.max_epsilon(),
+                "epsilon_per_client": {c: self.ledger.epsilon(c) for c in sorted(self.ledger.history)}},
+            "seconds_this_session": round(time.time() - started, 2),
+            "config": self.cfg.to_dict(),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def export(self) -> None:
+        state = self.method.eval_state()
+        self.adapted.load_state(state)
+        tokenizer = self.task.tokenizer
+        if self.adapted.parameterisation == "full":
+            self.model.save_pretrained(self.out / "model")
+            tokenizer.save_pretrained(self.out / "model")
+            return
+        base = self.model_source
+        if self.method.changes_base:  # W0 itself was trained: ship it beside the adapter
+            base_dir = self.out / "base_model"
+            self.model.save_pretrained(base_dir, state_dict=self.adapted.base_model_state_dict())
+            tokenizer.save_pretrained(base_dir)
+            base = str(base_dir.resolve())
+        self.adapted.export_peft(self.out / "adapter", state, base_model=base, task_type=self.task.task_type)

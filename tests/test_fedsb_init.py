@@ -1,0 +1,223 @@
+"""Fed-SB's set-up exchange (fedsb.init): each variant against a centralised computation on the pooled
+gradient done here by hand, and the private sketches against torch.func per-example gradients."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad
+
+from fedlora.adapters import AdaptedModel
+from fedlora.config import build_config
+from fedlora.init_sb import PrivateRelease, client_reply, private_gradient_sum, reply_from_gradients, sketch_matrix
+from fedlora.methods import METHODS, InitContext
+
+from conftest import tiny_bert, tiny_gpt2
+
+ETA, RANK, EXAMPLES = 0.01, 4, 8
+
+
+def fedsb(variant, model=None, targets=("query", "value", "dense"), oversampling=3, seed=1):
+    model = model or tiny_bert()
+    for m in model.modules():  # no dropout: every computation below must see the same forward
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    adapted = AdaptedModel(model, parameterisation="lorasb", rank=RANK, scaling=1.0, target_modules=list(targets),
+                           head_modules=[])
+    cfg = build_config({"seed": seed, "train": {"lr": ETA},
+                        "fedsb": {"init": variant, "oversampling": oversampling, "init_examples": EXAMPLES}})
+    return adapted, METHODS["fedsb"](adapted, cfg, [10, 10, 10])
+
+
+def run(method, ask):
+    sent = []
+
+    def recorded(request, clients):
+        replies = ask(request, clients)
+        sent.append((request, replies))
+        return replies
+
+    exchange = method.initialise(InitContext([0, 1, 2], torch.Generator().manual_seed(0), ask=recorded))
+    return exchange, sent
+
+
+def low_rank_gradients(adapted, rank, seed=0):
+    """Three clients' 'gradient sums' per layer whose sum has rank `rank`."""
+    g = torch.Generator().manual_seed(seed)
+    out = {c: {} for c in range(3)}
+    for name, layer in adapted.layers.items():
+        U, V = torch.randn(layer.d_out, rank, generator=g), torch.randn(rank, layer.d_in, generator=g)
+        for c in range(3):
+            out[c][name] = U @ torch.diag(torch.rand(rank, generator=g) + 0.5) @ V
+    return out
+
+
+def product(state, layer):
+    return state[f"{layer}.lora_B"] @ state[f"{layer}.lora_R"] @ state[f"{layer}.lora_A"]
+
+
+def randomized_svd(M, omega, rank):
+    """Halko, Martinsson and Tropp's two-pass randomized SVD in float64 numpy: (U_r, S_r, V_r^T)."""
+    M, omega = M.double().numpy(), omega.double().numpy()
+    Q, _ = np.linalg.qr(M @ omega)
+    U, S, Vh = np.linalg.svd(Q.T @ M, full_matrices=False)
+    return Q @ U[:, :rank], S[:rank], Vh[:rank]
+
+
+@pytest.mark.parametrize("variant", ["sketch", "sign_sketch"])
+def test_federated_randomized_svd_equals_the_centralised_one_with_the_same_test_matrix(variant):
+    adapted, method = fedsb(variant)
+    grads = low_rank_gradients(adapted, rank=12)  # more directions than k = 7: the sketch is not exact
+    exchange, sent = run(method, lambda request, clients: {c: reply_from_gradients(adapted, grads[c], request)
+                                                          for c in clients})
+    assert [r.phase for r, _ in sent] == ["range", "project"]
+    for i, (name, layer) in enumerate(adapted.layers.items()):
+        if variant == "sketch":
+            M = -ETA / EXAMPLES * sum(grads[c][name] for c in range(3))
+        else:
+            M = -ETA / 3 * sum(torch.sign(grads[c][name]) for c in range(3))
+        omega = sketch_matrix(layer, RANK + 3, 1, i)
+        assert omega.shape == (layer.d_in, min(RANK + 3, layer.d_in, layer.d_out))
+        U, S, Vh = randomized_svd(M, omega, RANK)
+        state = method.global_state
+        assert np.allclose(torch.diag(state[f"{name}.lora_R"]).numpy(), S, rtol=1e-4), name
+        assert np.allclose(product(state, name).numpy(), U @ np.diag(S) @ Vh, atol=1e-5 * np.abs(S).max()), name
+        assert torch.allclose(state[f"{name}.lora_B"].T @ state[f"{name}.lora_B"], torch.eye(RANK), atol=1e-5)
+    # the uploads are sums the server adds: G_i Omega then Q^T G_i, k columns / rows each
+    (first, ranges), (second, projections) = sent
+    assert all(k.endswith(".range") for k in first.expected) and set(second.arrays) == {
+        f"{n}.basis" for n in adapted.layers}
+    assert first.release == 0 and second.release == (0 if variant == "sign_sketch" else 1)
+    assert {k.rpartition(".")[2] for k in exchange.broadcast} == {"lora_A", "lora_B"}
+    assert exchange.clients == [0, 1, 2]
+
+
+def test_a_sketch_wide_enough_for_the_gradient_gives_the_best_rank_r_approximation():
+    adapted, method = fedsb("sketch", oversampling=6)
+    grads = low_rank_gradients(adapted, rank=RANK)  # rank 4 <= k: the range is found exactly
+    run(method, lambda request, clients: {c: reply_from_gradients(adapted, grads[c], request) for c in clients})
+    for name in adapted.layers:
+        M = -ETA / EXAMPLES * sum(grads[c][name] for c in range(3))
+        U, S, Vh = torch.linalg.svd(M.double())
+        best = U[:, :RANK] @ torch.diag(S[:RANK]) @ Vh[:RANK]
+        assert torch.allclose(product(method.global_state, name).double(), best, atol=1e-5 * float(S[0])), name
+
+
+def test_sign_votes_take_the_majority():
+    adapted, method = fedsb("signs")
+    grads = low_rank_gradients(adapted, rank=12)
+    _, sent = run(method, lambda request, clients: {c: reply_from_gradients(adapted, grads[c], request)
+                                                    for c in clients})
+    (request, replies), = sent
+    assert request.phase == "signs" and all(v.dtype == torch.int8 for r in replies.values() for v in r.values())
+    for name in adapted.layers:
+        majority = torch.sign(sum(torch.sign(grads[c][name]) for c in range(3)))
+        U, S, Vh = torch.linalg.svd(-ETA * majority.double())
+        R0 = torch.diag(method.global_state[f"{name}.lora_R"]).double()
+        assert torch.allclose(R0, S[:RANK], rtol=1e-3), name
+        best = U[:, :RANK] @ torch.diag(S[:RANK]) @ Vh[:RANK]
+        assert torch.allclose(product(method.global_state, name).double(), best, atol=1e-3 * float(S[0])), name
+
+
+def losses_of(model):
+    def losses(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    return losses
+
+
+def test_clients_sketch_their_own_gradient_and_the_server_gets_the_pooled_randomized_svd():
+    adapted, method = fedsb("sketch", oversampling=2)
+    model = adapted.model
+    g = torch.Generator().manual_seed(3)
+    data = {c: {"input_ids": torch.randint(5, 30000, (3, 6), generator=g),
+                "labels": torch.randint(0, 2, (3,), generator=g)} for c in range(3)}
+    run(method, lambda request, clients: {c: client_reply(adapted, request, [data[c]], losses_of(model))
+                                          for c in clients})
+    # the pooled gradient of W0 by plain autograd on a copy with the adapters off
+    ref = copy.deepcopy(model)
+    weights = {n: ref.get_submodule(n).base.weight.requires_grad_(True) for n in adapted.layers}
+    loss = sum(losses_of(ref)(data[c]).sum() for c in range(3))
+    grads = torch.autograd.grad(loss, list(weights.values()))
+    for i, ((name, layer), G) in enumerate(zip(adapted.layers.items(), grads)):
+        U, S, Vh = randomized_svd(-ETA / EXAMPLES * G, sketch_matrix(layer, RANK + 2, 1, i), RANK)
+        assert np.allclose(product(method.global_state, name).numpy(), U @ np.diag(S) @ Vh,
+                           atol=1e-4 * S.max()), name
+
+
+def per_example_reference(adapted, batch):
+    """torch.func.grad of each example's loss alone, for every adapted layer's W0, as d_out x d_in."""
+    model = adapted.model
+    names = {n: f"{n}.base.weight" for n in adapted.layers}
+    out = {n: [] for n in names}
+    for i in range(batch["input_ids"].shape[0]):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+
+        def f(params):
+            call = lambda **kw: functional_call(model, params, kwargs=kw)
+            return losses_of(call)(one).sum()
+        g = grad(f)({p: model.get_parameter(p).detach() for p in names.values()})
+        for n, p in names.items():
+            out[n].append(g[p].T if adapted.layers[n].transposed else g[p])
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+@pytest.mark.parametrize("model_fn,targets", [(tiny_bert, ("query", "value")), (tiny_gpt2, ("c_attn", "c_fc"))])
+@pytest.mark.parametrize("phase", ["range", "project"])
+def test_private_sketch_clips_each_examples_whole_sketch(model_fn, targets, phase):
+    """Per example: its sketch G_e Omega (or Q^T G_e) over all layers, clipped as a whole to clip_norm."""
+    adapted, method = fedsb("sketch", model=model_fn(), targets=targets)
+    vocab = adapted.model.config.vocab_size
+    g = torch.Generator().manual_seed(4)
+    batch = {"input_ids": torch.randint(2, vocab, (4, 5), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
+    per_example = per_example_reference(adapted, batch)
+    bases = {f"{n}.basis": torch.linalg.qr(torch.randn(l.d_out, 5, generator=g)).Q for n, l in adapted.layers.items()}
+    request = method._request(phase, bases if phase == "project" else None)
+    sketches = {}
+    for i, (name, layer) in enumerate(adapted.layers.items()):
+        G = per_example[name]
+        sketches[f"{name}.{'range' if phase == 'range' else 'projection'}"] = (
+            G @ sketch_matrix(layer, request.sketch_size, 1, i) if phase == "range"
+            else bases[f"{name}.basis"].T @ G)
+    norms = torch.stack([s.flatten(1).pow(2).sum(1) for s in sketches.values()]).sum(0).sqrt().detach()
+    clip = float(norms.median())  # some examples clipped, some not
+    scale = (clip / norms).clamp(max=1.0)
+    noise = 0.5
+    reply = client_reply(adapted, request, [batch], losses_of(adapted.model),
+                         PrivateRelease(clip, noise, torch.Generator().manual_seed(9), "materialise"))
+    draws = torch.Generator().manual_seed(9)
+    for key, s in sketches.items():
+        expected = torch.einsum("b,b...->...", scale, s) + torch.randn(s.shape[1:], generator=draws) * noise * clip
+        assert reply[key].shape == expected.shape
+        assert torch.allclose(reply[key], expected, atol=1e-5), key
+
+
+def test_private_sign_replies_are_the_signs_of_the_private_dense_sum():
+    adapted, method = fedsb("signs")
+    g = torch.Generator().manual_seed(4)
+    batch = {"input_ids": torch.randint(5, 30000, (4, 5), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
+    release = lambda: PrivateRelease(0.5, 1.0, torch.Generator().manual_seed(2))
+    dense = private_gradient_sum(adapted, [batch], losses_of(adapted.model), 0.5, 1.0, release().generator)
+    reply = client_reply(adapted, method._request("signs"), [batch], losses_of(adapted.model), release())
+    for name in adapted.layers:
+        assert torch.equal(reply[f"{name}.signs"], torch.sign(dense[name]).to(torch.int8))
+
+
+def test_traffic_of_each_variant():
+    from fedlora.comm import communication_report
+
+    d, r, layers, head = 384, 8, 12, 384 * 2 + 2
+    k = r + 8
+
+    def init(variant):
+        cfg = build_config({"fedsb": {"init": variant}})
+        return communication_report("minilm-l6", "fedsb", r, target_modules=["query", "value"], settings=cfg)["init"]
+
+    assert init("dense")["bytes_up"] == 4 * layers * d * d
+    assert init("signs")["bytes_up"] == layers * d * d  # one int8 vote per entry
+    for variant in ("sketch", "sign_sketch"):
+        assert init(variant)["params_up"] == layers * 2 * k * d
+        assert init(variant)["params_down"] == layers * (k * d + 2 * r * d)  # Q, then B and A
+    assert init("dense")["params_down"] == layers * 2 * r * d
+    mistral = communication_report("mistral-7b", "fedsb", 200)["init"]
+    assert mistral["bytes_up"] <= 2 * 4 * 524_288_000  # at most twice B and A
