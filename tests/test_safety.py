@@ -187,7 +187,7 @@ def test_adams_step_bound_is_reached_by_the_worst_gradients():
         step = (before - p.detach()).abs().item()
         assert step == pytest.approx(lr * adam_step_bound((b1, b2), steps=t), rel=1e-9)
     assert adam_step_bound(steps=1) == pytest.approx(1.0)
-    assert 7.2 < adam_step_bound() < 7.3
+    assert 7.2 < adam_step_bound() < 7.3  # AdamW's default betas, ever
 
 
 @pytest.mark.parametrize("optimizer,extra", [("adamw", {}), ("adamw", {"weight_decay": 0.5}),
@@ -232,16 +232,24 @@ def test_setting_selects_the_rule():
 def test_gradient_sums_of_the_set_up_are_checked():
     zeros = {"l0": torch.zeros(4, 3), "l1": torch.zeros(2, 2)}
     g = torch.Generator().manual_seed(0)
-    sums = [{k: torch.randn(v.shape, generator=g) * n for k, v in zeros.items()} for n in (10, 20, 30)]
+
+    def clipped_sum(n, noise=0.0):  # n examples, each gradient of norm 1 over both layers, plus noise
+        grads = [{k: torch.randn(v.shape, generator=g) for k, v in zeros.items()} for _ in range(n)]
+        norms = [math.sqrt(sum(x.pow(2).sum().item() for x in e.values())) for e in grads]
+        return {k: sum(e[k] / m for e, m in zip(grads, norms)) + noise * torch.randn(v.shape, generator=g)
+                for k, v in zeros.items()}
+
+    sums = [clipped_sum(n) for n in (10, 20, 30)]
     sums.append({"l0": torch.full((4, 3), float("nan")), "l1": torch.zeros(2, 2)})
     sums.append({"l0": torch.zeros(5, 3), "l1": torch.zeros(2, 2)})
     sums.append({k: v + 1e6 for k, v in zeros.items()})
     reasons = check_gradient_sums(build_config({}), sums, [zeros] * 6, [10, 20, 30, 10, 10, 10])
     assert reasons[:3] == [None] * 3
     assert "NaN" in reasons[3] and "has shape (5, 3)" in reasons[4] and "per example" in reasons[5]
-    private = check_gradient_sums(build_config({"privacy": {"noise_multiplier": 1.0}}), sums[:3] + sums[5:],
-                                  [zeros] * 4, [10, 20, 30, 10], noise_multiplier=1.0)
-    assert private[:3] == [None] * 3 and "exceeds" in private[3]
+    private = [clipped_sum(n, noise=1.0) for n in (10, 20, 1)] + [sums[5]]
+    reasons = check_gradient_sums(build_config({"privacy": {"noise_multiplier": 1.0}}), private, [zeros] * 4,
+                                  [10, 20, 1, 10], noise_multiplier=1.0)
+    assert reasons[:3] == [None] * 3 and "the most an honest client can reach" in reasons[3]
 
 
 @pytest.mark.parametrize("name", ["float32", "bfloat16", "int64", "bool"])
@@ -272,20 +280,34 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path):
         run_folder.prepare(tmp_path / "out")
 
 
-def _full_disk(monkeypatch, after_bytes: int):
-    """Writes fail with ENOSPC once `after_bytes` more bytes were written (the failing write writes a part)."""
-    left = {"n": after_bytes}
-    real = io.BufferedWriter.write
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes were written, after writing what fits."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
 
     def write(self, data):
-        if left["n"] < len(data):
-            real(self, bytes(data)[:max(0, left["n"])])
-            self.flush()
-            left["n"] = 0
+        if len(data) > self.room["n"]:
+            self.f.write(bytes(data)[:self.room["n"]])
+            self.f.flush()
+            self.room["n"] = 0
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        left["n"] -= len(data)
-        return real(self, data)
-    monkeypatch.setattr(io.BufferedWriter, "write", write)
+        self.room["n"] -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _full_disk(monkeypatch, room: int):
+    left = {"n": room}
+    monkeypatch.setattr(run_folder, "open", lambda *a, **k: _FullDisk(open(*a, **k), left), raising=False)
 
 
 def test_a_full_disk_loses_nothing_already_written(tmp_path, monkeypatch):

@@ -254,8 +254,9 @@ class AdaptedModel:
 
     # -- export -------------------------------------------------------------------------------
     def export_peft(self, out_dir: str | Path, state: dict[str, torch.Tensor], *, base_model: str | None,
-                    task_type: str | None, alpha: float | None = None) -> Path:
-        """Write a standard PEFT LoRA adapter. LoRA-SB exports as lora_B = B R, lora_A = A."""
+                    task_type: str | None, alpha: float | None = None, label_names: list[str] | None = None) -> Path:
+        """Write a standard PEFT LoRA adapter. LoRA-SB exports as lora_B = B R, lora_A = A. A classifier's
+        class names go to labels.json (see `write_labels`)."""
         if self.parameterisation == "full":
             raise ValueError("full fine-tuning has no adapter to export")
         out_dir = Path(out_dir)
@@ -289,7 +290,25 @@ class AdaptedModel:
             "inference_mode": True,
         }
         (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if label_names is not None:
+            write_labels(out_dir, label_names)
         return out_dir
+
+
+LABELS_FILE = "labels.json"
+
+
+def label_config(label_names: list[str]) -> dict:
+    """num_labels, id2label and label2id of a classifier: the keyword arguments that give
+    AutoModelForSequenceClassification.from_pretrained the right head and class names."""
+    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+            "label2id": {name: k for k, name in enumerate(label_names)}}
+
+
+def write_labels(folder: str | Path, label_names: list[str]) -> Path:
+    path = Path(folder) / LABELS_FILE
+    path.write_text(json.dumps(label_config(label_names), indent=2, ensure_ascii=False))
+    return path
 
 
 def _linear_names(model: nn.Module) -> list[str]:

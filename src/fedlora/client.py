@@ -13,12 +13,13 @@ import torch
 
 from .adapters import AdaptedModel
 from .config import Config, TrainConfig
-from .errors import ClientTimeout
+from .errors import ClientTimeout, FedloraError
 from .federation import FederationPlan
-from .init_sb import gradient_sums, private_gradient_sum
+from .init_sb import PrivateRelease, client_reply, private_gradient_sum, reply_from_gradients
 from .methods.base import Method
 from .privacy.dpsgd import DPSGD
 from .privacy.grad_sample import for_trainable
+from .privacy.randomness import noise_generator, sampling_rng
 from .seeding import derive_seed, rng
 from .tasks import Task
 
@@ -77,6 +78,7 @@ class ClientTrainer:
         self.device = task.device
         self.shards = shards
         self.optimizer_states: dict[int, dict] = {}
+        self.releases: dict[tuple[int, int], dict | None] = {}  # (client, index): the set-up releases made
         self.noise_multiplier, self.recorder = None, None
         if noise_multiplier is not None:
             self.enable_privacy(noise_multiplier)
@@ -134,19 +136,35 @@ class ClientTrainer:
         if update.optimizer_state is not None:
             self.optimizer_states[client] = update.optimizer_state
 
-    def gradient_sum(self, client: int) -> dict[str, torch.Tensor]:
-        """The client's sum of dL/dW0 over its set-up examples; under DP a Poisson draw at the same expected
-        size, clipped per example and noised (a release the server charges to the client's budget)."""
+    def set_up_reply(self, client: int, request) -> dict[str, torch.Tensor]:
+        """The client's reply to one phase of the method's set-up exchange (a methods.Request), computed over
+        its set-up examples. Under DP the examples are a Poisson draw at the same expected size and the reply
+        is one private release (init_sb.client_reply); a phase that reuses a release it made before (Fed-SB's
+        sign sketch) sends from the release it kept, never from a new draw."""
         cfg, n, shard = self.cfg, self.plan.init_examples[client], self.shards[client]
         torch.manual_seed(derive_seed(cfg.seed, "init", client))  # dropout
-        draw = rng(cfg.seed, "init", client)
         if self.noise_multiplier is None:
-            return gradient_sums(self.adapted, self._batches(draw.permutation(shard)[:n]), self.losses)
+            chosen = rng(cfg.seed, "init", client).permutation(shard)[:n]
+            return client_reply(self.adapted, request, self._batches(chosen), self.losses)
+        release = (client, request.release)
+        if request.signs and release in self.releases:
+            return reply_from_gradients(self.adapted, self.releases[release], request)
+        if release in self.releases:
+            raise FedloraError(f"client {client}: set-up release {request.release} was already made")
+        if request.signs and request.phase == "project":  # must sketch the release of the first phase
+            raise FedloraError(f"client {client}: kept no set-up release to sketch (its process restarted?)")
+        parts = (0, client) + ((request.release,) if request.release else ())
+        draw = sampling_rng(cfg, "init", *parts[1:])
         chosen = shard[draw.random(len(shard)) < self.plan.init_sample_rate(client)]
-        noise = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, "noise", 0, client))
-        return private_gradient_sum(self.adapted, self._batches(chosen), self.losses, cfg.privacy.clip_norm,
-                                    self.plan.init_noise_multiplier(self.noise_multiplier), noise,
-                                    cfg.privacy.grad_norm)
+        private = PrivateRelease(cfg.privacy.clip_norm, self.plan.init_noise_multiplier(self.noise_multiplier),
+                                 noise_generator(cfg, "noise", *parts, device=self.device), cfg.privacy.grad_norm)
+        if request.signs:  # the signs of one dense release, sketched in every phase
+            self.releases[release] = private_gradient_sum(self.adapted, self._batches(chosen), self.losses,
+                                                          private.clip_norm, private.noise_multiplier,
+                                                          private.generator, private.path)
+            return reply_from_gradients(self.adapted, self.releases[release], request)
+        self.releases[release] = None
+        return client_reply(self.adapted, request, self._batches(chosen), self.losses, private)
 
     def _batches(self, indices: np.ndarray):
         size = self.cfg.train.batch_size

@@ -22,7 +22,17 @@ class Section(BaseModel):
 
 
 class MethodConfig(Section):
-    name: Literal["fedit", "ffa", "fedsb", "fedex", "flora", "fedsa", "full"] = "fedsb"
+    name: str = Field("fedsb", description="fedit, ffa, fedsb, fedex, flora, fedsa, full, or a method added with "
+                                           "fedlora.register_method")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name):
+        from .methods import METHODS  # here: the methods import this module
+
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        return name
 
 
 class ModelConfig(Section):

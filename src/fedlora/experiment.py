@@ -31,15 +31,25 @@ def load_task_data(data_cfg, kind: str):
     return load_instructions(data_cfg) if kind == "instructions" else load_classification(data_cfg)
 
 
-def build_task(cfg: Config, device: torch.device, progress: bool = False) -> tuple[Task, AdaptedModel, str]:
-    """The task (data, tokenizer, loss, evaluation), the adapted model on `device`, and the model source."""
+def build_task(cfg: Config, device: torch.device, progress: bool = False, data=None, model=None,
+               tokenizer=None) -> tuple[Task, AdaptedModel, str]:
+    """The task (data, tokenizer, loss, evaluation), the adapted model on `device`, and the model source.
+    `data` (ClassificationData) and `model` with its `tokenizer` stand in for the config's when given."""
     method = METHODS[cfg.method.name]
     kind = task_kind(cfg.data, cfg.model.name)
-    data = load_task_data(cfg.data, kind)
-    source = resolve_model_source(cfg.model.name, cfg.model.path)
-    if kind == "instructions":
+    if data is None:
+        data = load_task_data(cfg.data, kind)
+    if model is not None:
+        source = getattr(model, "name_or_path", None) or "a model object"
+        labels = getattr(model.config, "num_labels", None)
+        if kind == "classification" and labels != data.num_labels:
+            raise ConfigError(f"the model object has {labels} labels but the data has {data.num_labels} classes "
+                              f"({', '.join(data.label_names)}): load it with num_labels={data.num_labels}")
+    elif kind == "instructions":
+        source = resolve_model_source(cfg.model.name, cfg.model.path)
         model, tokenizer = load_causal_lm(source, cfg.model.dtype)
     else:
+        source = resolve_model_source(cfg.model.name, cfg.model.path)
         model, tokenizer = load_classifier(source, data.num_labels, cfg.model.dtype)
     rank, alpha = cfg.adapter.rank, cfg.adapter.alpha
     if method.parameterisation == "lorasb" and alpha not in (None, rank):

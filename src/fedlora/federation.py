@@ -5,34 +5,39 @@ export). It never trains a client: a runtime (the in-process simulator, or Flowe
 from __future__ import annotations
 
 import json
-import os
-import random
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .adapters import AdaptedModel
+from . import checkpoint, run_folder
+from .adapters import AdaptedModel, label_config, write_labels
 from .comm import payload_bytes
 from .config import Config, differing_keys
 from .data import partition
-from .errors import ConfigError, FedloraError
+from .data.sources import describe_labels
+from .errors import ConfigError, FedloraError, RoundFailed
 from .experiment import build_task, load_task_data, task_kind
-from .init_sb import gradient_sums
+from .init_sb import client_reply
 from .methods import METHODS, InitContext
-from .models import pick_device
+from .models import base_model_reference, pick_device
 from .privacy.accounting import PrivacyLedger, calibrate_noise, planned_epsilon
 from .seeding import derive_seed, generator, rng
 from .tasks import ClassificationTask, Task
-from .validation import update_problem
+from .validation import check_updates, update_problem
 
 if TYPE_CHECKING:
     from .client import ClientUpdate
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # older versions' pickle: never loaded (unpickling can run code)
 ROUNDS_LOG = "rounds.jsonl"
+CHECKPOINT_KEYS = ("round", "config", "method", "base_weights", "runtime", "totals", "last_eval", "privacy", "rng",
+                   "record")
 
 Segment = tuple[float, int, float | None]  # DP-SGD steps: (sample rate, steps, own noise multiplier or None)
 
@@ -69,12 +74,13 @@ class FederationPlan:
     def init_sample_rate(self, client: int) -> float:
         return self.init_examples[client] / self.client_sizes[client]
 
-    def privacy_segments(self, init_reads_client_data: bool) -> list[list[Segment]]:
-        """Every client's planned DP-SGD steps as (sample rate, steps, fixed noise or None) segments."""
+    def privacy_segments(self, init_releases: int) -> list[list[Segment]]:
+        """Every client's planned DP-SGD steps as (sample rate, steps, fixed noise or None) segments;
+        `init_releases`: the private releases of each set-up client (Method.init_releases)."""
         plans: list[list[Segment]] = [[] for _ in self.client_sizes]
-        if init_reads_client_data:
+        if init_releases:
             for c in self.init_examples:
-                plans[c].append((self.init_sample_rate(c), 1, self.cfg.fedsb.init_noise_multiplier))
+                plans[c].append((self.init_sample_rate(c), int(init_releases), self.cfg.fedsb.init_noise_multiplier))
         rounds = np.zeros(len(self.client_sizes), dtype=int)
         for r in range(1, self.cfg.federation.rounds + 1):
             rounds[self.sample_clients(r)] += 1
@@ -86,11 +92,11 @@ class FederationPlan:
     def delta(self) -> float:
         return self.cfg.privacy.delta or min(1e-5, 1 / (10 * max(self.client_sizes)))
 
-    def noise_multiplier(self, init_reads_client_data: bool) -> float:
+    def noise_multiplier(self, init_releases: int) -> float:
         """sigma: given, or calibrated so that no client's planned training exceeds privacy.epsilon; a plan
         that a given sigma cannot fit into the target is refused before any training."""
         p = self.cfg.privacy
-        plans = self.privacy_segments(init_reads_client_data)
+        plans = self.privacy_segments(init_releases)
         delta = self.delta()
         sigma = p.noise_multiplier if p.noise_multiplier is not None else calibrate_noise(
             p.accountant, p.epsilon, delta, plans)
@@ -147,6 +153,7 @@ class FederationServer:
         self.keep_broadcast = False
         self.last_broadcast: dict[str, torch.Tensor] = {}
         self.ledger: PrivacyLedger | None = None  # set by setup_privacy when privacy is enabled
+        self.logged: dict | None = None  # the last row written to the log (kept in the checkpoint)
 
     @classmethod
     def from_config(cls, cfg: Config, out_dir: str | Path, progress: bool = True) -> "FederationServer":
@@ -171,11 +178,11 @@ class FederationServer:
         if saved is not None:
             self.ledger = PrivacyLedger.from_state_dict(saved)
         else:
-            sigma = self.plan.noise_multiplier(self.method.init_reads_client_data())
+            sigma = self.plan.noise_multiplier(self.method.init_releases())
             self.ledger = PrivacyLedger(self.cfg.privacy.accountant, self.plan.delta(), sigma)
 
     def charge_init(self, client: int) -> None:
-        """Charge a client's private release in the set-up exchange to its budget."""
+        """Charge one private release of a client in the set-up exchange to its budget."""
         self.ledger.charge(client, self.plan.init_sample_rate(client), 1,
                            self.plan.init_noise_multiplier(self.ledger.noise_multiplier))
 
@@ -183,35 +190,91 @@ class FederationServer:
         self.ledger.charge(client, self.plan.sample_rate(client), self.cfg.train.local_steps)
 
     # -- the run folder -----------------------------------------------------------------------
+    @contextmanager
+    def open_run(self, resume: bool):
+        """Hold the run folder (its lock) for the block, which gets the first round still to run."""
+        with run_folder.locked(self.out):
+            yield self.begin(resume)
+
     def begin(self, resume: bool) -> int:
-        """Prepare the run folder; the first round still to run (0: the set-up exchange)."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Prepare the run folder; the first round still to run (0: the set-up exchange). Resuming a run
+        that died before its first checkpoint starts it again."""
+        run_folder.prepare(self.out)
         if resume and (self.out / CHECKPOINT).exists():
             return self.load_checkpoint() + 1
-        self.refuse_existing_run()
+        legacy = self.out / LEGACY_CHECKPOINT
+        if resume and legacy.exists():
+            raise FedloraError(f"{legacy}: a checkpoint of an older fedlora, stored as a pickle, which is never "
+                               "loaded (loading it could run code); start the run again in another folder")
+        if resume:
+            run_folder.atomic_write(self.out / ROUNDS_LOG, "")  # rows no checkpoint backs: they are run again
+        else:
+            self.refuse_existing_run()
+        if self.progress and self.label_names is not None:
+            print(describe_labels(self.task.data), file=sys.stderr)
         self.setup_privacy(None)
         return 0
 
     def refuse_existing_run(self) -> None:
-        if (self.out / ROUNDS_LOG).exists():
-            raise FedloraError(f"{self.out} already holds a run: choose another output folder (`fedlora run "
-                               "--resume` continues a run of the in-process simulator)")
+        held = [name for name in (ROUNDS_LOG, CHECKPOINT, LEGACY_CHECKPOINT) if (self.out / name).exists()]
+        if held:
+            raise FedloraError(f"{self.out} already holds a run ({held[0]}): choose another output folder "
+                               "(`fedlora run --resume` continues a run of the in-process simulator)")
 
     # -- the set-up exchange ------------------------------------------------------------------
-    def initialise(self, gradient_sum, clients: list[int] | None = None) -> dict:
-        """Round 0: the method's set-up exchange (Fed-SB's gradient init, with `gradient_sum(client)` what the
-        runtime gathered from that client) and the initial evaluation; the round's log record."""
+    def initialise(self, send, clients: list[int] | None = None) -> dict:
+        """Round 0: the method's set-up exchange and the initial evaluation; the round's log record.
+        `send(request, clients)` is the runtime's: the clients compute their replies to a methods.Request and
+        it returns {client: reply}, or an error message (str) for a client that sent none. Every reply is
+        checked like a round's update (validation.check_set_up_replies) and dropped, logged, when it fails;
+        the bytes of every request and reply are counted; each new private release is charged."""
         t0 = time.time()
         cfg = self.cfg
-        ctx = InitContext(sorted(self.init_examples) if clients is None else clients, generator(cfg.seed, "init"),
-                          gradient_sum=gradient_sum, public_gradient_sum=self.public_gradient_sum)
-        exchange = self.method.initialise(ctx)
-        self.last_broadcast = exchange.broadcast if self.keep_broadcast else {}
-        bytes_up = sum(payload_bytes(p) for p in exchange.uploads)
-        bytes_down = payload_bytes(exchange.broadcast) * cfg.federation.num_clients
-        return self.record(0, exchange.clients, None, bytes_up, bytes_down, 0.0, self.maybe_evaluate(0), t0)
+        traffic = {"up": 0, "down": 0}
+        dropped: list[dict] = []
+        charged: set[tuple[int, int]] = set()
+        private = self.ledger is not None
 
-    def public_gradient_sum(self) -> dict[str, torch.Tensor]:
+        def ask(request, asked: list[int]) -> dict:
+            traffic["down"] += payload_bytes(request.arrays) * len(asked)
+            got = send(request, asked)
+            replies = {c: got[c] for c in asked if c in got and not isinstance(got[c], str)}
+            for c in asked:
+                if c not in replies:
+                    dropped.append({"client": c, "reason": f"set-up phase '{request.phase}': "
+                                                          f"{got.get(c) or 'sent no reply'}"})
+            for c, reply in replies.items():
+                if isinstance(reply, dict):
+                    traffic["up"] += sum(t.numel() * t.element_size() for t in reply.values()
+                                         if isinstance(t, torch.Tensor))
+                if private and (c, request.release) not in charged:  # released, whatever its checks say
+                    charged.add((c, request.release))
+                    self.charge_init(c)
+            reasons = check_set_up_replies(
+                cfg, request, list(replies.values()), [self.init_examples[c] for c in replies],
+                self.plan.init_noise_multiplier(self.ledger.noise_multiplier) if private else None,
+                [self.client_sizes[c] for c in replies])
+            for c, why in zip(list(replies), reasons):
+                if why is not None:
+                    dropped.append({"client": c, "reason": f"set-up phase '{request.phase}': {why}"})
+                    del replies[c]
+            return replies
+
+        ctx = InitContext(sorted(self.init_examples) if clients is None else clients, generator(cfg.seed, "init"),
+                          ask=ask, ask_public=self.public_reply)
+        try:
+            exchange = self.method.initialise(ctx)
+        except RoundFailed:
+            self.log_failed_round(0, ctx.clients, [dropped], t0)
+            raise
+        self.last_broadcast = exchange.broadcast if self.keep_broadcast else {}
+        bytes_down = traffic["down"] + payload_bytes(exchange.broadcast) * cfg.federation.num_clients
+        record = self.record(0, exchange.clients, None, traffic["up"], bytes_down, 0.0, self.maybe_evaluate(0), t0)
+        record["dropped"] = dropped
+        return record
+
+    def public_reply(self, request) -> dict[str, torch.Tensor]:
+        """A set-up reply computed by the server on fedsb.public_data's init examples (nothing is sent)."""
         cfg = self.cfg
         public = load_task_data(cfg.fedsb.public_data, task_kind(cfg.data, cfg.model.name)).train
         if isinstance(self.task, ClassificationTask) and max(public.labels) >= self.task.data.num_labels:
@@ -221,7 +284,7 @@ class FederationServer:
         torch.manual_seed(derive_seed(cfg.seed, "public"))
         size = cfg.train.batch_size
         batches = (self.task.batch(chosen[i:i + size], public) for i in range(0, len(chosen), size))
-        return gradient_sums(self.adapted, batches, lambda batch: self.task.example_losses(self.model, batch))
+        return client_reply(self.adapted, request, batches, lambda batch: self.task.example_losses(self.model, batch))
 
     # -- a round ------------------------------------------------------------------------------
     def reference(self, client: int, r: int) -> dict[str, torch.Tensor]:
@@ -229,8 +292,12 @@ class FederationServer:
         return {k: v.detach().clone() for k, v in self.method.upload_of(self.method.client_state(client, r)).items()}
 
     def check_update(self, payload, reference: dict[str, torch.Tensor]) -> str | None:
-        """Why an upload cannot be aggregated, or None."""
-        return update_problem(payload, reference, self.cfg.server.max_update_norm)
+        """Why one upload cannot be aggregated, or None (the checks that need no other upload of the round)."""
+        return check_updates(self.cfg, [payload], [reference])[0]
+
+    def check_updates(self, payloads: list, references: list[dict[str, torch.Tensor]]) -> list[str | None]:
+        """Why each upload of a round cannot be aggregated, or None (server.max_update_norm)."""
+        return check_updates(self.cfg, payloads, references)
 
     def aggregate_round(self, r: int, accepted: list[tuple[int, "ClientUpdate"]], dropped: list[dict],
                         bytes_down: int, t0: float, retries: int = 0) -> dict:
@@ -284,8 +351,8 @@ class FederationServer:
                 "seconds": round(time.time() - t0, 3)}
 
     def log(self, record: dict) -> None:
-        with open(self.out / ROUNDS_LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        run_folder.append_line(self.out / ROUNDS_LOG, record)
+        self.logged = record
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, r: int, runtime_state: dict | None = None) -> None:
@@ -299,20 +366,17 @@ class FederationServer:
             "totals": self.totals,
             "last_eval": self.last_eval,
             "privacy": None if self.ledger is None else self.ledger.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": checkpoint.rng_state(),
+            # the round's log row, to repair a log torn by a crash
+            "record": self.logged if self.logged is not None and self.logged.get("round") == r else None,
         }
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        checkpoint.save(state, self.out / CHECKPOINT)
 
     def load_checkpoint(self) -> int:
         """Restore the state of the last checkpoint; its round. The runtime's part is in self.runtime_state."""
         path = self.out / CHECKPOINT
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as err:  # a truncated or foreign file
-            raise FedloraError(f"{path}: not a readable fedlora checkpoint ({type(err).__name__})") from None
+        state = checkpoint.load(path, self.device)
+        checkpoint.require(state, CHECKPOINT_KEYS, path)
         saved, now = dict(state["config"]), self.cfg.to_dict()
         for cfg_dict in (saved, now):
             cfg_dict["federation"] = {k: v for k, v in cfg_dict["federation"].items() if k != "rounds"}
@@ -320,6 +384,10 @@ class FederationServer:
             key = differing_keys(saved, now)[0]
             raise FedloraError(f"{path} was written by a different config (key '{key}' differs); "
                                "resume with the same config or choose another --out")
+        r, rounds = state["round"], self.cfg.federation.rounds
+        if r > rounds:
+            raise ConfigError(f"federation.rounds = {rounds} is below the {r} rounds {path} has finished: resume "
+                              f"with federation.rounds >= {r}")
         self.setup_privacy(state["privacy"])
         self.method.load_state_dict(state["method"])
         if state["base_weights"] is not None:
@@ -327,17 +395,10 @@ class FederationServer:
         self.runtime_state = state["runtime"]
         self.totals = state["totals"]
         self.last_eval = state["last_eval"]
-        rng_state = state["rng"]
-        torch.set_rng_state(rng_state["torch"].cpu())
-        np.random.set_state(rng_state["numpy"])
-        random.setstate(rng_state["python"])
-        if rng_state["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([t.cpu() for t in rng_state["cuda"]])
-        r = state["round"]
-        log = self.out / ROUNDS_LOG
-        if log.exists():  # drop rounds logged after the checkpoint was written
-            kept = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["round"] <= r]
-            log.write_text("".join(ln + "\n" for ln in kept))
+        checkpoint.set_rng_state(state["rng"])
+        # rows logged after the checkpoint, or torn by the crash, go; the checkpoint's round's row is its own
+        run_folder.repair_log(self.out / ROUNDS_LOG, r, state["record"])
+        self.logged = state["record"]
         return r
 
     # -- the end ------------------------------------------------------------------------------
@@ -345,7 +406,10 @@ class FederationServer:
         """Export the final global model and write summary.json."""
         if self.last_eval is None:
             self.last_eval = self.evaluate()
-        self.export()
+        try:
+            self.export()
+        except OSError as err:
+            raise run_folder.write_error(Path(err.filename or self.out), err) from None
         summary = {
             "method": self.cfg.method.name,
             "rounds": self.cfg.federation.rounds,
@@ -354,6 +418,7 @@ class FederationServer:
             "bytes_down_total": self.totals["bytes_down"],
             "client_sizes": self.client_sizes,
             "model_source": self.model_source,
+            "labels": self.label_names,
             "privacy": None if self.ledger is None else {
                 "noise_multiplier": self.ledger.noise_multiplier, "delta": self.ledger.delta,
                 "accountant": self.ledger.kind, "epsilon_max": self.ledger.max_epsilon(),
@@ -361,21 +426,32 @@ class FederationServer:
             "seconds_this_session": round(time.time() - started, 2),
             "config": self.cfg.to_dict(),
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_folder.atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """A classifier's class names (id -> name); None for a language model."""
+        return self.task.data.label_names if isinstance(self.task, ClassificationTask) else None
 
     def export(self) -> None:
         state = self.method.eval_state()
         self.adapted.load_state(state)
         tokenizer = self.task.tokenizer
+        names = self.label_names
+        if names is not None:
+            write_labels(self.out, names)
+            self.model.config.update(label_config(names))  # a saved model folder carries the class names
         if self.adapted.parameterisation == "full":
             self.model.save_pretrained(self.out / "model")
             tokenizer.save_pretrained(self.out / "model")
             return
-        base = self.model_source
+        cfg = self.cfg
+        base = base_model_reference(cfg.model.name, cfg.model.path, self.model_source)
         if self.method.changes_base:  # W0 itself was trained: ship it beside the adapter
             base_dir = self.out / "base_model"
             self.model.save_pretrained(base_dir, state_dict=self.adapted.base_model_state_dict())
             tokenizer.save_pretrained(base_dir)
             base = str(base_dir.resolve())
-        self.adapted.export_peft(self.out / "adapter", state, base_model=base, task_type=self.task.task_type)
+        self.adapted.export_peft(self.out / "adapter", state, base_model=base, task_type=self.task.task_type,
+                                 label_names=names)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .answers import completion_for, is_correct
 from .data.instructions import InstructionData, InstructionSplit
-from .tasks import Task
+from .tasks import Task, check_max_length
 
 IGNORE = -100
 # The instruction template of Alpaca and LLM-Adapters, for tokenizers without a chat template.
@@ -28,7 +28,7 @@ class CausalLMTask(Task):
                  autocast: torch.dtype | None = None, progress: bool = False):
         self.data = data
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        self.max_length = check_max_length(tokenizer, max_length, texts=2)  # a prompt and a response
         self.device = device
         self.use_chat = bool(tokenizer.chat_template) if chat_template is None else chat_template
         if self.use_chat and not tokenizer.chat_template:

@@ -100,6 +100,31 @@ def head_modules(model: nn.Module) -> list[str]:
     return [n for n in HEAD_NAMES if n in children]
 
 
+def base_model_reference(name: str, path: str | None, source: str) -> str:
+    """How an export names the base model it was trained from (`source`, as resolved): model.path as
+    configured; a preset's hub id for the preset's own weights (not their folder inside the environment);
+    else the source itself."""
+    if path:
+        return path
+    preset = PRESETS.get(name)
+    if preset is not None and source in (preset.hub_id, *_preset_folders(name, preset)):
+        return preset.hub_id
+    return source
+
+
+def _preset_folders(name: str, preset: ModelPreset) -> list[str]:
+    """Where a preset's weights may lie locally (see resolve_model_source), found without loading anything."""
+    folders = []
+    if preset.local_package:
+        try:
+            folders.append(str(importlib.import_module(preset.local_package).get_model_path()))
+        except ImportError:
+            pass
+    if preset.gguf_file:
+        folders.append(str(_gguf_cache_folder(name, preset)))
+    return folders
+
+
 def resolve_model_source(name: str, path: str | None) -> str:
     """A local folder if one is given or installed with a package, else the hub id.
 
@@ -136,8 +161,12 @@ def _package_dir(module: str) -> Path | None:
     return Path(spec.submodule_search_locations[0])
 
 
+def _gguf_cache_folder(name: str, preset: ModelPreset) -> Path:
+    return cache_root() / f"{name}--{Path(preset.gguf_file).stem}"
+
+
 def _cached_gguf_conversion(name: str, preset: ModelPreset) -> Path:
-    target = cache_root() / f"{name}--{Path(preset.gguf_file).stem}"
+    target = _gguf_cache_folder(name, preset)
     if target.is_dir():  # only ever created whole, by the rename below
         return target
     missing = [module for module in ("gguf", "accelerate") if importlib.util.find_spec(module) is None]
@@ -226,6 +255,7 @@ def load_classifier(source: str, num_labels: int, dtype: str = "float32"):
 
     hf_logging.set_verbosity_error()  # the fresh head is expected; its "newly initialized" report is noise
     hf_logging.disable_progress_bar()
+    check_model_folder(source)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=num_labels, dtype=getattr(torch, dtype))
@@ -244,6 +274,7 @@ def load_causal_lm(source: str, dtype: str = "float32"):
     hf_logging.disable_progress_bar()
     # The model first: on a folder that holds no model, the tokenizer's error is the murkier one.
     # transformers raises ValueError, not OSError, for a folder without a usable config.json.
+    check_model_folder(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -251,6 +282,22 @@ def load_causal_lm(source: str, dtype: str = "float32"):
         raise _cannot_load(source, err) from None
     _set_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+# Files that hold a tokenizer's vocabulary. Without one, transformers builds a tokenizer of the
+# special tokens alone and every word becomes [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "tekken.json")
+
+
+def check_model_folder(source: str) -> None:
+    """Refuse a local model folder that holds no tokenizer vocabulary, before any weights are read."""
+    folder = Path(source)
+    if folder.is_dir() and (folder / "config.json").is_file() and not any(
+            (folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"model: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it "
+                          f"beside the weights, e.g. AutoTokenizer.from_pretrained(<the base model>)"
+                          f".save_pretrained('{folder}')")
 
 
 def _cannot_load(source: str, err: Exception) -> ConfigError:

@@ -20,13 +20,20 @@ from .federation import FederationServer, client_shards
 from .models import pick_device
 
 
+def failure(err: Exception) -> str:
+    """Why a client was dropped when its computation raised."""
+    return f"raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+
+
 class Simulator:
-    def __init__(self, cfg: Config, out_dir: str | Path, *, progress: bool = True):
+    def __init__(self, cfg: Config, out_dir: str | Path, *, progress: bool = True, data=None, model=None,
+                 tokenizer=None):
+        """`data`, `model` and `tokenizer` stand in for the config's data and model (see build_task)."""
         self.cfg = cfg
         self.progress = progress
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        task, adapted, source = build_task(cfg, self.device, progress)
+        task, adapted, source = build_task(cfg, self.device, progress, data, model, tokenizer)
         self.task, self.adapted, self.model = task, adapted, adapted.model
         self.shards = client_shards(cfg, task)
         self.server = FederationServer(cfg, out_dir, task, adapted, source, [len(s) for s in self.shards],
@@ -56,9 +63,12 @@ class Simulator:
             self.clients.enable_privacy(self.server.ledger.noise_multiplier)
 
     def run(self, resume: bool = False) -> dict:
+        with self.server.open_run(resume) as start:
+            return self._run(start)
+
+    def _run(self, start: int) -> dict:
         server = self.server
         started = time.time()
-        start = server.begin(resume)
         self._share_noise()
         if start == 0:
             server.log(self.initialise())
@@ -81,15 +91,18 @@ class Simulator:
         return {"optimizer_states": self.clients.optimizer_states}
 
     def initialise(self) -> dict:
-        """Round 0: the set-up exchange, with the clients' gradient sums computed here."""
-        server = self.server
+        """Round 0: the set-up exchange, each phase's replies computed here, client after client."""
 
-        def gradient_sum(client: int) -> dict[str, torch.Tensor]:
-            if server.ledger is not None:
-                server.charge_init(client)
-            return self.clients.gradient_sum(client)
+        def send(request, clients: list[int]) -> dict:
+            replies = {}
+            for c in clients:
+                try:
+                    replies[c] = self.clients.set_up_reply(c, request)
+                except Exception as err:  # a client's failure must not stop the federation
+                    replies[c] = failure(err)
+            return replies
 
-        return server.initialise(gradient_sum)
+        return self.server.initialise(send)
 
     def round(self, r: int) -> dict:
         """Sample, train, check and aggregate one round. Clients that raise, time out, return nothing or
@@ -148,14 +161,19 @@ class Simulator:
                 elif deadline is not None and time.monotonic() > deadline:
                     reason = f"answered after {time.monotonic() - began:.1f} s > federation.client_timeout"
                 else:
-                    reason = server.check_update(update.payload, references[c])
+                    reason = None
             except ClientTimeout as err:
                 reason = str(err)
             except Exception as err:  # a client's failure must not stop the federation
-                reason = f"raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+                reason = failure(err)
             if reason is None:
                 accepted.append((c, update))
             else:
                 dropped.append({"client": c, "reason": reason, "released": released})
+        # the server's checks see the round's uploads together (the size rule compares each with their median)
+        reasons = server.check_updates([u.payload for _, u in accepted], [references[c] for c, _ in accepted])
+        dropped += [{"client": c, "reason": why, "released": True} for (c, _), why in zip(accepted, reasons) if why]
+        accepted = [pair for pair, why in zip(accepted, reasons) if why is None]
+        dropped.sort(key=lambda d: d["client"])
         self.adapted.set_trainable([])
         return accepted, dropped, bytes_down

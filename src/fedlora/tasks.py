@@ -9,6 +9,25 @@ import torch
 
 from .batching import default_part_cost, length_parts
 from .data import ClassificationData, ClassificationSplit
+from .data.partition import stratified_sample
+from .errors import ConfigError
+
+# The evaluation sample is the same for every run, seed and method (like data.max_train_examples' draw).
+EVAL_SAMPLE_SEED = 2
+
+
+def check_max_length(tokenizer, max_length: int, texts: int) -> int:
+    """`max_length` if an example of `texts` texts fits in it with one token of each and the tokenizer's
+    special tokens, and the tokenizer's own limit allows it; else a ConfigError."""
+    needed = tokenizer.num_special_tokens_to_add(pair=texts == 2) + texts
+    if max_length < needed:
+        raise ConfigError(f"config key 'data.max_length': {max_length} is too small: an example needs at least "
+                          f"{needed} tokens ({needed - texts} special tokens and one token of each of its "
+                          f"{texts} text{'s' if texts > 1 else ''})")
+    limit = tokenizer.model_max_length
+    if limit < 1_000_000 and max_length > limit:  # unset limits are huge placeholders
+        raise ConfigError(f"config key 'data.max_length': {max_length} is more than the model takes ({limit} tokens)")
+    return max_length
 
 
 class Task(ABC):
@@ -77,7 +96,7 @@ class ClassificationTask(Task):
                  autocast: torch.dtype | None = None):
         self.data = data
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        self.max_length = check_max_length(tokenizer, max_length, texts=1 if data.train.text_b is None else 2)
         self.device = device
         self.autocast = autocast
         self._eval_batches: dict[tuple[int, int | None], list[dict]] = {}
@@ -106,27 +125,47 @@ class ClassificationTask(Task):
             logits = model(**inputs).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
 
+    def eval_indices(self, max_examples: int | None) -> np.ndarray:
+        """The evaluated examples: all, or a fixed random sample of `max_examples`, stratified by label."""
+        labels = self.data.eval.labels
+        if max_examples is None or max_examples >= len(labels):
+            return np.arange(len(labels))
+        return stratified_sample(labels, max_examples, seed=EVAL_SAMPLE_SEED)
+
     def _eval_set(self, batch_size: int, max_examples: int | None) -> list[dict]:
         key = (batch_size, max_examples)
         if key not in self._eval_batches:
             split = self.data.eval
-            n = len(split.labels) if max_examples is None else min(max_examples, len(split.labels))
-            lengths = [len(split.text_a[i]) + len(split.text_b[i] if split.text_b else "") for i in range(n)]
-            order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
-            self._eval_batches[key] = [self.batch(order[i:i + batch_size], split) for i in range(0, n, batch_size)]
+            chosen = self.eval_indices(max_examples)
+            lengths = [len(split.text_a[i]) + len(split.text_b[i] if split.text_b else "") for i in chosen]
+            order = chosen[np.argsort(lengths, kind="stable")]  # similar lengths together: less padding
+            self._eval_batches[key] = [self.batch(order[i:i + batch_size], split)
+                                       for i in range(0, len(order), batch_size)]
         return self._eval_batches[key]
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, batch_size: int, max_examples: int | None = None) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, batch_size: int, max_examples: int | None = None,
+                 per_class: bool = False) -> dict[str, float]:
+        """Accuracy and mean loss; with `per_class` also "accuracy/<label>" (the recall of each class present)."""
         was_training = model.training
         model.eval()
         correct, loss_sum, count = 0, 0.0, 0
+        hits = np.zeros(self.data.num_labels, dtype=np.int64)
+        seen = np.zeros(self.data.num_labels, dtype=np.int64)
         for batch in self._eval_set(batch_size, max_examples):
             with self.autocast_context():
                 out = model(**batch)
             n = batch["labels"].shape[0]
-            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+            right = out.logits.argmax(-1) == batch["labels"]
+            correct += right.sum().item()
             loss_sum += out.loss.item() * n
             count += n
+            labels = batch["labels"].cpu().numpy()
+            np.add.at(hits, labels, right.cpu().numpy())
+            np.add.at(seen, labels, 1)
         model.train(was_training)
-        return {"accuracy": correct / count, "loss": loss_sum / count}
+        result = {"accuracy": correct / count, "loss": loss_sum / count}
+        if per_class:
+            result |= {f"accuracy/{name}": float(hits[k] / seen[k])
+                       for k, name in enumerate(self.data.label_names) if seen[k]}
+        return result

@@ -57,8 +57,12 @@ def _shape_problem(payload, start: dict[str, torch.Tensor]) -> str | None:
 
 
 def distance(payload: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
-    """The L2 norm of payload - start over all tensors (in float64)."""
-    squared = sum((payload[k].to(ref.device).double() - ref.double()).pow(2).sum().item() for k, ref in start.items())
+    """The L2 norm of payload - start over all tensors (in float64); a reference on the meta device (a
+    template of shapes and dtypes) counts as zeros."""
+    squared = 0.0
+    for key, ref in start.items():
+        change = payload[key].double() if ref.is_meta else payload[key].to(ref.device).double() - ref.double()
+        squared += change.pow(2).sum().item()
     return math.sqrt(squared)
 
 
@@ -67,7 +71,7 @@ def upload_problems(payloads: list, references: list[dict[str, torch.Tensor]], *
                     scales: list[float] | None = None, setting: str = "server.max_update_norm") -> list[str | None]:
     """Why each payload cannot be aggregated, or None where it can. references[i] is what uploader i would
     have sent untrained (or zeros for a sum): it fixes the keys, shapes and dtypes, and the change is
-    measured from it. max_norm: a fixed bound on the change. bounds[i]: the most honest work can change
+    measured from it (from zero for a template on the meta device). max_norm: a fixed bound on the change. bounds[i]: the most honest work can change
     payload i. factor: refuse a change above factor x the median change of the well-formed payloads (at
     least 3 of them), each change first divided by scales[i] (e.g. the examples a sum adds up)."""
     reasons = [_shape_problem(p, ref) for p, ref in zip(payloads, references)]
@@ -98,17 +102,19 @@ def update_problem(payload, start: dict[str, torch.Tensor], max_norm: float | No
     return upload_problems([payload], [start], max_norm=fixed)[0]
 
 
-def adam_step_bound(betas: tuple[float, float] = (0.9, 0.999), steps: int = 10 ** 6) -> float:
+def adam_step_bound(betas: tuple[float, float] = (0.9, 0.999), steps: int | None = None) -> float:
     """The most one Adam(W) step (weight decay aside) moves a coordinate, in units of the learning rate,
-    over any gradients: by Cauchy-Schwarz |m_t| / sqrt(v_t) <= (1-b1) sqrt(sum_k rho^k / (1-b2)) with
-    rho = b1^2/b2, times the bias corrections sqrt(1-b2^t) / (1-b1^t); the largest value over t."""
+    whatever the gradients, within the optimizer's first `steps` steps (None: ever). By Cauchy-Schwarz
+    |m_t| / sqrt(v_t) <= (1-b1) sqrt(sum_k<t rho^k / (1-b2)), rho = b1^2/b2; times the bias corrections
+    sqrt(1-b2^t) / (1-b1^t). Gradients growing as (b2/b1)^k reach it."""
     b1, b2 = betas
     rho = b1 * b1 / b2
     if rho >= 1:
         return math.inf
-    t = np.arange(1, steps + 1, dtype=np.float64)
+    t = np.arange(1, min(steps or 10 ** 6, 10 ** 6) + 1, dtype=np.float64)
     f = (1 - b1) / (1 - b1 ** t) * np.sqrt((1 - b2 ** t) / (1 - b2)) * np.sqrt((1 - rho ** t) / (1 - rho))
-    return float(max(f.max(), (1 - b1) / math.sqrt((1 - b2) * (1 - rho))))
+    ever = (1 - b1) / math.sqrt((1 - b2) * (1 - rho))
+    return float(f.max() if steps is not None and steps <= 10 ** 6 else max(f.max(), ever))
 
 
 def training_bound(cfg, reference: dict[str, torch.Tensor], private: bool) -> float | None:
@@ -123,7 +129,9 @@ def training_bound(cfg, reference: dict[str, torch.Tensor], private: bool) -> fl
             return None
         start = math.sqrt(sum(v.double().pow(2).sum().item() for v in reference.values()))
         decay = start * (1 - (1 - lr * t.weight_decay) ** steps)  # AdamW's decoupled decay toward 0
-        bound = decay + steps * lr * adam_step_bound() * math.sqrt(size)
+        # a client's optimizer restarts every round unless it keeps its state
+        per_step = adam_step_bound(steps=None if t.keep_optimizer_state else steps)
+        bound = decay + steps * lr * per_step * math.sqrt(size)
     elif t.max_grad_norm is not None and not private and t.weight_decay == 0:
         bound = steps * lr * t.max_grad_norm / (1 - t.momentum)  # the momentum buffer is at most g / (1 - mu)
     else:
@@ -160,6 +168,51 @@ def check_gradient_sums(cfg, sums: list, references: list[dict[str, torch.Tensor
     bounds = [(n * c + noise_multiplier * c * (math.sqrt(sum(v.numel() for v in ref.values())) + _GAUSS_T)) * 1.01
               for n, ref in zip(most_examples or examples, references)]
     return upload_problems(sums, references, bounds=bounds)
+
+
+def check_set_up_replies(cfg, request, replies: list, examples: list[int], noise_multiplier: float | None = None,
+                         most_examples: list[int] | None = None) -> list[str | None]:
+    """One phase of the set-up exchange (request: a methods.Request, whose `expected` fixes the keys,
+    shapes and dtypes): sums and sketches of per-example gradients by check_gradient_sums (a sketch of a
+    clipped example is no longer than the example's gradient); sign votes and sketches of signs, whose
+    size does not grow with the examples, by the relative rule alone (and votes by their largest norm)."""
+    references = [{k: torch.zeros(v.shape, dtype=v.dtype) for k, v in request.expected.items()}] * len(replies)
+    if request.phase != "signs" and not request.signs:
+        return check_gradient_sums(cfg, replies, references, examples, noise_multiplier, most_examples)
+    if cfg.server.max_update_norm is None or cfg.server.max_update_norm == "off":
+        return upload_problems(replies, references)
+    votes = math.sqrt(sum(v.numel() for v in request.expected.values())) * 1.01 if request.phase == "signs" else None
+    return upload_problems(replies, references, factor=cfg.server.norm_factor, bounds=[votes] * len(replies))
+
+
+def check_set_up_replies(cfg, request, replies: list, examples: list[int], noise_multiplier: float | None = None,
+                         most_examples: list[int] | None = None) -> list[str | None]:
+    """The replies to one phase of a set-up exchange (a methods.Request: `request.expected` holds a valid
+    reply's keys, shapes and dtypes), client i having used examples[i] set-up examples (at most
+    most_examples[i] under DP's Poisson draw). Sign votes must be -1, 0 or 1 and are held to the round's
+    median (each counts alike, whatever its examples); replies that sum per-example quantities (gradient
+    sums, sketches of them) go through check_gradient_sums."""
+    references = [request.expected] * len(replies)
+    if request.phase == "signs" or request.signs:
+        reasons = _shape_problems(replies, references)
+        for i, reply in enumerate(replies):
+            if reasons[i] is None and request.phase == "signs":
+                bad = next((k for k, v in reply.items() if ((v < -1) | (v > 1)).any()), None)
+                if bad is not None:
+                    reasons[i] = f"'{bad}' holds votes other than -1, 0 and 1"
+        if cfg.server.max_update_norm is None or cfg.server.max_update_norm == "off":
+            return reasons
+        kept = [i for i, why in enumerate(reasons) if why is None]
+        checked = upload_problems([replies[i] for i in kept], [references[i] for i in kept],
+                                  factor=cfg.server.norm_factor)
+        for i, why in zip(kept, checked):
+            reasons[i] = why
+        return reasons
+    return check_gradient_sums(cfg, replies, references, examples, noise_multiplier, most_examples)
+
+
+def _shape_problems(payloads: list, references: list[dict[str, torch.Tensor]]) -> list[str | None]:
+    return [_shape_problem(p, ref) for p, ref in zip(payloads, references)]
 
 
 def _few(keys: list[str], shown: int = 3) -> str:

@@ -156,3 +156,18 @@ def _client_counts(proportions: np.ndarray, size: int) -> np.ndarray:
             order = np.argsort(-(exact[client] - counts[client]), kind="stable")
             counts[client, order[:short]] += 1
     return counts
+
+
+def stratified_sample(labels: Sequence[int] | np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` indices drawn at random, every label represented in proportion to its share (largest
+    remainders round the shares to whole examples), sorted; all indices when `size` covers them."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if size >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * size / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    take[np.argsort(-(quota - take), kind="stable")[:size - take.sum()]] += 1
+    chosen = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))

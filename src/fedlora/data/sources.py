@@ -338,6 +338,15 @@ def encode_split(table: _Table, names: list[str], integer_ids: bool, train_sourc
     return ids
 
 
+def describe_labels(data: ClassificationData) -> str:
+    """One line that shows how the training labels became class ids, with their counts."""
+    counts = [0] * data.num_labels
+    for label in data.train.labels:
+        counts[label] += 1
+    pairs = ", ".join(f"{name!r} -> {k} ({n})" for k, (name, n) in enumerate(zip(data.label_names, counts)))
+    return f"{data.num_labels} classes in {data.train.source} (label -> id (training rows)): {_shorten(pairs, 400)}"
+
+
 def encode_labels(train: _Table, evaluation: _Table,
                   label_names: list[str] | None = None) -> tuple[list[int], list[int], int, list[str]]:
     """Map raw labels to ids: (train ids, eval ids, num_labels, label names); see `label_vocabulary`."""

@@ -23,7 +23,7 @@ from ..client import ClientTrainer
 from ..errors import ConfigError
 from ..experiment import build_task
 from ..federation import FederationPlan, client_shards
-from ..methods import METHODS
+from ..methods import METHODS, Request
 from ..models import pick_device
 from ..seeding import generator
 from .project import from_run_config
@@ -48,7 +48,7 @@ class ClientRuntime:
         plan = FederationPlan(cfg, [len(s) for s in shards])
         method = METHODS[cfg.method.name](adapted, cfg, plan.client_sizes)
         # the same noise multiplier as the server's, from the same plan
-        sigma = plan.noise_multiplier(method.init_reads_client_data()) if cfg.privacy.enabled else None
+        sigma = plan.noise_multiplier(method.init_releases()) if cfg.privacy.enabled else None
         self.trainer = ClientTrainer(cfg, task, adapted, method, plan, dict(enumerate(shards)), sigma)
         method.global_state = method.seed_state(generator(cfg.seed, "init"))
         self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
@@ -119,14 +119,16 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         phase = msg.content["config"]["phase"]
         if phase == "hello":
             return Message(RecordDict({"config": ConfigRecord({"client": client})}), reply_to=msg)
-        if phase != "gradient-sum":
+        if phase != "set-up":
             raise ValueError(f"unknown query '{phase}'")
         runtime = _runtime(context, settings(context))
         trainer = runtime.trainer
         runtime.restore(context)
         trainer.adapted.load_state(trainer.method.global_state)  # the gradient is taken through the seed's head
-        sums = trainer.gradient_sum(client)
-        return Message(RecordDict({"arrays": to_record(sums)}), reply_to=msg)
+        fields = json.loads(msg.content["config"]["request"])
+        arrays = from_record(msg.content["arrays"], trainer.device) if "arrays" in msg.content else {}
+        reply = trainer.set_up_reply(client, Request(expected={}, arrays=arrays, **fields))
+        return Message(RecordDict({"arrays": to_record(reply)}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -3,7 +3,7 @@ update checks, the aggregation, the log and the export are the in-process simula
 method's downloads, uploads and broadcasts as ArrayRecords and counts their bytes.
 
 Stages on the wire, per node: a QUERY 'hello' (which fedlora client is this node), for Fed-SB a QUERY
-'gradient-sum' (the set-up exchange, a first Flower round), then per round a TRAIN (download -> upload) and,
+'set-up' per phase of its set-up exchange (fedsb.init: one or two Flower rounds), then per round a TRAIN (download -> upload) and,
 when the method broadcasts after aggregation (FedEx-LoRA, FLoRA, and Fed-SB's B and A once), an EVALUATE
 to every node that carries the broadcast.
 """
@@ -19,6 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from .. import run_folder
 from ..comm import payload_bytes
 from ..errors import ConfigError, RoundFailed
 from ..client import ClientUpdate
@@ -60,8 +61,9 @@ class FedloraStrategy(Strategy):
         counts = self.flower_bytes.setdefault(r, {"up": 0, "down": 0})
         counts[way] += flower_bytes(record)
 
-    def _message(self, client: int, kind: str, phase: str, r: int, arrays: dict | None = None) -> Message:
-        content = RecordDict({"config": ConfigRecord({"phase": phase, "round": r, "client": client})})
+    def _message(self, client: int, kind: str, phase: str, r: int, arrays: dict | None = None,
+                 settings: dict | None = None) -> Message:
+        content = RecordDict({"config": ConfigRecord({"phase": phase, "round": r, "client": client} | (settings or {}))})
         if arrays is not None:
             record = to_record(arrays)
             self._count(r, "down", record)
@@ -94,27 +96,34 @@ class FedloraStrategy(Strategy):
 
     # -- the set-up exchange --------------------------------------------------------------------
     def initialise(self, grid: Grid) -> dict:
-        """Round 0: Fed-SB's gradient sums from the init clients (a QUERY round), the method's set-up."""
+        """Round 0: the method's set-up exchange, each of its phases one QUERY round to the set-up clients."""
         server = self.server
-        if not server.method.init_reads_client_data():
-            return server.initialise(None)
-        wanted = sorted(server.init_examples)
-        messages = [self._message(c, MessageType.QUERY, "gradient-sum", 0) for c in wanted if c in self.nodes]
-        sums = {}
-        replies = self._by_client(messages, grid.send_and_receive(messages, timeout=self.round_timeout))
-        for client, reply in replies.items():
-            if not reply.has_error():
-                self._count(0, "up", reply.content["arrays"])
-                sums[client] = from_record(reply.content["arrays"], server.device)
-        dropped = [{"client": c, "reason": "sent no gradient sum"} for c in wanted if c not in sums]
-        self._log_dropped(0, dropped)
-        if not sums:
-            raise RoundFailed("round 0: no client sent its gradient sum for Fed-SB's initialisation")
-        if server.ledger is not None:
-            for c in sums:
-                server.charge_init(c)
-        record = server.initialise(gradient_sum=sums.__getitem__, clients=sorted(sums))
-        record["dropped"] = dropped
+
+        def send(request, clients: list[int]) -> dict:
+            messages = [self._message(c, MessageType.QUERY, "set-up", 0, request.arrays or None,
+                                      {"request": json.dumps(request.settings())}) for c in clients if c in self.nodes]
+            by_client = self._by_client(messages, grid.send_and_receive(messages, timeout=self.round_timeout))
+            replies = {}
+            for c in clients:
+                reply = by_client.get(c)
+                if c not in self.nodes:
+                    replies[c] = "has no SuperNode"
+                elif reply is None:
+                    replies[c] = f"no answer within {self.round_timeout:g} s"
+                elif reply.has_error():
+                    replies[c] = f"failed on its node: {reply.error.reason}"
+                else:
+                    try:
+                        record = reply.content["arrays"]
+                        replies[c] = from_record(record, server.device)
+                    except Exception as err:  # a reply without arrays, or arrays that are no tensors
+                        replies[c] = f"sent no readable tensors ({type(err).__name__})"
+                        continue
+                    self._count(0, "up", record)
+            return replies
+
+        record = server.initialise(send)
+        self._log_dropped(0, record["dropped"])
         return record
 
     # -- a round ----------------------------------------------------------------------------------
@@ -155,19 +164,20 @@ class FedloraStrategy(Strategy):
                 record = reply.content["arrays"]
                 payload = from_record(record, server.device)
             except Exception as err:  # a reply without arrays, or arrays that are no tensors
-                dropped.append({"client": c, "reason": f"sent no readable tensors ({type(err).__name__})"})
+                why = str(err).splitlines()[0] if isinstance(err, ValueError) and str(err) else type(err).__name__
+                dropped.append({"client": c, "reason": f"sent no readable tensors ({why})"})
                 continue
             self._count(r, "up", record)
             start = server.method.client_state(c, r)
             if server.ledger is not None:
                 server.charge_training(c)
-            problem = server.check_update(payload, server.reference(c, r))
-            if problem is not None:
-                dropped.append({"client": c, "reason": problem})
-                continue
             metrics = reply.content["metrics"] if "metrics" in reply.content else {}
             accepted.append((c, ClientUpdate(payload=payload, trained=start | payload,
                                              loss=float(metrics.get("loss", float("nan"))), optimizer_state=None)))
+        # the server's checks see the round's uploads together (the size rule compares each with their median)
+        reasons = server.check_updates([u.payload for _, u in accepted], [server.reference(c, r) for c, _ in accepted])
+        dropped += [{"client": c, "reason": why} for (c, _), why in zip(accepted, reasons) if why]
+        accepted = [pair for pair, why in zip(accepted, reasons) if why is None]
         self._log_dropped(r, dropped)
         min_clients = server.cfg.federation.min_clients
         if len(accepted) < min_clients:
@@ -231,9 +241,11 @@ class FedloraStrategy(Strategy):
         if timeout is not None:
             self.round_timeout = timeout
         self.summary()
-        server.out.mkdir(parents=True, exist_ok=True)
-        server.refuse_existing_run()
-        server.setup_privacy(None)
+        with server.open_run(resume=False):
+            return self._run(grid, num_rounds, started)
+
+    def _run(self, grid: Grid, num_rounds: int | None, started: float) -> Result:
+        server = self.server
         self.connect(grid)
         self.last_record = self.initialise(grid)
         server.log(self.last_record)
@@ -249,7 +261,7 @@ class FedloraStrategy(Strategy):
             if self.last_record["eval"]:
                 result.evaluate_metrics_serverapp[r] = _metrics(self.last_record["eval"])
         server.finish(started)
-        (server.out / FLOWER_BYTES).write_text(json.dumps(self.flower_bytes, indent=2))
+        run_folder.atomic_write(server.out / FLOWER_BYTES, json.dumps(self.flower_bytes, indent=2))
         return result
 
 

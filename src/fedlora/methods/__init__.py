@@ -10,4 +10,18 @@ from .full import FullFedAvg
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FedSB, FedExLoRA, FLoRA, FedSALoRA, FullFedAvg)}
 
-__all__ = ["METHODS", "Method", "Aggregate", "Exchange", "InitContext", "Request"]
+
+def register_method(method: type[Method]) -> type[Method]:
+    """Make a Method subclass selectable as `method.name = "<its name>"` (usable as a class decorator)."""
+    if not (isinstance(method, type) and issubclass(method, Method)):
+        raise TypeError(f"register_method takes a subclass of fedlora.methods.Method, got {method!r}")
+    name = getattr(method, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{method.__name__} needs a class attribute `name` (the config's method.name)")
+    if name in METHODS and METHODS[name] is not method:
+        raise ValueError(f"a method named {name!r} is already registered ({METHODS[name].__name__})")
+    METHODS[name] = method
+    return method
+
+
+__all__ = ["METHODS", "Method", "Aggregate", "Exchange", "InitContext", "Request", "register_method"]
