@@ -105,7 +105,7 @@ def test_comm_methods_on_an_encoder(capsys):
     assert report("fedit")["round"]["params_up"] == layers * r * 2 * d + head
     assert report("ffa")["round"]["params_up"] == layers * r * d + head
     assert report("fedsb")["round"]["params_up"] == layers * r * r + head
-    assert report("fedsb")["init"]["params_up"] == layers * d * d
+    assert report("fedsb")["init"]["params_up"] == layers * 2 * (r + 8) * d  # the default sketch, k = r + 8
     assert report("fedex")["round"]["params_down"] == layers * (r * 2 * d + d * d) + head
     assert report("flora", clients=5)["round"]["params_down"] == layers * 5 * r * 2 * d + head
     assert report("fedsa")["round"]["params_up"] == layers * r * d + head
@@ -148,5 +148,6 @@ def test_comm_fedsb_setup_on_public_data_uploads_nothing():
     public = build_config({"fedsb": {"init_data": "public", "public_data": {"name": "imdb"}}})
     clients = communication_report("minilm-l6", "fedsb", r, target_modules=["query", "value"])
     on_public = communication_report("minilm-l6", "fedsb", r, target_modules=["query", "value"], settings=public)
-    assert clients["init"]["params_up"] == layers * d * d and on_public["init"]["params_up"] == 0
-    assert clients["init"]["params_down"] == on_public["init"]["params_down"] == layers * r * 2 * d
+    assert clients["init"]["params_up"] == layers * 2 * (r + 8) * d and on_public["init"]["params_up"] == 0
+    assert clients["init"]["params_down"] == layers * (r + 8 + r * 2) * d  # Q, then B and A
+    assert on_public["init"]["params_down"] == layers * r * 2 * d

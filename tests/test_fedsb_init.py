@@ -221,3 +221,98 @@ def test_traffic_of_each_variant():
     assert init("dense")["params_down"] == layers * 2 * r * d
     mistral = communication_report("mistral-7b", "fedsb", 200)["init"]
     assert mistral["bytes_up"] <= 2 * 4 * 524_288_000  # at most twice B and A
+
+
+# -- the exchange in a run: bytes, checks, privacy ---------------------------------------------------------
+
+def recording_replies(monkeypatch, corrupt=None):
+    """Record every set-up reply the simulator's clients send (after `corrupt(client, request, reply)`)."""
+    from fedlora.client import ClientTrainer
+
+    sent = []
+    original = ClientTrainer.set_up_reply
+
+    def set_up_reply(self, client, request):
+        reply = original(self, client, request)
+        if corrupt is not None:
+            reply = corrupt(client, request, reply)
+        sent.append((client, request, reply))
+        return reply
+
+    monkeypatch.setattr(ClientTrainer, "set_up_reply", set_up_reply)
+    return sent
+
+
+def tensor_bytes(payload):
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+@pytest.mark.parametrize("variant", ["sketch", "sign_sketch", "signs", "dense"])
+def test_round_0_bytes_are_the_replies_and_broadcasts_sent(sim_config, tmp_path, monkeypatch, variant):
+    from fedlora.comm import payload_bytes
+    from fedlora.simulator import Simulator
+
+    from conftest import read_log
+
+    sent = recording_replies(monkeypatch)
+    cfg = sim_config(method={"name": "fedsb"}, fedsb={"init": variant}, federation={"rounds": 1})
+    sim = Simulator(cfg, tmp_path, progress=False)
+    sim.run()
+    round0 = read_log(tmp_path)[0]
+    init_clients = sorted(sim.server.init_examples)
+    phases = 2 if "sketch" in variant else 1
+    assert len(sent) == phases * len(init_clients) and round0["clients"] == init_clients
+    assert round0["bytes_up"] == sum(tensor_bytes(reply) for _, _, reply in sent)
+    bases = sum(tensor_bytes(request.arrays) for _, request, _ in sent)  # Q, to each client of phase 2
+    broadcast = {k: v for k, v in sim.method.global_state.items() if k.endswith(("lora_A", "lora_B"))}
+    assert round0["bytes_down"] == bases + payload_bytes(broadcast) * cfg.federation.num_clients
+    # what `fedlora comm` predicts for one set-up client
+    up, down = sim.method.init_traffic()
+    assert round0["bytes_up"] == len(init_clients) * tensor_bytes(up)
+    one = sum(tensor_bytes(request.arrays) for c, request, _ in sent if c == init_clients[0])
+    assert one + payload_bytes(broadcast) == tensor_bytes(down)
+    assert (variant == "signs") == all(v.dtype == torch.int8 for _, _, reply in sent for v in reply.values())
+
+
+@pytest.mark.parametrize("variant", ["sketch", "dense"])
+def test_a_nan_infinite_or_misshapen_set_up_upload_is_dropped_and_the_rest_aggregate(sim_config, tmp_path,
+                                                                                     monkeypatch, variant):
+    from fedlora.simulator import Simulator
+
+    from conftest import read_log
+
+    def corrupt(client, request, reply):
+        reply = dict(reply)
+        key = sorted(reply)[0]
+        if client == 0:
+            reply[key] = reply[key].clone().fill_(float("nan"))
+        elif client == 1:
+            reply[key] = reply[key].clone().fill_(float("inf"))
+        elif client == 2 and request.phase in ("gradient-sum", "project"):
+            reply[key] = reply[key][:-1]
+        return reply
+
+    sent = recording_replies(monkeypatch, corrupt)
+    cfg = sim_config(method={"name": "fedsb"}, fedsb={"init": variant},
+                     federation={"num_clients": 5, "clients_per_round": 5, "rounds": 1})
+    sim = Simulator(cfg, tmp_path, progress=False)
+    sim.run()
+    round0 = read_log(tmp_path)[0]
+    assert round0["clients"] == [3, 4]
+    reasons = {d["client"]: d["reason"] for d in round0["dropped"]}
+    assert set(reasons) == {0, 1, 2}
+    assert "NaN or infinite" in reasons[0] and "NaN or infinite" in reasons[1] and "has shape" in reasons[2]
+    # the accepted replies alone give the set-up, as a server that never heard of the others would compute it
+    good = {}
+    for client, request, reply in sent:
+        if client in (3, 4):
+            good.setdefault(request.phase, {})[client] = reply
+    _, reference = fedsb(variant)
+    reference.adapted, reference.cfg = sim.adapted, cfg
+    reference.initialise(InitContext([3, 4], torch.Generator().manual_seed(0),
+                                     ask=lambda request, clients: {c: good[request.phase][c] for c in clients}))
+    for key, value in reference.global_state.items():
+        if "lora_" in key:
+            assert torch.isfinite(sim.method.global_state[key]).all()
+            if key.endswith("lora_R"):
+                assert torch.allclose(sim.method.global_state[key], value, atol=1e-6), key

@@ -6,7 +6,7 @@ import torch
 
 from fedlora.adapters import AdaptedModel
 from fedlora.config import build_config
-from fedlora.init_sb import gradient_sums
+from fedlora.init_sb import client_reply
 from fedlora.methods import METHODS, InitContext
 from fedlora.federation import aggregation_error
 
@@ -24,8 +24,8 @@ def setup(method_name, model=None, targets=("query", "value"), heads=("classifie
     vocab = model.config.vocab_size
     batch = {"input_ids": torch.randint(2, vocab, (4, 6), generator=torch.Generator().manual_seed(9)),
              "labels": torch.tensor([0, 1, 1, 0])}
-    method.initialise(InitContext([0, 1], torch.Generator().manual_seed(0),
-                                  gradient_sum=lambda c: gradient_sums(adapted, [batch], example_losses(model))))
+    method.initialise(InitContext([0, 1], torch.Generator().manual_seed(0), ask=lambda request, clients: {
+        c: client_reply(adapted, request, [batch], example_losses(model)) for c in clients}))
     return adapted, method
 
 
@@ -197,7 +197,7 @@ def test_fedsb_init_is_the_svd_of_the_sign_of_the_clients_gradient_sum():
     cls = METHODS["fedsb"]
     adapted = AdaptedModel(model, parameterisation="lorasb", rank=4, scaling=1.0, target_modules=["query", "value"],
                            head_modules=["classifier"])
-    cfg = build_config({"seed": 1, "train": {"lr": 0.01}})
+    cfg = build_config({"seed": 1, "train": {"lr": 0.01}, "fedsb": {"init": "dense"}})
     method = cls(adapted, cfg, [8, 8])
     g = torch.Generator().manual_seed(3)
     data = {c: {"input_ids": torch.randint(5, 30000, (4, 6), generator=g),
@@ -205,9 +205,12 @@ def test_fedsb_init_is_the_svd_of_the_sign_of_the_clients_gradient_sum():
     for m in model.modules():  # no dropout: the reference below must see the same forward
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    ctx = InitContext([0, 1], torch.Generator().manual_seed(0),
-                      gradient_sum=lambda c: gradient_sums(adapted, [data[c]], example_losses(model)))
-    exchange = method.initialise(ctx)
+    uploads = []
+
+    def ask(request, clients):
+        uploads.append({c: client_reply(adapted, request, [data[c]], example_losses(model)) for c in clients})
+        return uploads[-1]
+    exchange = method.initialise(InitContext([0, 1], torch.Generator().manual_seed(0), ask=ask))
 
     # reference: the pooled gradient with every adapter off, by plain autograd on a copy
     ref = copy.deepcopy(model)
@@ -228,7 +231,7 @@ def test_fedsb_init_is_the_svd_of_the_sign_of_the_clients_gradient_sum():
         best = U[:, :4] @ torch.diag(Sfull[:4]) @ Vh[:4]
         assert torch.allclose(B @ R0 @ A, best, atol=1e-3)  # the best rank-r approximation of G
     # the exchange: each client's dense gradient sum up, B and A down to everyone, R never in the broadcast
-    assert len(exchange.uploads) == 2
+    assert len(uploads) == 1 and list(uploads[0]) == [0, 1] and exchange.clients == [0, 1]
     assert all(not k.endswith("lora_R") for k in exchange.broadcast)
     assert {k.rpartition(".")[2] for k in exchange.broadcast} == {"lora_A", "lora_B"}
     assert all(k.endswith("lora_R") or k.startswith("classifier") for k in method.trainable_keys())

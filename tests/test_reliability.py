@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.aggregation import combine
+from fedlora.checkpoint import load as load_checkpoint
 from fedlora.errors import ConfigError, FedloraError, RoundFailed
 from fedlora.simulator import Simulator
 from fedlora.validation import update_problem
@@ -167,7 +168,7 @@ def test_too_few_clients_stops_keeping_finished_rounds_and_resume_matches(sim_co
         cut.run()
     log = read_log(tmp_path / "cut")
     assert [r["round"] for r in log] == [0, 1, 2] and log[-1]["failed"]
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["round"] == 1
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")["round"] == 1
     resumed = Simulator(cfg, tmp_path / "cut", progress=False)  # the client is back
     resumed.run(resume=True)
     assert without_seconds(read_log(tmp_path / "cut")) == without_seconds(read_log(tmp_path / "whole"))
@@ -238,23 +239,21 @@ def test_kill_during_checkpoint_write_then_resume_gives_the_same_run(sim_config,
     whole = Simulator(cfg, tmp_path / "whole", progress=False)
     summary_whole = whole.run()
 
-    import fedlora.federation as server
-    real_save = torch.save
+    import fedlora.checkpoint as checkpoint_module
+    real_write = checkpoint_module.atomic_write
     writes = {"n": 0}
 
-    def torn_save(obj, path):  # the third checkpoint (round 2) dies half written
+    def torn_write(path, data):  # the third checkpoint (round 2) dies half written
         writes["n"] += 1
         if writes["n"] == 3:
-            real_save(obj, path)
-            with open(path, "r+b") as f:
-                f.truncate(f.seek(0, 2) // 2)
+            path.with_name(path.name + ".tmp").write_bytes(data[:len(data) // 2])
             raise _TornWrite
-        real_save(obj, path)
-    monkeypatch.setattr(server.torch, "save", torn_save)
+        real_write(path, data)
+    monkeypatch.setattr(checkpoint_module, "atomic_write", torn_write)
     with pytest.raises(_TornWrite):
         Simulator(cfg, tmp_path / "cut", progress=False).run()
-    monkeypatch.setattr(server.torch, "save", real_save)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["round"] == 1
+    monkeypatch.setattr(checkpoint_module, "atomic_write", real_write)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")["round"] == 1
 
     resumed = Simulator(cfg, tmp_path / "cut", progress=False)
     summary = resumed.run(resume=True)
@@ -275,14 +274,15 @@ def test_checkpoint_of_another_method_is_refused(sim_config, tmp_path):
 def test_rng_state_is_restored_on_resume(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(federation={"rounds": 2})
     run_until_killed(Simulator(cfg, tmp_path, progress=False), monkeypatch, after_round=1)
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["rng"]
+    saved = load_checkpoint(tmp_path / "checkpoint.safetensors")["rng"]
     torch.manual_seed(12345)
     np.random.seed(6789)
     random.seed(3)
     Simulator(cfg, tmp_path, progress=False).server.load_checkpoint()
     assert torch.equal(torch.get_rng_state(), saved["torch"])
-    assert np.random.get_state()[1].tolist() == saved["numpy"][1].tolist()
-    assert random.getstate() == saved["python"]
+    assert np.random.get_state()[1].tolist() == saved["numpy"]["key"].tolist()
+    assert random.getstate() == (saved["python"]["version"], tuple(saved["python"]["state"]),
+                                 saved["python"]["gauss_next"])
 
 
 # -- robust aggregation -------------------------------------------------------------------------
@@ -346,11 +346,11 @@ def test_only_the_payload_leaves_a_client_and_logs_hold_no_client_data(sim_confi
     assert all(r["train_loss"] is None for r in log)  # computed on raw data, not released under DP
     sentences = [line.split("\t")[0].strip() for line in open(toy_data["path"]).read().splitlines()[1:]]
     stored = b"".join(p.read_bytes() for p in (tmp_path / "rounds.jsonl", tmp_path / "summary.json",
-                                               tmp_path / "checkpoint.pt"))
+                                               tmp_path / "checkpoint.safetensors"))
     assert not any(s.encode() in stored for s in sentences if len(s) > 8)
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert set(checkpoint) == {"round", "config", "method", "base_weights", "optimizer_states", "totals",
-                               "last_eval", "privacy", "rng"}
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert set(checkpoint) == {"round", "config", "method", "base_weights", "runtime", "totals",
+                               "last_eval", "privacy", "rng", "record"}
 
 
 # -- load ---------------------------------------------------------------------------------------

@@ -123,8 +123,8 @@ def test_resume_refuses_other_config_and_fresh_run_refuses_existing_dir(sim_conf
         Simulator(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run()
     with pytest.raises(FedloraError, match="key 'train.lr' differs"):
         Simulator(sim_config(train={"lr": 0.5}), tmp_path, progress=False).run(resume=True)
-    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(FedloraError, match="not a readable fedlora checkpoint"):
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(FedloraError, match="checkpoint.safetensors: not a fedlora checkpoint"):
         Simulator(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run(resume=True)
 
 

@@ -1,5 +1,6 @@
-"""Command line: `fedlora run` runs an experiment, `fedlora comm` counts communication for a model,
-`fedlora plot` draws finished runs, `fedlora flower init` writes a Flower app project."""
+"""Command line: `fedlora run` runs an experiment; `fedlora eval`, `predict` and `export` use a finished run's
+model; `fedlora comm` counts communication for a model, `fedlora plot` draws finished runs, `fedlora flower init`
+writes a Flower app project."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,33 @@ def cmd_run(args) -> int:
     ev = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_eval"].items())
     print(f"{summary['method']}: {summary['rounds']} rounds, final {ev}; "
           f"{summary['bytes_up_total']:,} bytes up, {summary['bytes_down_total']:,} bytes down -> {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .inference import evaluated_count, format_metrics, load_run
+
+    run = load_run(args.run, args.set, args.data)
+    metrics = run.evaluate()
+    print(json.dumps(metrics) if args.json else format_metrics(metrics, evaluated_count(run)))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference import input_keys, load_run, open_inputs, predict, read_inputs
+
+    run = load_run(args.run, args.set)
+    lines, source = open_inputs(args.input)
+    inputs = [texts for _, texts in read_inputs(lines, source, input_keys(run))]
+    for result in predict(run, inputs):
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .inference import export_merged, load_run
+
+    print(f"wrote {export_merged(load_run(args.run), args.merged)}")
     return 0
 
 
@@ -82,6 +110,34 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    evaluate = sub.add_parser("eval", help="evaluate a finished run's model (accuracy per class or task)")
+    evaluate.add_argument("run", metavar="RUN_DIR", help="a folder written by `fedlora run`")
+    evaluate.add_argument("--data", metavar="FILE_OR_PRESET",
+                          help="evaluate on this file (read with the run's columns) or data set preset; "
+                               "default: the run's own evaluation data")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="change a data.*, eval.* or device key")
+    evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = sub.add_parser("predict", help="labels (classifiers) or generations (language models) of a "
+                                             "finished run's model, one JSON line per input line")
+    predict.add_argument("run", metavar="RUN_DIR", help="a folder written by `fedlora run`")
+    predict.add_argument("--input", default="-", metavar="FILE",
+                         help="one input per line: plain text (a tab between two texts), a JSON string, or a "
+                              "JSON object with the run's text columns (or text, text_pair; prompt for language "
+                              "models); default: - (standard input)")
+    predict.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="change an eval.* key (batch_size, max_new_tokens) or device")
+    predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser("export", help="write a finished run's model as one merged model folder")
+    export.add_argument("run", metavar="RUN_DIR", help="a folder written by `fedlora run`")
+    export.add_argument("--merged", required=True, metavar="OUT",
+                        help="the folder to write: weights with the adapters folded in, config with the class "
+                             "names, tokenizer; loads with from_pretrained, without PEFT")
+    export.set_defaults(func=cmd_export)
 
     comm = sub.add_parser("comm", help="parameters and bytes per client per round, without loading weights")
     comm.add_argument("--model", required=True, help="preset name or local model folder")

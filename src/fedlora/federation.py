@@ -19,6 +19,7 @@ from .adapters import AdaptedModel, label_config, write_labels
 from .comm import payload_bytes
 from .config import Config, differing_keys
 from .data import partition
+from .data.presets import relabel
 from .data.sources import describe_labels
 from .errors import ConfigError, FedloraError, RoundFailed
 from .experiment import build_task, load_task_data, task_kind
@@ -28,7 +29,7 @@ from .models import base_model_reference, pick_device
 from .privacy.accounting import PrivacyLedger, calibrate_noise, planned_epsilon
 from .seeding import derive_seed, generator, rng
 from .tasks import ClassificationTask, Task
-from .validation import check_updates, update_problem
+from .validation import check_set_up_replies, check_updates, update_problem
 
 if TYPE_CHECKING:
     from .client import ClientUpdate
@@ -276,10 +277,10 @@ class FederationServer:
     def public_reply(self, request) -> dict[str, torch.Tensor]:
         """A set-up reply computed by the server on fedsb.public_data's init examples (nothing is sent)."""
         cfg = self.cfg
-        public = load_task_data(cfg.fedsb.public_data, task_kind(cfg.data, cfg.model.name)).train
-        if isinstance(self.task, ClassificationTask) and max(public.labels) >= self.task.data.num_labels:
-            raise ConfigError(f"fedsb.public_data has labels up to {max(public.labels)}, but the task has "
-                              f"{self.task.data.num_labels} classes")
+        public_data = load_task_data(cfg.fedsb.public_data, task_kind(cfg.data, cfg.model.name))
+        public = public_data.train
+        if isinstance(self.task, ClassificationTask):  # its labels as the task's class ids
+            public = relabel(public, public_data.label_names, self.task.data.label_names)
         chosen = rng(cfg.seed, "public").permutation(len(public))[:cfg.fedsb.init_examples]
         torch.manual_seed(derive_seed(cfg.seed, "public"))
         size = cfg.train.batch_size

@@ -257,8 +257,9 @@ def load_classifier(source: str, num_labels: int, dtype: str = "float32"):
     hf_logging.disable_progress_bar()
     check_model_folder(source)
     try:
+        # a head of another size (a model fine-tuned for another task) is replaced by a fresh one
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, dtype=getattr(torch, dtype))
+            source, num_labels=num_labels, dtype=getattr(torch, dtype), ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:  # transformers raises ValueError for a folder without a model
         raise _cannot_load(source, err) from None

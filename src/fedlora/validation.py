@@ -172,21 +172,6 @@ def check_gradient_sums(cfg, sums: list, references: list[dict[str, torch.Tensor
 
 def check_set_up_replies(cfg, request, replies: list, examples: list[int], noise_multiplier: float | None = None,
                          most_examples: list[int] | None = None) -> list[str | None]:
-    """One phase of the set-up exchange (request: a methods.Request, whose `expected` fixes the keys,
-    shapes and dtypes): sums and sketches of per-example gradients by check_gradient_sums (a sketch of a
-    clipped example is no longer than the example's gradient); sign votes and sketches of signs, whose
-    size does not grow with the examples, by the relative rule alone (and votes by their largest norm)."""
-    references = [{k: torch.zeros(v.shape, dtype=v.dtype) for k, v in request.expected.items()}] * len(replies)
-    if request.phase != "signs" and not request.signs:
-        return check_gradient_sums(cfg, replies, references, examples, noise_multiplier, most_examples)
-    if cfg.server.max_update_norm is None or cfg.server.max_update_norm == "off":
-        return upload_problems(replies, references)
-    votes = math.sqrt(sum(v.numel() for v in request.expected.values())) * 1.01 if request.phase == "signs" else None
-    return upload_problems(replies, references, factor=cfg.server.norm_factor, bounds=[votes] * len(replies))
-
-
-def check_set_up_replies(cfg, request, replies: list, examples: list[int], noise_multiplier: float | None = None,
-                         most_examples: list[int] | None = None) -> list[str | None]:
     """The replies to one phase of a set-up exchange (a methods.Request: `request.expected` holds a valid
     reply's keys, shapes and dtypes), client i having used examples[i] set-up examples (at most
     most_examples[i] under DP's Poisson draw). Sign votes must be -1, 0 or 1 and are held to the round's

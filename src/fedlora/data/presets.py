@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError, FedloraError
-from .sources import ClassificationData, ClassificationSplit, _load_hub_table, _read_file, build_data
+from .sources import ClassificationData, ClassificationSplit, _load_hub_table, _read_file, build_data, encode_split
 
 DATA_DIR_ENV = "FEDLORA_DATA_DIR"
 
@@ -102,6 +102,30 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
         raise DataError("no data given: set data.name to a preset "
                         f"({', '.join(PRESETS)}), or data.path to a training file, or data.hub_id")
     return resize_training(data, cfg)
+
+
+def load_evaluation(cfg: DataConfig, label_names: list[str]) -> ClassificationSplit:
+    """The evaluation split `cfg` describes, its labels as ids of a trained classifier's classes
+    `label_names`: data.eval_path read alone, else the evaluation split of load_classification."""
+    if cfg.eval_path:
+        preset = get_preset(cfg.name) if cfg.name else None
+        text_columns, label_column = _columns(cfg, preset)
+        table = _read_file(_existing_file(cfg.eval_path, "data.eval_path"), text_columns, label_column, cfg.header)
+        integer_ids = preset is not None and list(preset.label_names) == list(label_names)
+        ids = encode_split(table, label_names, integer_ids, "the model's training data")
+        return ClassificationSplit(table.text_a, table.text_b, ids, table.source)
+    data = load_classification(cfg)
+    return relabel(data.eval, data.label_names, label_names)
+
+
+def relabel(split: ClassificationSplit, names: list[str], new_names: list[str]) -> ClassificationSplit:
+    """`split` (ids into `names`) with ids into `new_names`; a class missing there is refused."""
+    index = {name: k for k, name in enumerate(new_names)}
+    missing = sorted({names[label] for label in split.labels} - set(index))
+    if missing:
+        raise DataError(f"{split.source}: label {missing[0]!r} is not one of the model's classes "
+                        f"({', '.join(new_names)})")
+    return replace(split, labels=[index[names[label]] for label in split.labels])
 
 
 def resize_training(data, cfg: DataConfig):

@@ -2,8 +2,12 @@
 count of a record is the payload's bytes plus the key names it also counts."""
 from __future__ import annotations
 
+import math
+
 import torch
 from flwr.app import Array, ArrayRecord
+
+from ..validation import payload_dtype
 
 RAW = "torch.raw"
 
@@ -18,15 +22,21 @@ def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a record a peer sent; ValueError for a dtype outside the allow-list or data that does
+    not fill the shape (the server's update checks then judge keys, shapes, dtypes and values)."""
     out = {}
     for key, array in record.items():
-        dtype = getattr(torch, array.dtype)
-        if array.stype != RAW:  # an ArrayRecord built by other Flower code (NumPy arrays)
+        if array.stype != RAW:  # an ArrayRecord built by other Flower code (NumPy arrays, never unpickled)
             out[key] = torch.from_numpy(array.numpy()).to(device)
-        elif not array.data:
-            out[key] = torch.empty(tuple(array.shape), dtype=dtype, device=device)
+            continue
+        dtype = payload_dtype(array.dtype)
+        shape = tuple(int(n) for n in array.shape)
+        if math.prod(shape) * dtype.itemsize != len(array.data):
+            raise ValueError(f"'{key}' has {len(array.data)} bytes, not those of shape {shape} in {array.dtype}")
+        if not array.data:
+            out[key] = torch.empty(shape, dtype=dtype, device=device)
         else:
-            out[key] = torch.frombuffer(bytearray(array.data), dtype=dtype).reshape(tuple(array.shape)).to(device)
+            out[key] = torch.frombuffer(bytearray(array.data), dtype=dtype).reshape(shape).to(device)
     return out
 
 

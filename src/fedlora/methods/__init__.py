@@ -18,7 +18,9 @@ def register_method(method: type[Method]) -> type[Method]:
     name = getattr(method, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{method.__name__} needs a class attribute `name` (the config's method.name)")
-    if name in METHODS and METHODS[name] is not method:
+    known = METHODS.get(name)
+    redefined = known is not None and (known.__module__, known.__qualname__) == (method.__module__, method.__qualname__)
+    if known is not None and known is not method and not redefined:  # a class defined again (a notebook) replaces
         raise ValueError(f"a method named {name!r} is already registered ({METHODS[name].__name__})")
     METHODS[name] = method
     return method

@@ -1,0 +1,201 @@
+"""Using a finished run: `fedlora eval`, `predict` and `export --merged`, checked against the run's own figures,
+PEFT's loading of the exported adapter, and transformers' loading of the merged folder."""
+import json
+import random
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from fedlora.cli import main
+from fedlora.inference import load_run
+from fedlora.simulator import Simulator
+
+from conftest import NEGATIVE, POSITIVE, config_with
+
+TOPICS = {1: ["stocks fell", "the market rose", "bank profits"], 2: ["the team won", "a late goal", "cup final"],
+          3: ["new phone chip", "a software update", "faster laptops"], 4: ["the election", "a new law", "voters"]}
+
+
+def news_rows(rnd: random.Random, n: int) -> str:
+    """Headerless CSV rows: label (1-4, as AG News ships them), title, description."""
+    rows = []
+    for _ in range(n):
+        label = rnd.randint(1, 4)
+        rows.append(f'{label},"{rnd.choice(TOPICS[label])}","{rnd.choice(["today", "again", "at last"])}"')
+    return "\n".join(rows) + "\n"
+
+
+@pytest.fixture(scope="module")
+def news(tmp_path_factory):
+    path = tmp_path_factory.mktemp("news")
+    rnd = random.Random(0)
+    (path / "train.csv").write_text(news_rows(rnd, 96))
+    (path / "test.csv").write_text(news_rows(rnd, 40))
+    (path / "other.csv").write_text(news_rows(rnd, 24))
+    return path
+
+
+def news_config(tiny_bert_dir, news, method="fedsb", **sections):
+    raw = {
+        "seed": 2, "method": {"name": method}, "model": {"path": tiny_bert_dir}, "adapter": {"rank": 4},
+        "data": {"name": "none", "path": str(news / "train.csv"), "eval_path": str(news / "test.csv"),
+                 "header": False, "text_columns": [1, 2], "label_column": 0, "max_length": 16},
+        "federation": {"num_clients": 3, "clients_per_round": 2, "rounds": 2},
+        "train": {"local_steps": 2, "batch_size": 8, "lr": 0.02},
+        "eval": {"every": 1, "batch_size": 7, "max_examples": 30},
+        "fedsb": {"init_examples": 24},
+    }
+    return config_with(raw, sections)
+
+
+@pytest.fixture(scope="module")
+def news_run(tiny_bert_dir, news, tmp_path_factory):
+    out = tmp_path_factory.mktemp("news-run")
+    summary = Simulator(news_config(tiny_bert_dir, news), out, progress=False).run()
+    return out, summary
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_headerless_labels_1_to_4_train_as_four_classes(news_run, tiny_bert_dir):
+    out, summary = news_run
+    assert summary["labels"] == ["1", "2", "3", "4"]
+    labels = json.loads((out / "adapter" / "labels.json").read_text())
+    assert labels == json.loads((out / "labels.json").read_text())
+    assert labels["num_labels"] == 4 and labels["id2label"] == {"0": "1", "1": "2", "2": "3", "3": "4"}
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == tiny_bert_dir  # model.path as configured
+    # the export loads in PEFT with num_labels = 4 (a 5-way head, from labels read as ids, would not); the
+    # tiny base model was saved with a 2-way head of its own
+    base = AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"], **labels,
+                                                              ignore_mismatched_sizes=True)
+    assert base.config.num_labels == 4
+    PeftModel.from_pretrained(base, out / "adapter")
+
+
+def test_preset_export_names_the_hub_id_and_loads_with_its_labels(news, tmp_path):
+    from conftest import minilm_path
+
+    local = minilm_path()
+    cfg = news_config(local, news, method="ffa", model={"name": "minilm-l6", "path": None},
+                      federation={"num_clients": 2, "clients_per_round": 1, "rounds": 1},
+                      train={"local_steps": 1}, eval={"every": 0, "max_examples": 8})
+    summary = Simulator(cfg, tmp_path, progress=False).run()
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert summary["model_source"] == local  # where the weights were read from, recorded apart
+    labels = json.loads((tmp_path / "adapter" / "labels.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(summary["model_source"], **labels)
+    PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert base.config.num_labels == 4 and list(base.config.id2label.values()) == ["1", "2", "3", "4"]
+
+
+def test_eval_reproduces_the_runs_final_figures(news_run, capsys):
+    out, summary = news_run
+    code, printed, err = run_cli(capsys, "eval", out, "--json")
+    assert code == 0, err
+    metrics = json.loads(printed)
+    assert metrics["accuracy"] == summary["final_eval"]["accuracy"]
+    assert metrics["loss"] == summary["final_eval"]["loss"]
+    assert {k for k in metrics if k.startswith("accuracy/")} <= {f"accuracy/{n}" for n in ("1", "2", "3", "4")}
+
+
+def test_predict_matches_the_peft_loaded_export_and_eval_per_class(news_run, news, capsys):
+    out, _ = news_run
+    lines = (news / "other.csv").read_text().splitlines()
+    gold = [line.split(",")[0] for line in lines]
+    texts = [[field.strip('"') for field in line.split(",")[1:]] for line in lines]
+    inputs = out / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"text": a, "text_pair": b}) + "\n" for a, b in texts))
+    code, printed, err = run_cli(capsys, "predict", out, "--input", inputs)
+    assert code == 0, err
+    predicted = [json.loads(line) for line in printed.splitlines()]
+    assert len(predicted) == len(texts) and all(p["label"] == str(p["id"] + 1) for p in predicted)
+
+    adapter = out / "adapter"
+    labels = json.loads((adapter / "labels.json").read_text())
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    peft = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        base_path, **labels, ignore_mismatched_sizes=True), adapter).eval()
+    run = load_run(out)
+    enc = run.task.tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=16,
+                             padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = peft(**enc).logits.argmax(-1).tolist()
+    assert [p["id"] for p in predicted] == ids
+    assert [p["label"] for p in predicted] == [peft.config.id2label[k] for k in ids]
+
+    # per-class figures on another file: each class's share of its rows predicted right
+    code, printed, err = run_cli(capsys, "eval", out, "--data", news / "other.csv", "--json",
+                                 "--set", "eval.max_examples=1000")
+    assert code == 0, err
+    metrics = json.loads(printed)
+    hits = [p["label"] == g for p, g in zip(predicted, gold)]
+    assert metrics["accuracy"] == pytest.approx(sum(hits) / len(hits))
+    for name in sorted(set(gold)):
+        mine = [h for h, g in zip(hits, gold) if g == name]
+        assert metrics[f"accuracy/{name}"] == pytest.approx(sum(mine) / len(mine))
+
+
+def test_merged_export_computes_the_adapted_model(news_run, tmp_path, capsys):
+    out, _ = news_run
+    code, printed, err = run_cli(capsys, "export", out, "--merged", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.id2label == {0: "1", 1: "2", 2: "3", 3: "4"}
+    run = load_run(out)
+    batch = run.task.batch(range(16), run.task.data.eval)
+    batch.pop("labels")
+    with torch.no_grad():
+        ours, theirs = run.model(**batch).logits, merged(**batch).logits
+    assert ours.std() > 0
+    assert (ours - theirs).abs().max() < 1e-5
+    code, _, err = run_cli(capsys, "export", out, "--merged", tmp_path / "merged")
+    assert code == 2 and "not an empty folder" in err
+
+
+def test_run_folder_errors(news_run, tmp_path, capsys):
+    out, _ = news_run
+    code, _, err = run_cli(capsys, "eval", tmp_path)
+    assert code == 2 and "not a finished run (no summary.json" in err
+    code, _, err = run_cli(capsys, "eval", out, "--set", "adapter.rank=2")
+    assert code == 2 and "--set adapter.rank: only data.*, eval.* and device" in err
+    code, _, err = run_cli(capsys, "eval", out, "--data", "nosuch")
+    assert code == 2 and "--data nosuch: neither a file nor a data set preset" in err
+    bad = tmp_path / "bad.csv"
+    bad.write_text('5,"a","b"\n')
+    code, _, err = run_cli(capsys, "eval", out, "--data", bad)
+    assert code == 2 and f"{bad} line 1: label 5 does not occur in the training data" in err
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a"}\n{"title": "b"}\n')
+    code, _, err = run_cli(capsys, "predict", out, "--input", inputs)
+    assert code == 2 and f"{inputs} line 2: no key 'text'" in err
+
+
+def test_language_model_predict_and_merged_export(lm_config, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    summary = Simulator(lm_config(), out, progress=False).run()
+    assert "labels" in summary and summary["labels"] is None and not (out / "labels.json").exists()
+    code, printed, err = run_cli(capsys, "eval", out, "--json")
+    assert code == 0, err
+    assert json.loads(printed) == summary["final_eval"]
+    monkeypatch.setattr("sys.stdin", iter(["What is 2 plus 3?\n", '{"prompt": "Is this review positive? fun"}\n']))
+    code, printed, err = run_cli(capsys, "predict", out, "--set", "eval.max_new_tokens=5")
+    assert code == 0, err
+    generations = [json.loads(line)["generation"] for line in printed.splitlines()]
+    assert len(generations) == 2
+    code, _, err = run_cli(capsys, "export", out, "--merged", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    run = load_run(out)
+    batch = run.task.batch(range(4), run.task.data.eval)
+    with torch.no_grad():
+        ours = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        theirs = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (ours - theirs).abs().max() < 1e-5
