@@ -45,7 +45,7 @@ def fedlora_steps(base, method: str, rank: int, batch: dict):
         optimizer.zero_grad(set_to_none=True)
 
     def private():
-        dp.set_gradients(losses, batch)
+        dp.set_gradients(losses, [batch])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -37,7 +37,7 @@ def fedlora_step(base, method: str, rank: int, targets: list[str], heads: list[s
     adapted.load_state({k: torch.randn(v.shape, generator=g) * 0.02 for k, v in adapted.state().items()})
     optimizer = torch.optim.AdamW(adapted.set_trainable(adapted.keys_of(cls.trains)), lr=1e-4)
     losses = losses_of(model)
-    return lambda: local_train(model, optimizer, [batch], losses)
+    return lambda: local_train(model, optimizer, [[batch]], losses)
 
 
 def without_dropout(model):

@@ -44,8 +44,9 @@ class LoopbackFederation:
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
             'insecure = true\n')
         self.processes: dict[str, subprocess.Popen] = {}
-        self._start("superlink", [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                  "--port", str(link), "--disable-runtime-dependency-installation", "--database", str(self.folder / "state.db")], self.env)
+        self.link_command = [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
+                             "--disable-runtime-dependency-installation", "--database", str(self.folder / "state.db")]
+        self._start("superlink", self.link_command, self.env)
         self.wait_ready()
         for i in range(num_nodes):
             self._start(f"node{i}", [_executable("flower-supernode"), "--insecure",
@@ -67,7 +68,7 @@ class LoopbackFederation:
         raise RuntimeError("flower-superlink did not open its port:\n" + self.logs())
 
     def _start(self, name: str, cmd: list[str], env: dict) -> None:
-        log = open(self.folder / f"{name}.log", "wb")
+        log = open(self.folder / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
 
@@ -85,6 +86,12 @@ class LoopbackFederation:
             except ProcessLookupError:
                 pass
         process.wait()
+
+    def restart_superlink(self) -> None:
+        """Start the SuperLink again on its port and database (after kill('superlink'))."""
+        self.processes["superlink-before"] = self.processes.pop("superlink")
+        self._start("superlink", self.link_command, self.env)
+        self.wait_ready()
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in

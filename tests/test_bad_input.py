@@ -777,3 +777,43 @@ def test_label_encoding(scratch, train_labels, eval_labels):
         assert expected_ok
         assert (data.train.labels, data.eval.labels) == expected
         assert data.num_labels == len(data.label_names) > max(data.train.labels + data.eval.labels)
+
+
+# ---------------------------------------------------------------- model folder and token limit
+
+def test_model_folder_without_a_tokenizer_is_refused_before_its_weights(tmp_path, monkeypatch, sim_config):
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import tiny_bert
+    from fedlora.simulator import Simulator
+
+    folder = tmp_path / "no-tokenizer"
+    tiny_bert().save_pretrained(folder)  # weights and config.json only: transformers would build a 5-token vocabulary
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", no_weights)
+    with pytest.raises(ConfigError) as info:
+        Simulator(sim_config(model={"path": str(folder)}), tmp_path / "run", progress=False)
+    assert str(info.value).startswith(f"model: {folder} has no tokenizer (none of tokenizer.json, vocab.txt")
+
+
+@pytest.mark.parametrize("max_length, message", [
+    (1, "config key 'data.max_length': 1 is too small: an example needs at least 3 tokens (2 special tokens and "
+        "one token of each of its 1 text)"),
+    (2, "config key 'data.max_length': 2 is too small: an example needs at least 3 tokens"),
+    (513, "config key 'data.max_length': 513 is more than the model takes (512 tokens)"),
+])
+def test_max_length_the_tokenizer_cannot_honour_is_refused(tmp_path, sim_config, max_length, message):
+    from fedlora.simulator import Simulator
+
+    with pytest.raises(ConfigError) as info:
+        Simulator(sim_config(data={"max_length": max_length}), tmp_path, progress=False)
+    assert str(info.value).startswith(message)
+
+
+def test_max_length_is_honoured(tmp_path, sim_config):
+    from fedlora.simulator import Simulator
+
+    sim = Simulator(sim_config(data={"max_length": 3}), tmp_path, progress=False)
+    assert sim.task.batch(range(8))["input_ids"].shape[1] == 3  # [CLS], one word, [SEP]

@@ -506,3 +506,50 @@ def test_partition_argument_errors():
 def test_split_select():
     split = ClassificationSplit(["a", "b", "c"], ["x", "y", "z"], [0, 1, 0], "mem")
     assert split.select(np.array([2, 0])) == ClassificationSplit(["c", "a"], ["z", "x"], [0, 0], "mem")
+
+
+# ---------------------------------------------------------------- the evaluation sample and the label map
+
+def test_eval_max_examples_is_a_fixed_stratified_sample():
+    from fedlora.data.partition import stratified_sample
+
+    labels = np.repeat([0, 1, 2], [600, 300, 100])  # sorted by label, as GLUE-like files can be
+    chosen = stratified_sample(labels, 50, seed=2)
+    assert len(chosen) == len(set(chosen)) == 50 and list(chosen) == sorted(chosen)
+    assert np.bincount(labels[chosen]).tolist() == [30, 15, 5]  # the shares of the whole split
+    assert (chosen == stratified_sample(labels, 50, seed=2)).all()
+    assert not (chosen == stratified_sample(labels, 50, seed=3)).all()
+    assert chosen.tolist() != list(range(50))
+    # shares that are not whole numbers of examples: the largest remainders get the extra ones
+    assert np.bincount(labels[stratified_sample(labels, 7, seed=0)]).tolist() == [4, 2, 1]
+    assert stratified_sample(labels, 5000, seed=0).tolist() == list(range(1000))
+
+
+def test_classification_eval_uses_the_stratified_sample(sim_config, tmp_path):
+    from fedlora.simulator import Simulator
+
+    sim = Simulator(sim_config(eval={"max_examples": 10}), tmp_path, progress=False)
+    labels = np.array(sim.task.data.eval.labels)
+    chosen = sim.task.eval_indices(10)
+    assert len(chosen) == 10 and chosen.tolist() != list(range(10))
+    expected = np.bincount(labels, minlength=2) * 10 / len(labels)
+    assert np.abs(np.bincount(labels[chosen], minlength=2) - expected).max() < 1
+    evaluated = sum(batch["labels"].shape[0] for batch in sim.task._eval_set(4, 10))
+    assert evaluated == 10
+
+
+def test_label_map_is_described_with_counts(tmp_path):
+    from fedlora.data.sources import describe_labels
+
+    train = write(tmp_path / "train.csv", "text,label\na,4\nb,1\nc,4\n")
+    data = read_classification_files(train, train, ["text"], "label")
+    assert describe_labels(data) == f"2 classes in {train} (label -> id (training rows)): '1' -> 0 (1), '4' -> 1 (2)"
+
+
+def test_relabel_maps_other_data_onto_a_models_classes():
+    from fedlora.data.presets import relabel
+
+    split = ClassificationSplit(["a", "b", "c"], None, [0, 1, 0], "public.tsv")
+    assert relabel(split, ["neg", "pos"], ["other", "pos", "neg"]).labels == [2, 1, 2]
+    with pytest.raises(DataError, match=r"^public.tsv: label 'neg' is not one of the model's classes \(pos\)"):
+        relabel(split, ["neg", "pos"], ["pos"])

@@ -2,6 +2,7 @@
 through an in-memory Grid for every method and through a live loopback federation for fedsb and ffa."""
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -17,7 +18,7 @@ pytest.importorskip("flwr", reason="flwr (the 'flower' extra of fedlora) is not 
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
-from fedlora.errors import RoundFailed  # noqa: E402
+from fedlora.errors import ConfigError, RoundFailed  # noqa: E402
 from fedlora.flower.client_app import client_app  # noqa: E402
 from fedlora.flower.project import from_run_config, to_run_config, write_app  # noqa: E402
 from fedlora.flower.records import from_record, to_record  # noqa: E402
@@ -76,8 +77,8 @@ class InMemoryGrid(Grid):
         replies = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids stamp what they push
-            try:
-                replies.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
+            try:  # the node gets its own copy, as over the wire (SecAgg+'s mod edits what it receives)
+                replies.append(self.app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]))
             except Exception as err:
                 replies.append(Message(Error(code=0, reason=str(err)), reply_to=message))
         return replies
@@ -231,7 +232,7 @@ def test_live_federation_survives_a_raising_and_a_killed_client(loopback_config,
 
 def test_a_node_trains_on_its_own_copy_of_the_data(sim_config, toy_data, tmp_path):
     """node config data-path: node 0 reads an identical copy (the run matches the simulator), node 1 a
-    missing file (it is dropped, and the reason names the file)."""
+    missing file (the run stops before round 0, naming the node and the file)."""
     cfg = sim_config(method={"name": "ffa"}, eval={"every": 0},
                      federation={"num_clients": 2, "clients_per_round": 2, "rounds": 1})
     copy = tmp_path / "mine" / "train.tsv"
@@ -248,9 +249,9 @@ def test_a_node_trains_on_its_own_copy_of_the_data(sim_config, toy_data, tmp_pat
 
     list(grid.contexts.values())[1].node_config["data-path"] = str(tmp_path / "nowhere.tsv")
     strategy = FedloraStrategy(FederationServer.from_config(cfg, tmp_path / "two", progress=False), round_timeout=5, node_wait=0)
-    strategy.start(grid)
-    dropped = read_log(tmp_path / "two")[1]["dropped"]
-    assert [d["client"] for d in dropped] == [1] and "nowhere.tsv" in dropped[0]["reason"]
+    with pytest.raises(ConfigError, match=f"SuperNode {list(grid.contexts)[1]} cannot take part: .*nowhere.tsv"):
+        strategy.start(grid)
+    assert not (tmp_path / "two" / "rounds.jsonl").exists()
 
 
 def test_flower_init_writes_an_app_whose_run_config_is_the_config(tmp_path, toy_data):
@@ -357,3 +358,42 @@ def test_run_config_carries_a_section_left_at_its_defaults_and_names_clashing_ke
     assert from_run_config(to_run_config(cfg)) == cfg
     with pytest.raises(ConfigError, match="'fedlora.train.lr' is a value, not a section"):
         from_run_config({"fedlora.train.lr": 0.1, "fedlora.train.lr.x": 1})
+
+
+def test_a_huge_update_is_dropped_on_flower_with_the_default_checks(sim_config, tmp_path):
+    """One of the round's 3 clients sends an update of 3e38 in every coordinate: the default size rule
+    (server.max_update_norm = 'auto') drops it on Flower as in the simulator."""
+    cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 1, "rounds": 1})
+    strategy = FedloraStrategy(FederationServer.from_config(cfg, tmp_path, progress=False), round_timeout=5, node_wait=0)
+    grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
+    hostile = strategy.server.sample_clients(1)[1]
+    real_send = grid.send_and_receive
+
+    def tamper(messages, *, timeout=None):
+        replies = real_send(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.message_type == "train" and strategy.clients[reply.metadata.src_node_id] == hostile:
+                arrays = reply.content["arrays"]
+                reply.content["arrays"] = to_record({k: torch.full_like(v, 3e38) for k, v in from_record(arrays).items()})
+        return replies
+
+    grid.send_and_receive = tamper
+    strategy.start(grid)
+    record = read_log(tmp_path)[1]
+    assert [d["client"] for d in record["dropped"]] == [hostile]
+    assert "server.max_update_norm = 'auto'" in record["dropped"][0]["reason"]
+    assert hostile not in record["clients"] and len(record["clients"]) == 2
+
+
+@pytest.mark.parametrize("variant", ["sign_sketch", "signs", "dense"])
+def test_fedsb_set_up_variants_on_flower_match_the_simulator_and_flowers_byte_counts(sim_config, tmp_path, variant):
+    """Each phase of the set-up is one QUERY round (the default sketch is covered with every method above)."""
+    cfg = sim_config(method={"name": "fedsb"}, fedsb={"init": variant}, eval={"every": 0}, federation={"rounds": 1})
+    sim = Simulator(cfg, tmp_path / "sim", progress=False)
+    sim.run()
+    strategy, _ = run_in_memory(cfg, tmp_path / "flower")
+    assert_same_tensors(strategy.server.method.global_state, sim.method.global_state)
+    round0 = read_log(tmp_path / "sim")[0]
+    counted = json.loads((tmp_path / "flower" / FLOWER_BYTES).read_text())["0"]
+    assert (counted["up"], counted["down"]) == (round0["bytes_up"], round0["bytes_down"])
+    assert round0["bytes_up"] > 0

@@ -12,7 +12,7 @@ from fedlora.cli import main
 from fedlora.inference import load_run
 from fedlora.simulator import Simulator
 
-from conftest import NEGATIVE, POSITIVE, config_with
+from conftest import config_with
 
 TOPICS = {1: ["stocks fell", "the market rose", "bank profits"], 2: ["the team won", "a late goal", "cup final"],
           3: ["new phone chip", "a software update", "faster laptops"], 4: ["the election", "a new law", "voters"]}
@@ -129,7 +129,7 @@ def test_predict_matches_the_peft_loaded_export_and_eval_per_class(news_run, new
     with torch.no_grad():
         ids = peft(**enc).logits.argmax(-1).tolist()
     assert [p["id"] for p in predicted] == ids
-    assert [p["label"] for p in predicted] == [peft.config.id2label[k] for k in ids]
+    assert [p["label"] for p in predicted] == [labels["id2label"][str(k)] for k in ids]
 
     # per-class figures on another file: each class's share of its rows predicted right
     code, printed, err = run_cli(capsys, "eval", out, "--data", news / "other.csv", "--json",
@@ -199,3 +199,22 @@ def test_language_model_predict_and_merged_export(lm_config, tmp_path, capsys, m
         ours = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         theirs = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert (ours - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["fedex", "full"])
+def test_methods_that_change_the_base_weights(tiny_bert_dir, news, tmp_path, capsys, method):
+    out = tmp_path / "run"
+    summary = Simulator(news_config(tiny_bert_dir, news, method=method), out, progress=False).run()
+    code, printed, err = run_cli(capsys, "eval", out, "--json")
+    assert code == 0, err
+    assert {k: v for k, v in json.loads(printed).items() if "/" not in k} == summary["final_eval"]
+    code, _, err = run_cli(capsys, "export", out, "--merged", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    run = load_run(out)
+    batch = run.task.batch(range(16), run.task.data.eval)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert (run.model(**batch).logits - merged(**batch).logits).abs().max() < 1e-5
+    saved = out / ("model" if method == "full" else "base_model") / "config.json"
+    assert json.loads(saved.read_text())["id2label"] == {"0": "1", "1": "2", "2": "3", "3": "4"}

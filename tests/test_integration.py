@@ -42,6 +42,9 @@ def test_peft_export_reproduces_the_federated_model(sst2_config, tmp_path, metho
     base_dir = config["base_model_name_or_path"]
     if method == "fedex":  # W0 was trained: the export ships it
         assert base_dir == str((tmp_path / "base_model").resolve())
+    else:  # the preset's hub id; the local copy it was read from is in summary.json
+        assert base_dir == "sentence-transformers/all-MiniLM-L6-v2"
+        base_dir = summary["model_source"]
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     sim.model.eval()

@@ -1,10 +1,11 @@
 """DP-SGD: noise, accounting over a whole federation against Opacus, calibration, refusal, private init."""
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedlora.errors import ConfigError
 from fedlora.methods import METHODS
+from fedlora.privacy.accounting import calibrate_noise, epsilon_of
 from fedlora.privacy.dpsgd import DPSGD
 from fedlora.privacy.grad_sample import for_trainable
 from fedlora.simulator import Simulator
@@ -29,7 +30,7 @@ def test_noise_std_is_sigma_clip_over_expected_batch(empty):
     dp = DPSGD(for_trainable(adapted, keys), params, clip, sigma, expected, torch.Generator().manual_seed(0))
     draws = []
     for _ in range(40):
-        dp.set_gradients(zero_losses, batch)
+        dp.set_gradients(zero_losses, None if batch is None else [batch])
         draws.append(torch.cat([p.grad.flatten() for p in params.values()]))
     draws = torch.stack(draws)
     n = draws.numel()
@@ -38,18 +39,31 @@ def test_noise_std_is_sigma_clip_over_expected_batch(empty):
     assert abs(draws.mean().item()) < 4 * expected_std / n ** 0.5
 
 
-def opacus_epsilon(segments, delta):
-    """An independent accountant stepped once per DP-SGD step."""
-    acc = RDPAccountant()
+def opacus_epsilon(kind, segments, delta):
+    """An independent accountant stepped once per DP-SGD step; segments (sigma, sample rate, steps)."""
+    acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
     for sigma, q, steps in segments:
         for _ in range(steps):
             acc.step(noise_multiplier=sigma, sample_rate=q)
     return acc.get_epsilon(delta)
 
 
-def test_epsilon_composes_every_step_of_every_round(sim_config, tmp_path):
+def google_epsilon(kind, segments, delta):
+    """Google's dp-accounting: its RDP accountant at Opacus' orders, or its privacy-loss-distribution one."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    event = dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps) for sigma, q, steps in segments])
+    acc = RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS) if kind == "rdp" else PLDAccountant(value_discretization_interval=1e-3)
+    return acc.compose(event).get_epsilon(delta)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "auto"])
+def test_epsilon_composes_every_step_of_every_round(sim_config, tmp_path, accountant):
     cfg = sim_config(method={"name": "fedsb"}, federation={"num_clients": 4, "clients_per_round": 2, "rounds": 3},
-                     privacy={"noise_multiplier": 1.1, "clip_norm": 0.8})
+                     privacy={"noise_multiplier": 1.1, "clip_norm": 0.8, "accountant": accountant})
     sim = Simulator(cfg, tmp_path, progress=False)
     summary = sim.run()
     log = read_log(tmp_path)
@@ -59,15 +73,32 @@ def test_epsilon_composes_every_step_of_every_round(sim_config, tmp_path):
     spent = {int(c): e for c, e in summary["privacy"]["epsilon_per_client"].items()}
     for c in range(4):
         segments = []
-        if c in log[0]["clients"]:  # the private LoRA-SB initialisation: one Poisson-sampled release
-            segments.append((1.1, sim.server.init_examples[c] / sim.client_sizes[c], 1))
+        if c in log[0]["clients"]:  # the private LoRA-SB initialisation: Poisson-sampled releases
+            segments.append((1.1, sim.server.init_examples[c] / sim.client_sizes[c], sim.method.init_releases()))
         segments.append((1.1, min(1.0, 8 / sim.client_sizes[c]), rounds_of[c] * cfg.train.local_steps))
-        assert spent.get(c, 0.0) == pytest.approx(opacus_epsilon(segments, delta), rel=1e-6)
+        opacus = {kind: opacus_epsilon(kind, segments, delta) for kind in ("rdp", "prv")}
+        google = {kind: google_epsilon(kind, segments, delta) for kind in ("rdp", "prv")}
+        assert google["rdp"] == pytest.approx(opacus["rdp"], rel=5e-3)  # the RDP-to-epsilon conversions differ
+        assert google["prv"] == pytest.approx(opacus["prv"], rel=2e-2)  # both discretise the privacy loss
+        assert opacus["prv"] < opacus["rdp"]
+        want = min(opacus.values()) if accountant == "auto" else opacus[accountant]
+        assert spent.get(c, 0.0) == pytest.approx(want, rel=1e-6)
     assert log[-1]["epsilon"] == pytest.approx(max(spent.values()))
     assert all(a["epsilon"] <= b["epsilon"] for a, b in zip(log, log[1:]))
     fewest = min(range(4), key=lambda c: (rounds_of[c], c in log[0]["clients"]))
     most = max(range(4), key=lambda c: (rounds_of[c], c in log[0]["clients"]))
     assert rounds_of[fewest] < rounds_of[most] and spent.get(fewest, 0.0) < spent[most]
+
+
+def test_auto_accountant_calibrates_less_noise_than_rdp_for_the_same_target():
+    """The example of the issue: sigma 0.67 at q 0.008; PRV's bound is the smaller, and calibrating against
+    it meets the target with less noise."""
+    plans = [[(0.008, 500, None)]]
+    assert epsilon_of("auto", [(0.67, 0.008, 500)], 1e-5) == pytest.approx(
+        opacus_epsilon("prv", [(0.67, 0.008, 500)], 1e-5), rel=1e-6)
+    sigma = {kind: calibrate_noise(kind, 3.0, 1e-5, plans) for kind in ("rdp", "auto")}
+    assert sigma["auto"] < 0.95 * sigma["rdp"]
+    assert 0.95 * 3.0 <= opacus_epsilon("prv", [(sigma["auto"], 0.008, 500)], 1e-5) <= 3.0
 
 
 def test_calibrated_run_ends_within_5_percent_under_the_target(sim_config, tmp_path):
@@ -107,11 +138,11 @@ def test_private_fedsb_init_is_noised_and_charged(sim_config, tmp_path):
     private = Simulator(sim_config(method={"name": "fedsb"}, privacy={"noise_multiplier": 1.0}),
                          tmp_path / "private", progress=False)
     private.setup_privacy()
-    client = sorted(private.init_examples)[0]
-    g_plain, g_private = plain._client_gradient_sum(client), private._client_gradient_sum(client)
-    assert private.ledger.history[client] == [(1.0, private.init_examples[client] / private.client_sizes[client], 1)]
-    for layer in g_plain:
-        assert not torch.allclose(g_plain[layer], g_private[layer])
+    client = sorted(private.server.init_examples)[0]
+    request = private.method._request("range")  # the sketch's first phase (charging: tests/test_fedsb_init.py)
+    g_plain, g_private = plain.clients.set_up_reply(client, request), private.clients.set_up_reply(client, request)
+    for key in g_plain:
+        assert not torch.allclose(g_plain[key], g_private[key])
 
 
 def test_public_fedsb_init_costs_no_privacy_and_no_upload(sim_config, toy_data, tmp_path):
@@ -127,7 +158,7 @@ def test_public_fedsb_init_costs_no_privacy_and_no_upload(sim_config, toy_data, 
 
 
 def test_resume_under_dp_is_bit_identical(sim_config, tmp_path, monkeypatch):
-    cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 3}, privacy={"epsilon": 5.0})
+    cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 3}, privacy={"epsilon": 5.0, "randomness": "seeded"})
     whole = Simulator(cfg, tmp_path / "whole", progress=False)
     whole.run()
     run_until_killed(Simulator(cfg, tmp_path / "cut", progress=False), monkeypatch, after_round=2)
@@ -155,6 +186,6 @@ def test_without_noise_or_clipping_dp_gives_the_plain_gradient(method):
     plain = {k: p.grad.clone() for k, p in params.items()}
     dp = DPSGD(for_trainable(adapted, keys), params, clip_norm=1e9, noise_multiplier=0.0,
                expected_batch_size=ids.shape[0], generator=torch.Generator().manual_seed(0))
-    dp.set_gradients(losses, batch)
+    dp.set_gradients(losses, [batch])
     for k, p in params.items():
         assert torch.allclose(p.grad, plain[k], rtol=1e-4, atol=1e-7), k

@@ -233,7 +233,7 @@ class _TornWrite(Exception):
 
 @pytest.mark.parametrize("dp", [False, True])
 def test_kill_during_checkpoint_write_then_resume_gives_the_same_run(sim_config, tmp_path, monkeypatch, dp):
-    extra = {"privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0}} if dp else {}
+    extra = {"privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "randomness": "seeded"}} if dp else {}
     cfg = sim_config(method={"name": "fedsb"}, federation={"rounds": 3}, train={"keep_optimizer_state": True},
                      **extra)
     whole = Simulator(cfg, tmp_path / "whole", progress=False)

@@ -347,3 +347,284 @@ def test_a_torn_last_line_is_left_out_and_other_bad_lines_are_refused(tmp_path):
     log.write_text('{"round": 0}\nnot json\n{"round": 1}\n')
     with pytest.raises(FedloraError, match=f"^{log}, line 2: not a row of a fedlora log"):
         run_folder.read_log(log)
+
+
+# -- whole runs -----------------------------------------------------------------------------------
+
+from conftest import read_log, without_seconds  # noqa: E402
+
+from fedlora.config import ConfigError  # noqa: E402
+from fedlora.simulator import Simulator  # noqa: E402
+
+
+def _same_state(a, b):
+    sa, sb = a.method.eval_state(), b.method.eval_state()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _hostile_updates(sim, monkeypatch, client, hostile):
+    real = sim.clients.update
+
+    def update(c, r, start, deadline=None):
+        u = real(c, r, start, deadline)
+        if c == client and u is not None:
+            u.payload = hostile(dict(u.payload)) if hostile else None
+            if u.payload is None:
+                return None
+        return u
+    monkeypatch.setattr(sim.clients, "update", update)
+
+
+def _huge(payload):
+    return {k: torch.full_like(v, 3e38) for k, v in payload.items()}
+
+
+@pytest.mark.parametrize("hostile", [_huge, lambda p: {k: v + 1e3 for k, v in p.items()}])
+def test_one_hostile_client_every_round_cannot_halt_a_run_with_the_defaults(sim_config, tmp_path, monkeypatch,
+                                                                            hostile):
+    cfg = sim_config(method={"name": "fedit"}, federation={"num_clients": 4, "clients_per_round": 4, "rounds": 3,
+                                                            "parallel_clients": 1})
+    assert cfg.server.max_update_norm == "auto"
+    attacked = Simulator(cfg, tmp_path / "attacked", progress=False)
+    _hostile_updates(attacked, monkeypatch, 2, hostile)
+    summary = attacked.run()
+    honest = Simulator(cfg, tmp_path / "honest", progress=False)
+    _hostile_updates(honest, monkeypatch, 2, None)  # client 2 sends nothing at all
+    honest.run()
+    assert _same_state(attacked, honest)
+    log = read_log(tmp_path / "attacked")
+    assert all(r["clients"] == [0, 1, 3] and r["dropped"][0]["client"] == 2
+               and "server.max_update_norm = 'auto'" in r["dropped"][0]["reason"] for r in log[1:])
+    assert all(math.isfinite(v) for v in summary["final_eval"].values())
+
+
+def test_switched_off_the_size_check_lets_the_hostile_update_through(sim_config, tmp_path, monkeypatch):
+    cfg = sim_config(method={"name": "fedit"}, federation={"num_clients": 4, "clients_per_round": 4, "rounds": 1,
+                                                            "parallel_clients": 1}, server={"max_update_norm": "off"})
+    sim = Simulator(cfg, tmp_path, progress=False)
+    _hostile_updates(sim, monkeypatch, 2, lambda p: {k: v + 1e3 for k, v in p.items()})
+    sim.run()
+    assert read_log(tmp_path)[1]["clients"] == [0, 1, 2, 3]
+
+
+def _hostile_set_up(sim, monkeypatch, client, hostile):
+    real = sim.clients.set_up_reply
+
+    def reply(c, request):
+        out = real(c, request)
+        return hostile(dict(out)) if c == client and hostile else out if c != client else None
+    monkeypatch.setattr(sim.clients, "set_up_reply", reply)
+
+
+def _nan_sum(p):
+    k = next(iter(p))
+    return p | {k: torch.full_like(p[k], float("nan"))}
+
+
+def _wrong_shape(p):
+    k = next(iter(p))
+    return p | {k: torch.zeros(p[k].shape[0] + 1, p[k].shape[1])}
+
+
+@pytest.mark.parametrize("hostile,reason", [(_nan_sum, "NaN or infinite"), (_wrong_shape, "has shape"),
+                                            (lambda p: {k: v * 1e6 for k, v in p.items()}, "per example")])
+def test_a_hostile_set_up_upload_is_dropped_and_the_rest_make_the_set_up(sim_config, tmp_path, monkeypatch,
+                                                                         hostile, reason):
+    cfg = sim_config(method={"name": "fedsb"}, fedsb={"init": "dense"}, federation={
+        "num_clients": 4, "clients_per_round": 4, "rounds": 1, "parallel_clients": 1})
+    attacked = Simulator(cfg, tmp_path / "attacked", progress=False)
+    _hostile_set_up(attacked, monkeypatch, 1, hostile)
+    attacked.run()
+    without = Simulator(cfg, tmp_path / "without", progress=False)
+    _hostile_set_up(without, monkeypatch, 1, None)  # client 1 sends nothing in the set-up
+    without.run()
+    assert _same_state(attacked, without)
+    record = read_log(tmp_path / "attacked")[0]
+    assert 1 not in record["clients"] and record["dropped"][0]["client"] == 1
+    assert reason in record["dropped"][0]["reason"]
+
+
+# -- checkpoints and folders in whole runs ---------------------------------------------------------
+
+class Killed(BaseException):
+    """A crash: a BaseException, so that no `except Exception` of the code under test catches it."""
+
+
+def _kill_at_checkpoint(sim, monkeypatch, r_kill):
+    real = sim.server.save_checkpoint
+
+    def save(r, runtime_state=None):
+        if r == r_kill:
+            raise Killed
+        real(r, runtime_state)
+    monkeypatch.setattr(sim.server, "save_checkpoint", save)
+
+
+def test_a_planted_pickle_checkpoint_is_never_loaded(sim_config, tmp_path):
+    proof = tmp_path / "proof"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(_malicious_bytes(proof))
+    cfg = sim_config(federation={"rounds": 1})
+    with pytest.raises(FedloraError, match=f"^{out / 'checkpoint.pt'}: a checkpoint of an older fedlora"):
+        Simulator(cfg, out, progress=False).run(resume=True)
+    with pytest.raises(FedloraError, match=f"^{out} already holds a run \\(checkpoint.pt\\)"):
+        Simulator(cfg, out, progress=False).run()
+    (out / "checkpoint.safetensors").write_bytes(_malicious_bytes(proof))
+    with pytest.raises(FedloraError, match=f"^{out / 'checkpoint.safetensors'}: not a fedlora checkpoint"):
+        Simulator(cfg, out, progress=False).run(resume=True)
+    save_file({"weight": torch.zeros(2)}, out / "checkpoint.safetensors")
+    with pytest.raises(FedloraError, match=f"^{out / 'checkpoint.safetensors'}: not a fedlora checkpoint"):
+        Simulator(cfg, out, progress=False).run(resume=True)
+    checkpoint.save({"round": 1, "config": {}}, out / "checkpoint.safetensors")
+    with pytest.raises(FedloraError, match="not a checkpoint of a fedlora run \\(no method, base_weights"):
+        Simulator(cfg, out, progress=False).run(resume=True)
+    assert not proof.exists()
+
+
+def test_a_second_run_into_a_held_folder_is_refused_with_the_holders_pid(sim_config, tmp_path):
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode()); print('held', flush=True); "
+        "time.sleep(60)"), str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FedloraError, match=f"^{tmp_path} is in use by another fedlora run \\(pid {holder.pid}\\)"):
+            Simulator(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run()
+        assert not (tmp_path / "rounds.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    Simulator(sim_config(federation={"rounds": 1}), tmp_path, progress=False).run()  # free again
+
+
+def test_killed_after_round_0_was_logged_but_before_its_checkpoint_resume_starts_cleanly(sim_config, tmp_path,
+                                                                                        monkeypatch):
+    cfg = sim_config(method={"name": "fedsb"}, federation={"rounds": 2})
+    whole = Simulator(cfg, tmp_path / "whole", progress=False)
+    whole.run()
+    cut = Simulator(cfg, tmp_path / "cut", progress=False)
+    _kill_at_checkpoint(cut, monkeypatch, 0)
+    with pytest.raises(Killed):
+        cut.run()
+    assert [r["round"] for r in read_log(tmp_path / "cut")] == [0]
+    resumed = Simulator(cfg, tmp_path / "cut", progress=False)
+    resumed.run(resume=True)
+    assert _same_state(resumed, whole)
+    assert without_seconds(read_log(tmp_path / "cut")) == without_seconds(read_log(tmp_path / "whole"))
+
+
+def test_fewer_rounds_than_finished_are_refused_with_the_numbers(sim_config, tmp_path):
+    Simulator(sim_config(federation={"rounds": 3}), tmp_path, progress=False).run()
+    with pytest.raises(ConfigError, match="federation.rounds = 2 is below the 3 rounds .*checkpoint.safetensors "
+                                          "has finished: resume with federation.rounds >= 3"):
+        Simulator(sim_config(federation={"rounds": 2}), tmp_path, progress=False).run(resume=True)
+
+
+@pytest.mark.parametrize("torn_round", [2, 3])
+def test_a_torn_last_log_line_is_repaired_from_the_checkpoint(sim_config, tmp_path, monkeypatch, torn_round):
+    """Killed while appending round 3's row (checkpoint of round 2), or after round 3's checkpoint with its
+    row torn (a crash of the machine before the row reached the disk)."""
+    cfg = sim_config(federation={"rounds": 4})
+    whole = Simulator(cfg, tmp_path / "whole", progress=False)
+    whole.run()
+    cut = Simulator(cfg, tmp_path / "cut", progress=False)
+    _kill_at_checkpoint(cut, monkeypatch, torn_round + 1)
+    with pytest.raises(Killed):
+        cut.run()
+    log = tmp_path / "cut" / "rounds.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    if torn_round == 2:  # round 3's row was being written
+        log.write_bytes(b"".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])
+    else:
+        lines = lines[:-1]  # round 4's row is logged before its checkpoint: gone with the crash
+        log.write_bytes(b"".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])
+    with pytest.raises(ValueError):
+        [__import__("json").loads(line) for line in log.read_text().splitlines()]  # torn indeed
+    resumed = Simulator(cfg, tmp_path / "cut", progress=False)
+    resumed.run(resume=True)
+    assert _same_state(resumed, whole)
+    assert without_seconds(read_log(tmp_path / "cut")) == without_seconds(read_log(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("target", ["rounds.jsonl", "checkpoint.safetensors", "summary.json"])
+def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(sim_config, tmp_path, monkeypatch, target):
+    cfg = sim_config(federation={"rounds": 2})
+    whole = Simulator(cfg, tmp_path / "whole", progress=False)
+    whole.run()
+    out = tmp_path / "cut"
+    cut = Simulator(cfg, out, progress=False)
+    real_open = open
+    kept = {}
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        name = os.path.basename(str(path)).removesuffix(".tmp")
+        if name == target and "r" not in mode and len(read_log(out)) == 2 + (target == "summary.json"):
+            kept.update({p: p.read_bytes() for p in out.iterdir()
+                         if p.is_file() and p.name != ".lock" and p.suffix != ".tmp"})
+            return _FullDisk(f, {"n": 7})
+        return f
+    monkeypatch.setattr(run_folder, "open", full_open, raising=False)
+    with pytest.raises(FedloraError) as err:
+        cut.run()
+    assert str(err.value).startswith(f"{out / target}: cannot write (No space left on device)")
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    assert kept and {p: p.read_bytes() for p in kept} == kept  # nothing already written was lost
+    assert not list(out.glob("*.tmp"))
+    Simulator(cfg, out, progress=False).run(resume=True)  # space again: the run continues
+    assert without_seconds(read_log(out)) == without_seconds(read_log(tmp_path / "whole"))
+
+
+def test_a_read_only_folder_and_foreign_files_are_one_line_naming_the_path(sim_config, tmp_path, monkeypatch):
+    cfg = sim_config(federation={"rounds": 1})
+    real = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(FedloraError, match=f"^{tmp_path / '.lock'}: cannot write \\(Read-only file system\\)"):
+        Simulator(cfg, tmp_path, progress=False).run()
+    monkeypatch.undo()
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FedloraError, match=f"^{tmp_path / 'a_file'}: not a folder"):
+        Simulator(cfg, tmp_path / "a_file", progress=False).run()
+    out = tmp_path / "run"
+    Simulator(cfg, out, progress=False).run()
+    log = out / "rounds.jsonl"
+    log.write_text("a line of something else\n" + log.read_text())
+    with pytest.raises(FedloraError, match=f"^{log}, line 1: not a row of a fedlora log"):
+        Simulator(cfg, out, progress=False).run(resume=True)
+    (out / "checkpoint.safetensors").unlink()
+    (out / "checkpoint.safetensors").mkdir()
+    with pytest.raises(FedloraError, match=f"^{out / 'checkpoint.safetensors'}: cannot read the checkpoint"):
+        Simulator(cfg, out, progress=False).run(resume=True)
+    (out / "checkpoint.safetensors").rmdir()
+    log.write_text('{"round": 0}\n{"round": 1}\n')
+    with pytest.raises(FedloraError, match=f"^{log} logs rounds up to 1, but there is no checkpoint.safetensors"):
+        Simulator(cfg, out, progress=False).run(resume=True)
+    assert log.read_text() == '{"round": 0}\n{"round": 1}\n'
+
+
+@pytest.mark.parametrize("name", ["Tensor", "__class__", "load", "no_such_dtype"])
+def test_a_peers_dtype_name_outside_the_allow_list_is_refused(name):
+    pytest.importorskip("flwr")
+    from flwr.app import Array, ArrayRecord
+
+    from fedlora.flower.records import from_record, to_record
+
+    record = ArrayRecord()
+    record["x"] = Array(dtype=name, shape=(2,), stype="torch.raw", data=b"12345678")
+    with pytest.raises(ValueError, match=f"dtype '{name}' is not one of float64, float32"):
+        from_record(record)
+    short = to_record({"x": torch.zeros(3)})
+    short["x"] = Array(dtype="float32", shape=(3,), stype="torch.raw", data=b"1234")
+    with pytest.raises(ValueError, match="'x' has 4 bytes, not those of shape \\(3,\\) in float32"):
+        from_record(short)
+    assert torch.equal(from_record(to_record({"y": torch.arange(3)}))["y"], torch.arange(3))

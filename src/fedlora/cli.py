@@ -51,11 +51,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from .config_reference import reference
+
+    print(reference(), end="")
+    return 0
+
+
 def cmd_comm(args) -> int:
     from .comm import communication_report
+    from .config import load_config
 
     report = communication_report(args.model, args.method, args.rank, args.clients, args.dtype,
-                                  args.target_modules.split(",") if args.target_modules else None)
+                                  args.target_modules.split(",") if args.target_modules else None,
+                                  load_config(None, args.set) if args.set else None)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -95,21 +104,33 @@ def cmd_flower_init(args) -> int:
     except ImportError:
         raise ConfigError("flower init needs Flower: pip install 'fedlora[flower]'") from None
     path = write_app(args.dir, cfg, args.out or Path(args.dir) / "run", args.round_timeout)
-    print(f"wrote {path}; run it with: flwr run {args.dir} <superlink connection>")
+    print(f"wrote {path}; run it with: fedlora flower run {args.dir} <superlink connection>")
     return 0
+
+
+def cmd_flower_run(args) -> int:
+    from .flower.launch import flower_run
+
+    return flower_run(args.app, args.connection, args.resume, args.run_config)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with low-rank adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a federated experiment from a TOML config")
+    run = sub.add_parser("run", help="run a federated experiment from a TOML config",
+                         epilog="Configuration keys: `fedlora config` prints every key with its default and "
+                                "meaning (a TOML file to start from); the README's Configuration section "
+                                "explains them.")
     run.add_argument("config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--out", help="output folder (default: runs/<config name>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="print every configuration key with its default and meaning (TOML)")
+    config.set_defaults(func=cmd_config)
 
     evaluate = sub.add_parser("eval", help="evaluate a finished run's model (accuracy per class or task)")
     evaluate.add_argument("run", metavar="RUN_DIR", help="a folder written by `fedlora run`")
@@ -147,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     comm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     comm.add_argument("--target-modules", help="comma-separated module-name suffixes")
     comm.add_argument("--json", action="store_true")
+    comm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config key that changes the traffic, e.g. fedsb.init")
     comm.set_defaults(func=cmd_comm)
 
     plot = sub.add_parser("plot", help="plot finished runs: metric vs round, vs bytes, vs epsilon")
@@ -168,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--round-timeout", type=float, default=600,
                       help="seconds the server waits for a round's replies before dropping the silent clients")
     init.set_defaults(func=cmd_flower_init)
+    frun = flower_sub.add_parser("run", help="flwr run APP CONNECTION --stream, exiting non-zero with the reason "
+                                             "when the run does not complete")
+    frun.add_argument("app", help="the app folder (written by `fedlora flower init`)")
+    frun.add_argument("connection", help="the SuperLink connection in $FLWR_HOME/config.toml")
+    frun.add_argument("--resume", action="store_true", help="continue the run in the app's output folder from "
+                                                            "its last finished round")
+    frun.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
+                      help="a run-config entry for flwr run (e.g. 'fedlora.federation.rounds=5')")
+    frun.set_defaults(func=cmd_flower_run)
 
     args = parser.parse_args(argv)
     try:

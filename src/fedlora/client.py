@@ -4,6 +4,7 @@ in-process simulator holds every client's shard; a Flower ClientApp holds its ow
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from .adapters import AdaptedModel
+from .batching import physical_rows
 from .config import Config, TrainConfig
 from .errors import ClientTimeout, FedloraError
 from .federation import FederationPlan
@@ -38,24 +40,43 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict | None],
+def scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
+    """The learning rate of step `step` (1-based) of the run's `total` local steps: a linear warmup over
+    train.warmup_steps, then train.lr_schedule (linear or cosine decay towards 0 after the last step)."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps - 1) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (1 - progress if cfg.lr_schedule == "linear" else (1 + math.cos(math.pi * progress)) / 2)
+
+
+def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[list[dict] | None],
                 example_losses: Callable[[dict], torch.Tensor], max_grad_norm: float | None = None,
-                dp: DPSGD | None = None, deadline: float | None = None) -> list[float]:
-    """One optimizer step per batch; returns the mean loss of every non-empty batch.
-    With `dp`, gradients are DP-SGD's (a None batch, an empty Poisson draw, is a step of noise alone).
-    Past `deadline` (a time.monotonic() value, checked after every step) it raises ClientTimeout."""
+                dp: DPSGD | None = None, deadline: float | None = None,
+                lr_at: Callable[[int], float] | None = None) -> list[float]:
+    """One optimizer step per batch, a batch given as its micro-batches (their gradients summed: the whole
+    batch's mean-loss gradient); returns the mean loss of every non-empty batch. With `dp`, gradients are
+    DP-SGD's (a None batch, an empty Poisson draw, is a step of noise alone). `lr_at(step)`: the learning rate
+    of local step `step` (1-based). Past `deadline` (a time.monotonic() value, checked after every step) it
+    raises ClientTimeout."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     losses = []
-    for step, batch in enumerate(batches, 1):
+    for step, parts in enumerate(batches, 1):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
         if dp is not None:
-            loss = dp.set_gradients(example_losses, batch)
+            loss = dp.set_gradients(example_losses, parts)
         else:
-            loss_tensor = example_losses(batch).mean()
-            loss_tensor.backward()
+            rows, loss = sum(len(part["attention_mask"]) for part in parts), 0.0
+            for part in parts:
+                part_losses = example_losses(part)
+                (part_losses.sum() / rows).backward()
+                loss += part_losses.detach().sum().item() / rows
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            loss = loss_tensor.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if loss is not None:
@@ -77,6 +98,8 @@ class ClientTrainer:
         self.model = adapted.model
         self.device = task.device
         self.shards = shards
+        self.max_rows = physical_rows(cfg.train.physical_batch_size, self.model.config, cfg.data.max_length,
+                                      task.task_type == "CAUSAL_LM", self.device)
         self.optimizer_states: dict[int, dict] = {}
         self.releases: dict[tuple[int, int], dict | None] = {}  # (client, index): the set-up releases made
         self.noise_multiplier, self.recorder = None, None
@@ -100,10 +123,23 @@ class ClientTrainer:
         if self.noise_multiplier is None:
             return None
         params = params or self.adapted.parameters_by_key()
-        noise = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.seed, "noise", r, client))
+        noise = noise_generator(self.cfg, "noise", r, client, device=self.device)
         return DPSGD(self.recorder, {k: params[k] for k in self.method.trainable_keys()},
                      self.cfg.privacy.clip_norm, self.noise_multiplier,
                      self.sample_rate(client) * self.plan.client_sizes[client], noise)
+
+    def draws(self, client: int, r: int) -> np.random.Generator:
+        """The generator of the client's batch draws in round r: under DP its Poisson draws
+        (privacy.randomness), else shuffles from the seed."""
+        if self.noise_multiplier is None:
+            return rng(self.cfg.seed, "client", r, client)
+        return sampling_rng(self.cfg, "client", r, client)
+
+    def lr_schedule(self, r: int) -> Callable[[int], float]:
+        """The learning rate of each local step of round r: train.lr_schedule over the run's steps, counted
+        across rounds (so a resumed run steps as an uninterrupted one)."""
+        steps = self.cfg.train.local_steps
+        return lambda t: scheduled_lr(self.cfg.train, (r - 1) * steps + t, self.cfg.federation.rounds * steps)
 
     def optimizer(self, client: int, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         optimizer = make_optimizer(params, self.cfg.train)
@@ -120,9 +156,10 @@ class ClientTrainer:
         torch.manual_seed(derive_seed(cfg.seed, "client", r, client))  # dropout
         dp = self.dp(client, r)
         batches = self.task.client_batches(self.shards[client], cfg.train.batch_size, cfg.train.local_steps,
-                                           rng(cfg.seed, "client", r, client),
-                                           sample_rate=self.sample_rate(client) if dp else None)
-        step_losses = local_train(self.model, optimizer, batches, self.losses, cfg.train.max_grad_norm, dp, deadline)
+                                           self.draws(client, r), sample_rate=self.sample_rate(client) if dp else None,
+                                           max_rows=self.max_rows)
+        step_losses = local_train(self.model, optimizer, batches, self.losses, cfg.train.max_grad_norm, dp, deadline,
+                                  self.lr_schedule(r))
         return self.result(client, adapted.state(), step_losses, optimizer)
 
     def result(self, client: int, trained: dict, step_losses: list[float],

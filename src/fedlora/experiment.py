@@ -69,5 +69,5 @@ def build_task(cfg: Config, device: torch.device, progress: bool = False, data=N
         except ValueError as err:
             raise ConfigError(str(err)) from None
     else:
-        task = ClassificationTask(data, tokenizer, cfg.data.max_length, device, autocast=autocast)
+        task = ClassificationTask(data, tokenizer, cfg.data.max_length, device, autocast=autocast, progress=progress)
     return task, adapted, source

@@ -207,8 +207,12 @@ class FederationServer:
         if resume and legacy.exists():
             raise FedloraError(f"{legacy}: a checkpoint of an older fedlora, stored as a pickle, which is never "
                                "loaded (loading it could run code); start the run again in another folder")
-        if resume:
-            run_folder.atomic_write(self.out / ROUNDS_LOG, "")  # rows no checkpoint backs: they are run again
+        if resume:  # killed before its first checkpoint: round 0 runs again
+            logged = max((row["round"] for row in run_folder.read_log(self.out / ROUNDS_LOG)), default=0)
+            if logged > 0:
+                raise FedloraError(f"{self.out / ROUNDS_LOG} logs rounds up to {logged}, but there is no "
+                                   f"{CHECKPOINT} to resume from: choose another output folder")
+            run_folder.atomic_write(self.out / ROUNDS_LOG, "")
         else:
             self.refuse_existing_run()
         if self.progress and self.label_names is not None:
@@ -216,11 +220,12 @@ class FederationServer:
         self.setup_privacy(None)
         return 0
 
-    def refuse_existing_run(self) -> None:
+    def refuse_existing_run(self, resume_hint: str = "`fedlora run --resume` continues a run of the in-process "
+                                                     "simulator") -> None:
         held = [name for name in (ROUNDS_LOG, CHECKPOINT, LEGACY_CHECKPOINT) if (self.out / name).exists()]
         if held:
             raise FedloraError(f"{self.out} already holds a run ({held[0]}): choose another output folder "
-                               "(`fedlora run --resume` continues a run of the in-process simulator)")
+                               f"({resume_hint})")
 
     # -- the set-up exchange ------------------------------------------------------------------
     def initialise(self, send, clients: list[int] | None = None) -> dict:

@@ -87,11 +87,11 @@ def load_run(folder: str | Path, overrides: Iterable[str] = (), data: str | None
     source = summary.get("model_source")
     if cfg.model.path and not Path(cfg.model.path).is_dir() and source and Path(source).is_dir():
         cfg.model.path = source  # the run named a folder relative to where it was started
-    state = checkpoint.load(folder / CHECKPOINT, "cpu")
+    device = pick_device(cfg.device)
+    state = checkpoint.load(folder / CHECKPOINT, device)
     if state.get("round") != summary.get("rounds"):
         raise FedloraError(f"{folder / CHECKPOINT} holds round {state.get('round')}, but the run ended after "
                            f"round {summary.get('rounds')}")
-    device = pick_device(cfg.device)
     data = None
     names = summary.get("labels")
     data_changed = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True) != json.dumps(
@@ -105,9 +105,9 @@ def load_run(folder: str | Path, overrides: Iterable[str] = (), data: str | None
         raise DataError(f"the run's classes ({', '.join(names)}) differ from its data's now "
                         f"({', '.join(task.data.label_names)}): was {task.data.train.source} changed?")
     method = METHODS[cfg.method.name](adapted, cfg, summary["client_sizes"])
-    method.load_state_dict(_to(state["method"], device))
+    method.load_state_dict(state["method"])
     if state.get("base_weights") is not None:
-        adapted.load_base_weights(_to(state["base_weights"], device))
+        adapted.load_base_weights(state["base_weights"])
     adapted.load_state(method.eval_state())
     adapted.model.eval()
     return FinishedRun(folder, cfg, summary, task, adapted, source)
@@ -123,16 +123,6 @@ def evaluation_data(section: dict, data: str) -> dict:
                           "text_columns": None, "label_column": None, "header": True}
     raise ConfigError(f"--data {data}: neither a file nor a data set preset "
                       f"({', '.join([*CLASSIFICATION_PRESETS, *INSTRUCTION_PRESETS])})")
-
-
-def _to(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    return value
 
 
 # ---------------------------------------------------------------- predictions
@@ -230,8 +220,7 @@ def format_metrics(metrics: dict[str, float], n: int) -> str:
 
 
 def evaluated_count(run: FinishedRun) -> int:
-    task, cap = run.task, run.cfg.eval.max_examples
-    return len(task.eval_indices(cap)) if hasattr(task, "eval_indices") else len(task.data.eval)
+    return len(run.task.eval_indices(run.cfg.eval.max_examples))
 
 
 def open_inputs(path: str) -> tuple[Iterable[str], str]:

@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from . import progress
 from .answers import completion_for, is_correct
 from .data.instructions import InstructionData, InstructionSplit
 from .tasks import Task, check_max_length
@@ -127,6 +127,7 @@ class CausalLMTask(Task):
         was_training = model.training
         model.eval()
         split, indices = self.data.eval, self.eval_indices(max_examples)
+        progress.plain_line(f"evaluating {len(indices)} examples", self.progress)
         choice = [i for i in indices if split.options[i] is not None]
         generate = [i for i in indices if split.options[i] is None or self.choice_eval in ("generate", "both")]
         correct: dict[str, dict[int, bool]] = {"generate": {}, "score": {}}
@@ -162,8 +163,8 @@ class CausalLMTask(Task):
         split = self.data.eval
         pairs = [(i, k) for i in indices for k in range(len(split.options[i]))]
         scores: dict[tuple[int, int], float] = {}
-        for start in tqdm(range(0, len(pairs), batch_size), desc="scoring options", leave=False,
-                          disable=not self.progress):
+        for start in progress.bar(range(0, len(pairs), batch_size), self.progress, desc="scoring options",
+                                  leave=False):
             chunk = pairs[start:start + batch_size]
             rows = [self.encode(self._prompt(split, i), completion_for(split.tasks[i], split.options[i][k]),
                                 eos=False) for i, k in chunk]
@@ -177,7 +178,7 @@ class CausalLMTask(Task):
         order = sorted(indices, key=lambda i: -len(self._prompt(split, i)))
         pad = self.tokenizer.pad_token_id
         texts: dict[int, str] = {}
-        for start in tqdm(range(0, len(order), batch_size), desc="generating", leave=False, disable=not self.progress):
+        for start in progress.bar(range(0, len(order), batch_size), self.progress, desc="generating", leave=False):
             chunk = order[start:start + batch_size]
             prompts = [self._prompt(split, i)[-(self.max_length - 1):] for i in chunk]
             width = max(len(p) for p in prompts)

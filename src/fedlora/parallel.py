@@ -19,26 +19,19 @@ with dropout (the masks of a joint pass come from one random stream instead of o
 """
 from __future__ import annotations
 
-import os
+import itertools
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from .batching import default_part_cost, length_parts, physical_rows
 from .lm_task import CausalLMTask
-from .seeding import derive_seed, rng
+from .seeding import derive_seed
 
 STACKABLE_HEADS = (nn.Linear,)
-
-
-def default_part_cost(device: torch.device) -> int:
-    """What one more forward and backward part costs beyond its tokens, in tokens (see length_chunks). On the
-    CPU 64 was fastest for 10 and 50 clients at batches of 8 and 32 (MiniLM, SST-2,
-    benchmarks/parallel_clients.py); a GPU is kept busy only by large parts, so there a part must save many
-    padded tokens to be worth it."""
-    return 64 if device.type == "cpu" else 4096
 
 
 class Slots:
@@ -71,42 +64,6 @@ class Slots:
             rows = weights.index_select(0, self.owners).transpose(1, 2)
             y = torch.bmm(t.reshape(t.shape[0], -1, t.shape[-1]), rows)
         return y.reshape(*t.shape[:-1], weights.shape[1])
-
-
-def length_chunks(batch: dict[str, torch.Tensor], part_cost: int) -> list[tuple[np.ndarray, dict]]:
-    """The batch in parts of rows of similar length, each cut to its own longest row (padding is on the
-    right). The parts minimise the padded tokens plus `part_cost` tokens for each part (what a forward and
-    backward costs beyond its tokens), so a joint batch pads less than its clients' own batches would."""
-    mask = batch["attention_mask"]
-    lengths = mask.sum(1).cpu().numpy()
-    order = np.argsort(lengths, kind="stable")
-    ends = optimal_parts(lengths[order], part_cost)
-    parts = []
-    for chosen in np.split(order, ends[:-1]):
-        width = int(lengths[chosen].max())
-        rows_t = torch.from_numpy(chosen).to(mask.device)
-        if mask[rows_t, width:].any():  # padded on the left: keep every column
-            width = mask.shape[1]
-        parts.append((chosen, {k: v[rows_t, :width] if v.dim() > 1 and v.shape[1] == mask.shape[1] else v[rows_t]
-                               for k, v in batch.items()}))
-    return parts
-
-
-def optimal_parts(sorted_lengths: np.ndarray, part_cost: int) -> list[int]:
-    """Where to cut ascending lengths so that sum(rows * longest) + part_cost * parts is least (the ends).
-    A cut between equal lengths never pays, so only the distinct lengths are candidates."""
-    lengths, counts = np.unique(sorted_lengths, return_counts=True)
-    rows_before = np.concatenate([[0], np.cumsum(counts)])  # rows_before[g]: rows shorter than lengths[g]
-    best = np.zeros(len(lengths) + 1)
-    start = np.zeros(len(lengths) + 1, dtype=np.int64)
-    for j in range(1, len(lengths) + 1):
-        costs = best[:j] + (rows_before[j] - rows_before[:j]) * lengths[j - 1] + part_cost
-        start[j] = int(np.argmin(costs))
-        best[j] = costs[start[j]]
-    ends = [len(lengths)]
-    while start[ends[-1]] > 0:
-        ends.append(int(start[ends[-1]]))
-    return [int(rows_before[g]) for g in ends[::-1]]
 
 
 class ClientStack:
@@ -167,19 +124,21 @@ class ClientStack:
 
 def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[torch.optim.Optimizer],
                 draws: list[Iterator[np.ndarray]], max_grad_norm: float | None = None,
-                dps: list | None = None, part_cost: int | None = None) -> list[list[float]]:
+                dps: list | None = None, part_cost: int | None = None, max_rows: int | None = None,
+                lr_at: Callable[[int], float] | None = None) -> list[list[float]]:
     """Every client's local training in joint steps: a step takes every client's next batch (its example
-    indices), runs them together (in parts of rows of similar length, see length_chunks; gradients summed),
-    and steps each client's own optimizer; a client whose draws are over takes no more steps. With `dps`
-    (one DPSGD per client) a client's gradient is its clipped per-example sum plus its own noise, an empty
-    draw noise alone. Returns each client's batch mean losses."""
+    indices), runs them together (in parts of rows of similar length and at most `max_rows` rows, see
+    batching.length_parts; gradients summed), and steps each client's own optimizer at the learning rate
+    `lr_at(step)`; a client whose draws are over takes no more steps. With `dps` (one DPSGD per client) a
+    client's gradient is its clipped per-example sum plus its own noise, an empty draw noise alone. Returns
+    each client's batch mean losses."""
     count = len(optimizers)
     losses: list[list[float]] = [[] for _ in optimizers]
     params = [list(leaves.values()) for leaves in stack.leaves]
     recorder = dps[0].recorder if dps else None
     cost = part_cost or default_part_cost(task.device)
     model.train()
-    while True:
+    for step in itertools.count(1):
         chosen = [next(d, None) for d in draws]
         active = [k for k, c in enumerate(chosen) if c is not None]
         if not active:
@@ -191,7 +150,7 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
         if len(owners):
             batch = task.batch(np.concatenate([chosen[k] for k in active]))
             per_row = torch.as_tensor(sizes[owners], dtype=torch.float32, device=task.device)
-            for rows, part in length_chunks(batch, cost):
+            for rows, part in length_parts(batch, cost, max_rows):
                 stack.begin_step(Slots(owners[rows], count, task.device))
                 if recorder is not None:
                     with recorder.recording(part.get("attention_mask")):
@@ -210,6 +169,9 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
                     dps[k].set_noised({key: s[k] for key, s in sums.items()} if sizes[k] else {})
                 elif max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params[k], max_grad_norm)
+                if lr_at is not None:
+                    for group in optimizers[k].param_groups:
+                        group["lr"] = lr_at(step)
                 optimizers[k].step()
                 if sizes[k]:
                     losses[k].append(means[k])
@@ -241,34 +203,11 @@ def dropout_active(model: nn.Module) -> bool:
     return any("dropout" in k and isinstance(v, float) and v > 0 for k, v in settings.items())
 
 
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):  # not known here (macOS): "auto" then trains one client at a time
-        return 0
-
-
 def clients_that_fit(trainer) -> int:
-    """How many clients' activations fit in half the free memory: per token and layer about a dozen
-    hidden-size tensors, two intermediate-size ones and a row of attention per head, plus a language
-    model's logits."""
-    c, cfg = trainer.model.config, trainer.cfg
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 768)
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 12)
-    inner = getattr(c, "intermediate_size", None) or 4 * hidden
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 12)
-    tokens = cfg.train.batch_size * cfg.data.max_length
-    logits = 2 * getattr(c, "vocab_size", 0) if isinstance(trainer.task, CausalLMTask) else 0  # a class head's are few
-    per_token = layers * (12 * hidden + 2 * inner + heads * cfg.data.max_length) + logits
-    return int(available_memory(trainer.device) // 2 // (tokens * per_token * 4))
+    """How many clients' batches fit in half the free memory (see batching.row_bytes)."""
+    cfg = trainer.cfg
+    return physical_rows("auto", trainer.model.config, cfg.data.max_length, isinstance(trainer.task, CausalLMTask),
+                         trainer.device) // cfg.train.batch_size
 
 
 def client_groups(trainer, clients: list[int]) -> list[list[int]]:
@@ -301,12 +240,13 @@ def train_together(trainer, clients: list[int], r: int, starts: dict[int, dict])
             dps = [trainer.dp(c, r, leaves) for c, leaves in zip(clients, stack.leaves)]
             private = dps[0] is not None
             draws = [task.client_batch_indices(trainer.shards[c], cfg.train.batch_size, cfg.train.local_steps,
-                                               rng(cfg.seed, "client", r, c),
+                                               trainer.draws(c, r),
                                                sample_rate=trainer.sample_rate(c) if private else None)
                      for c in clients]
             torch.manual_seed(derive_seed(cfg.seed, "client", r, clients[0]))  # dropout, if any
             losses = train_steps(trainer.model, task, stack, optimizers, draws, cfg.train.max_grad_norm,
-                                 dps if private else None)
+                                 dps if private else None, max_rows=trainer.max_rows,
+                                 lr_at=trainer.lr_schedule(r))
     except Exception as err:  # noqa: BLE001 - retried client by client, where the failure is attributed
         warnings.warn(f"round {r}: clients {clients} are trained again one by one, as training them together "
                       f"raised {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from . import parallel
+from . import parallel, progress
 from .client import ClientTrainer, ClientUpdate
 from .comm import payload_bytes
 from .config import Config
@@ -70,21 +69,23 @@ class Simulator:
         server = self.server
         started = time.time()
         self._share_noise()
+        rounds = self.cfg.federation.rounds
         if start == 0:
-            server.log(self.initialise())
+            record = self.initialise()
+            server.log(record)
             server.save_checkpoint(0, self.runtime_state())
+            progress.line(progress.round_line(record, rounds), self.progress)
             start = 1
         else:
             self.clients.optimizer_states = server.runtime_state.get("optimizer_states", {})
-        rounds = self.cfg.federation.rounds
-        bar = tqdm(range(start, rounds + 1), desc="rounds", disable=not self.progress, initial=start - 1,
-                   total=rounds)
+        bar = progress.bar(range(start, rounds + 1), self.progress, desc="rounds", initial=start - 1, total=rounds)
         for r in bar:
             record = self.round(r)
             server.log(record)
             server.save_checkpoint(r, self.runtime_state())
+            progress.plain_line(progress.round_line(record, rounds), self.progress)
             if record["eval"]:
-                bar.set_postfix({k: round(v, 4) for k, v in record["eval"].items()})
+                bar.set_postfix({k: round(v, 4) for k, v in record["eval"].items() if "/" not in k})
         return server.finish(started)
 
     def runtime_state(self) -> dict:
@@ -95,11 +96,14 @@ class Simulator:
 
         def send(request, clients: list[int]) -> dict:
             replies = {}
-            for c in clients:
+            for k, c in enumerate(progress.bar(clients, self.progress, desc="set-up", leave=False)):
+                began = time.time()
                 try:
                     replies[c] = self.clients.set_up_reply(c, request)
                 except Exception as err:  # a client's failure must not stop the federation
                     replies[c] = failure(err)
+                progress.plain_line(f"set-up: client {c} replied ({k + 1} of {len(clients)}, "
+                                    f"{time.time() - began:.1f} s)", self.progress)
             return replies
 
         return self.server.initialise(send)
@@ -144,7 +148,7 @@ class Simulator:
         references = {c: server.reference(c, r) for c in clients}
         together: dict[int, ClientUpdate] = {}
         groups = {c: group for group in parallel.client_groups(trainer, clients) for c in group}
-        for c in tqdm(clients, desc=f"round {r}", leave=False, disable=not self.progress):
+        for c in progress.bar(clients, self.progress, desc=f"round {r}", leave=False):
             bytes_down += payload_bytes(method.download(c))
             if len(groups[c]) > 1 and c == groups[c][0]:
                 together = parallel.train_together(trainer, groups[c], r, starts) or {}

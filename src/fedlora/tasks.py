@@ -10,6 +10,7 @@ import torch
 from .batching import default_part_cost, length_parts
 from .data import ClassificationData, ClassificationSplit
 from .data.partition import stratified_sample
+from . import progress
 from .errors import ConfigError
 
 # The evaluation sample is the same for every run, seed and method (like data.max_train_examples' draw).
@@ -55,10 +56,12 @@ class Task(ABC):
                               enabled=self.autocast is not None)
 
     def client_batches(self, shard: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator,
-                       sample_rate: float | None = None) -> Iterator[dict[str, torch.Tensor] | None]:
-        """The batches of `client_batch_indices`; None for an empty Poisson draw."""
+                       sample_rate: float | None = None,
+                       max_rows: int | None = None) -> Iterator[list[dict[str, torch.Tensor]] | None]:
+        """The batches of `client_batch_indices`, each as its micro-batches (see micro_batches); None for an
+        empty Poisson draw."""
         for chosen in self.client_batch_indices(shard, batch_size, steps, rng, sample_rate):
-            yield self.batch(chosen) if len(chosen) else None
+            yield self.micro_batches(chosen, max_rows) if len(chosen) else None
 
     def micro_batches(self, indices: Sequence[int], max_rows: int | None = None,
                       part_cost: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -93,12 +96,13 @@ class ClassificationTask(Task):
     task_type = "SEQ_CLS"
 
     def __init__(self, data: ClassificationData, tokenizer, max_length: int, device: torch.device,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, progress: bool = False):
         self.data = data
         self.tokenizer = tokenizer
         self.max_length = check_max_length(tokenizer, max_length, texts=1 if data.train.text_b is None else 2)
         self.device = device
         self.autocast = autocast
+        self.progress = progress
         self._eval_batches: dict[tuple[int, int | None], list[dict]] = {}
 
     @property
@@ -152,7 +156,9 @@ class ClassificationTask(Task):
         correct, loss_sum, count = 0, 0.0, 0
         hits = np.zeros(self.data.num_labels, dtype=np.int64)
         seen = np.zeros(self.data.num_labels, dtype=np.int64)
-        for batch in self._eval_set(batch_size, max_examples):
+        batches = self._eval_set(batch_size, max_examples)
+        progress.plain_line(f"evaluating {sum(len(b['labels']) for b in batches)} examples", self.progress)
+        for batch in progress.bar(batches, self.progress, desc="evaluating", leave=False):
             with self.autocast_context():
                 out = model(**batch)
             n = batch["labels"].shape[0]

@@ -28,6 +28,7 @@ from ..models import pick_device
 from ..seeding import generator
 from .project import from_run_config
 from .records import flatten, from_record, nest, to_record
+from .secure import download_of, fitres_content, is_secure, secure_mod
 from .strategy import check_supported
 
 METHOD_STATE, BASE_WEIGHTS = "fedlora.method", "fedlora.base"
@@ -108,7 +109,7 @@ def _inject_fault(r: int) -> None:
 
 def client_app(defaults: dict | None = None) -> ClientApp:
     """A ClientApp; `defaults` stand in for run-config entries the run does not give (run_simulation has none)."""
-    app = ClientApp()
+    app = ClientApp(mods=[secure_mod])  # Flower's SecAgg+ for the rounds the server runs with it
 
     def settings(context: Context) -> dict:
         return (defaults or {}) | dict(context.run_config)
@@ -117,8 +118,22 @@ def client_app(defaults: dict | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         client = _client_id(context, settings(context))
         phase = msg.content["config"]["phase"]
-        if phase == "hello":
-            return Message(RecordDict({"config": ConfigRecord({"client": client})}), reply_to=msg)
+        if phase == "hello":  # which client this node is, and the size of the data it trains on
+            runtime = _runtime(context, settings(context))
+            return Message(RecordDict({"config": ConfigRecord({
+                "client": client, "examples": len(runtime.trainer.shards[client]),
+                "own-data": bool(context.node_config.get("data-path"))})}), reply_to=msg)
+        if phase == "resync":  # a resumed run: the server's whole state replaces what this node kept
+            runtime = _runtime(context, settings(context))
+            state = from_record(msg.content["arrays"], runtime.trainer.device)
+            parts = {"method": {}, "base": {}}
+            for key, tensor in state.items():
+                part, _, name = key.partition("/")
+                parts[part][name] = tensor
+            context.state[METHOD_STATE] = to_record(parts["method"])
+            if parts["base"]:
+                context.state[BASE_WEIGHTS] = to_record(parts["base"])
+            return Message(RecordDict({"config": ConfigRecord({"applied": 1})}), reply_to=msg)
         if phase != "set-up":
             raise ValueError(f"unknown query '{phase}'")
         runtime = _runtime(context, settings(context))
@@ -134,14 +149,22 @@ def client_app(defaults: dict | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         client = _client_id(context, settings(context))
         runtime = _runtime(context, settings(context))
-        trainer, r = runtime.trainer, int(msg.content["config"]["round"])
+        trainer = runtime.trainer
+        secure = is_secure(msg.content)  # a SecAgg+ round: the download comes as FitIns, the upload goes as FitRes
+        if secure:
+            download, secure_settings = download_of(msg.content, trainer.device)
+            r = int(secure_settings["round"])
+        else:
+            download, r = from_record(msg.content["arrays"], trainer.device), int(msg.content["config"]["round"])
         _inject_fault(r)
         runtime.restore(context)
-        trainer.method.global_state = trainer.method.global_state | from_record(msg.content["arrays"], trainer.device)
+        trainer.method.global_state = trainer.method.global_state | download
         timeout = trainer.cfg.federation.client_timeout
         update = trainer.update(client, r, trainer.method.client_state(client, r),
                                     time.monotonic() + timeout if timeout else None)
         runtime.keep(context)  # FedSA-LoRA's upload keeps the client's own B
+        if secure:
+            return Message(fitres_content(update.payload, secure_settings, client), reply_to=msg)
         metrics = {"num-examples": trainer.plan.client_sizes[client]}
         if trainer.noise_multiplier is None and update.loss == update.loss:  # under DP the loss is not released
             metrics["loss"] = update.loss

@@ -6,6 +6,7 @@ given with all its keys at their defaults as "{}".
 """
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ RUN_KEYS = {
     "out": "folder the ServerApp writes rounds.jsonl, summary.json and the adapter into",
     "round-timeout": "seconds the ServerApp waits for a round's replies (a silent client is dropped after it)",
     "node-wait": "seconds the ServerApp waits for federation.num_clients SuperNodes to connect",
+    "resume": "continue the run in 'out' from its last checkpoint (fedlora flower run --resume sets it)",
+    "secagg-threshold": "0: plain rounds; else Flower's SecAgg+ carries every round's uploads and the server "
+                        "learns only their weighted mean; the fraction of a round's clients whose shares "
+                        "reconstruct the masks (at least 2 clients; 1 - it is the share that may drop out)",
 }
 
 
@@ -71,6 +76,25 @@ def from_run_config(run_config: dict[str, Any]) -> Config:
     return build_config(raw)
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """The config with its model and data paths absolute, and data.root set from $FEDLORA_DATA_DIR when the
+    config does not give it: the ServerApp runs in the SuperLink's process, the ClientApps in the SuperNodes',
+    with other working folders and environments than the shell that writes the app."""
+    def fix(data):
+        if data is None:
+            return None
+        update = {k: str(Path(getattr(data, k)).resolve()) for k in ("path", "eval_path", "root")
+                  if getattr(data, k)}
+        if data.name is not None and data.root is None and os.environ.get("FEDLORA_DATA_DIR"):
+            update["root"] = str(Path(os.environ["FEDLORA_DATA_DIR"]).resolve())
+        return data.model_copy(update=update)
+
+    update = {"data": fix(cfg.data), "fedsb": cfg.fedsb.model_copy(update={"public_data": fix(cfg.fedsb.public_data)})}
+    if cfg.model.path:
+        update["model"] = cfg.model.model_copy(update={"path": str(Path(cfg.model.path).resolve())})
+    return cfg.model_copy(update=update)
+
+
 def write_app(folder: str | Path, cfg: Config, out: str | Path, round_timeout: float = 600,
               node_wait: float = 120) -> Path:
     """Write `folder/pyproject.toml`: a Flower app whose ServerApp and ClientApp are fedlora's and whose run
@@ -91,7 +115,8 @@ def write_app(folder: str | Path, cfg: Config, out: str | Path, round_timeout: f
                      "components": {"serverapp": "fedlora.flower.server_app:app",
                                     "clientapp": "fedlora.flower.client_app:app"},
                      "config": {"out": str(Path(out).resolve()), "round-timeout": float(round_timeout),
-                                "node-wait": float(node_wait)} | to_run_config(cfg)}}},
+                                "node-wait": float(node_wait), "resume": False, "secagg-threshold": 0.0}
+                               | to_run_config(absolute_paths(cfg))}}},
     }
     path = folder / "pyproject.toml"
     path.write_bytes(tomli_w.dumps(project).encode())

@@ -19,17 +19,27 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from .. import run_folder
+from .. import progress, run_folder
 from ..comm import payload_bytes
 from ..errors import ConfigError, RoundFailed
 from ..client import ClientUpdate
-from ..federation import FederationServer
-from .records import flower_bytes, from_record, to_record
+from ..federation import FederationPlan, FederationServer
+from ..privacy.randomness import refuse_seeded
+from .records import flatten, flower_bytes, from_record, to_record
 
 FLOWER_BYTES = "flower_bytes.json"  # Flower's own count of the ArrayRecord bytes, per round, up and down
+RESUME_COMMAND = "`fedlora flower run APP CONNECTION --resume`"
 
 
-def check_supported(cfg) -> None:
+def check_supported(cfg, resume: bool = False, secagg: float | None = None) -> None:
+    refuse_seeded(cfg, "on Flower")
+    if secagg is not None:
+        from .secure import check_secure
+
+        check_secure(cfg)
+    if resume and cfg.method.name == "fedsa":
+        raise ConfigError("resume: not available for fedsa on Flower (each client's own B lives only in its "
+                          "node's state of the run that stopped); start the run again in another folder")
     if cfg.train.keep_optimizer_state:
         raise ConfigError("train.keep_optimizer_state: not supported on Flower (a ClientApp process answers "
                           "one message and keeps no optimizer between rounds)")
@@ -38,9 +48,12 @@ def check_supported(cfg) -> None:
 
 
 class FedloraStrategy(Strategy):
-    def __init__(self, server: FederationServer, round_timeout: float = 600, node_wait: float = 120):
-        check_supported(server.cfg)
+    def __init__(self, server: FederationServer, round_timeout: float = 600, node_wait: float = 120,
+                 resume: bool = False, secagg: float | None = None):
+        check_supported(server.cfg, resume, secagg)
         self.server = server
+        self.resume = resume
+        self.secagg = secagg  # SecAgg+'s reconstruction threshold (a fraction of the round's clients), or None
         server.keep_broadcast = True
         self.round_timeout = round_timeout
         self.node_wait = node_wait
@@ -72,27 +85,47 @@ class FedloraStrategy(Strategy):
 
     # -- who is who -----------------------------------------------------------------------------
     def connect(self, grid: Grid) -> None:
-        """Wait for the federation's SuperNodes and learn which fedlora client (partition-id) each one is."""
-        wanted = self.server.cfg.federation.num_clients
+        """Wait up to node-wait seconds for a SuperNode per fedlora client: ask every node that connects which
+        client it is (partition-id) and on how many examples it trains. A node that cannot say, two nodes with
+        the same client id, or a client without a node when the wait is over stop the run. A node training on
+        the shared data must report the server's own partition of it; one with its own `data-path` is trusted
+        for its size, which then weights its updates."""
+        fed, server = self.server.cfg.federation, self.server
         deadline = time.monotonic() + self.node_wait
-        while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        asked: set[int] = set()
+        sizes = list(server.client_sizes)
+        while True:
+            new = [node for node in grid.get_node_ids() if node not in asked]
+            asked |= set(new)
+            hello = [Message(RecordDict({"config": ConfigRecord({"phase": "hello"})}), dst_node_id=node,
+                             message_type=MessageType.QUERY) for node in new]
+            wait = max(1.0, min(self.round_timeout, deadline - time.monotonic()))
+            for reply in grid.send_and_receive(hello, timeout=wait) if hello else []:
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    raise ConfigError(f"SuperNode {node} cannot take part: {reply.error.reason}")
+                answer = reply.content["config"]
+                client, examples = int(answer["client"]), int(answer["examples"])
+                if client in self.nodes:
+                    raise ConfigError(f"SuperNodes {self.nodes[client]} and {node} both have partition-id {client}: "
+                                      "each needs its own (flower-supernode --node-config 'partition-id=...')")
+                if not answer["own-data"] and examples != server.client_sizes[client]:
+                    raise ConfigError(f"SuperNode {node} (client {client}) has {examples} examples of the shared "
+                                      f"training data, the server's partition gives it {server.client_sizes[client]}:"
+                                      " its data file or config differs from the server's")
+                if examples < 1:
+                    raise ConfigError(f"SuperNode {node} (client {client}) has no training examples")
+                self.nodes[client], self.clients[node], sizes[client] = node, client, examples
+            missing = sorted(set(range(fed.num_clients)) - set(self.nodes))
+            if not missing:
+                break
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"no SuperNode for clients {missing} within node-wait = {self.node_wait:g} s "
+                                  f"({len(self.nodes)} of {fed.num_clients} clients connected)")
             time.sleep(0.5)
-        hello = [Message(RecordDict({"config": ConfigRecord({"phase": "hello"})}), dst_node_id=node,
-                         message_type=MessageType.QUERY) for node in grid.get_node_ids()]
-        for reply in grid.send_and_receive(hello, timeout=self.round_timeout):
-            if reply.has_error():
-                log(WARNING, "node %s did not say which client it is: %s", reply.metadata.src_node_id,
-                    reply.error.reason)
-                continue
-            client = int(reply.content["config"]["client"])
-            if client in self.nodes:
-                raise ConfigError(f"two SuperNodes have partition-id {client}: each needs its own")
-            self.nodes[client] = reply.metadata.src_node_id
-            self.clients[reply.metadata.src_node_id] = client
-        log(INFO, "fedlora clients on this federation: %s", sorted(self.nodes))
-        missing = sorted(set(range(wanted)) - set(self.nodes))
-        if missing:
-            log(WARNING, "no SuperNode for clients %s: they are dropped whenever they are sampled", missing)
+        server.client_sizes[:] = sizes  # the method's list too: weights come from the nodes' sizes
+        server.plan = FederationPlan(server.cfg, server.client_sizes)
+        log(INFO, "fedlora clients on this federation: %s, examples %s", sorted(self.nodes), sizes)
 
     # -- the set-up exchange --------------------------------------------------------------------
     def initialise(self, grid: Grid) -> dict:
@@ -191,6 +224,47 @@ class FedloraStrategy(Strategy):
             train["train_loss"] = float(record["train_loss"])
         return to_record(server.method.eval_state()), MetricRecord(train)
 
+    def secure_round(self, grid: Grid, r: int) -> tuple[ArrayRecord, MetricRecord]:
+        """Round r through Flower's SecAgg+: the server gets the weighted mean of the uploads of the clients
+        that stayed, never an upload, and applies the method's rule to it. The per-upload checks cannot see
+        a masked upload: SecAgg+'s clipping range bounds every value instead (a node refuses to exceed it)."""
+        from .secure import fitins, mean_state, secure_mean
+
+        server, t0 = self.server, time.time()
+        clients = server.sample_clients(r)
+        examples = server.cfg.federation.weighting == "examples"
+        weight = {c: server.client_sizes[c] if examples else 1 for c in clients}
+        dropped, asked, bytes_down = [], {}, 0
+        for c in clients:
+            if c not in self.nodes or c in self.out_of_sync:
+                why = "has no SuperNode" if c not in self.nodes else "missed a broadcast and holds a stale model"
+                dropped.append({"client": c, "reason": why})
+                continue
+            download = server.method.download(c)
+            bytes_down += payload_bytes(download)
+            asked[self.nodes[c]] = fitins(download, r, weight[c], max(weight.values()))
+        outcome = secure_mean(grid, asked, r, self.secagg, self.round_timeout, max(weight.values()))
+        summed = sorted(self.clients[n] for n in outcome.summed)
+        dropped += [{"client": self.clients[n], "reason": "left the secure aggregation (failed, or no answer "
+                     f"within {self.round_timeout:g} s)"} for n in asked if n not in outcome.summed]
+        self._log_dropped(r, dropped)
+        min_clients = server.cfg.federation.min_clients
+        if outcome.mean is None or len(summed) < min_clients:
+            server.log_failed_round(r, clients, [dropped], t0)
+            raise RoundFailed(f"round {r}: secure aggregation summed {len(summed)} of {len(clients)} clients "
+                              f"(SecAgg+'s threshold, or federation.min_clients = {min_clients}, not met)")
+        if server.ledger is not None:
+            for c in summed:
+                server.charge_training(c)
+        mean = mean_state(outcome, server.reference(summed[0], r))
+        aggregate = server.method.aggregate([mean], [1.0], summed, r)
+        server.last_broadcast = aggregate.broadcast
+        up = payload_bytes(mean) * len(summed)  # the payloads' own size; SecAgg+'s traffic comes on top
+        record = self.last_record = server.record(r, summed, None, up, bytes_down, None, server.maybe_evaluate(r), t0)
+        record["dropped"], record["secure_aggregation"] = dropped, True
+        server.log(record)
+        return to_record(server.method.eval_state()), MetricRecord({"clients": float(len(summed))})
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """The broadcast of the round (FedEx-LoRA's residuals, FLoRA's stacked factors, Fed-SB's B and A in
@@ -241,28 +315,67 @@ class FedloraStrategy(Strategy):
         if timeout is not None:
             self.round_timeout = timeout
         self.summary()
-        with server.open_run(resume=False):
-            return self._run(grid, num_rounds, started)
-
-    def _run(self, grid: Grid, num_rounds: int | None, started: float) -> Result:
-        server = self.server
+        if not self.resume:  # before the wait for the nodes
+            server.refuse_existing_run(f"{RESUME_COMMAND} continues it")
         self.connect(grid)
-        self.last_record = self.initialise(grid)
-        server.log(self.last_record)
-        self._exchange(grid, 0)
+        with server.open_run(self.resume) as start:
+            return self._run(grid, start, num_rounds, started)
+
+    def _run(self, grid: Grid, start: int, num_rounds: int | None, started: float) -> Result:
+        server = self.server
+        rounds = num_rounds or server.cfg.federation.rounds
+        if start == 0:
+            self.last_record = self.initialise(grid)
+            server.log(self.last_record)
+            self._exchange(grid, 0)
+            self._checkpoint(0, rounds)
+            start = 1
+        else:
+            self._resync(grid, start - 1)
         result = Result()
-        for r in range(1, (num_rounds or server.cfg.federation.rounds) + 1):
-            messages = self.configure_train(r, ArrayRecord(), ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=self.round_timeout)
-            arrays, metrics = self.aggregate_train(r, replies)
+        for r in range(start, rounds + 1):
+            if self.secagg is not None:
+                arrays, metrics = self.secure_round(grid, r)
+            else:
+                messages = self.configure_train(r, ArrayRecord(), ConfigRecord(), grid)
+                replies = grid.send_and_receive(messages, timeout=self.round_timeout)
+                arrays, metrics = self.aggregate_train(r, replies)
             result.arrays = arrays
             result.train_metrics_clientapp[r] = metrics
             self._exchange(grid, r)
+            self._checkpoint(r, rounds)
             if self.last_record["eval"]:
                 result.evaluate_metrics_serverapp[r] = _metrics(self.last_record["eval"])
         server.finish(started)
         run_folder.atomic_write(server.out / FLOWER_BYTES, json.dumps(self.flower_bytes, indent=2))
         return result
+
+
+    def _checkpoint(self, r: int, rounds: int) -> None:
+        """The server core's checkpoint after round r, and the round's line in the run's log stream."""
+        self.server.save_checkpoint(r, {"out_of_sync": sorted(self.out_of_sync), "flower_bytes": self.flower_bytes})
+        log(INFO, "fedlora %s", progress.round_line(self.last_record, rounds))
+
+    def _resync(self, grid: Grid, r: int) -> None:
+        """A resumed run: the nodes start a new Flower run with none of what they kept, so every node gets
+        the server's whole state after round r (and W0 when the method changes it) and keeps it."""
+        server = self.server
+        saved = server.runtime_state
+        self.flower_bytes = {int(k): v for k, v in saved.get("flower_bytes", {}).items()}
+        state = {f"method/{k}": v for k, v in flatten(server.method.state_dict()).items()}
+        if server.method.changes_base:
+            state |= {f"base/{k}": v for k, v in server.adapted.base_weights().items()}
+        messages = [self._message(c, MessageType.QUERY, "resync", r, None) for c in sorted(self.nodes)]
+        record = to_record(state)
+        for m in messages:
+            m.content["arrays"] = record
+        applied = {c for c, reply in self._by_client(messages, grid.send_and_receive(
+            messages, timeout=self.round_timeout)).items() if not reply.has_error()}
+        self.out_of_sync = set(self.nodes) - applied
+        log(INFO, "fedlora: resumed after round %d; clients %s hold the server's state", r, sorted(applied))
+        if self.out_of_sync:
+            log(WARNING, "clients %s did not take the server's state and take no further part",
+                sorted(self.out_of_sync))
 
 
 def _metrics(values: dict) -> MetricRecord:

@@ -17,10 +17,20 @@ def _accountant(kind: str):
     return {"rdp": RDPAccountant, "prv": PRVAccountant}[kind]()
 
 
+# Beyond this epsilon no bound means anything, and PRV's discretisation grows without bound (it can take
+# minutes): "auto" keeps RDP's figure there.
+_PRV_LIMIT = 100.0
+
+
 def epsilon_of(kind: str, history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of a history of (noise multiplier, sample rate, steps) for the given delta."""
+    """Epsilon of a history of (noise multiplier, sample rate, steps) for the given delta. "auto": the
+    smaller of the RDP and PRV bounds, both valid upper bounds (Opacus' PRV figure is the upper end of its
+    error interval), so the smaller one is too."""
     if not history:
         return 0.0
+    if kind == "auto":
+        rdp = epsilon_of("rdp", history, delta)
+        return rdp if rdp > _PRV_LIMIT else min(rdp, epsilon_of("prv", history, delta))
     accountant = _accountant(kind)
     accountant.history = list(history)
     with warnings.catch_warnings():

@@ -24,8 +24,6 @@ class DPSGD:
         """Fill .grad of every trainable parameter with the private gradient of one logical batch, given as
         its micro-batches (their per-example clipped gradients summed before the one noise draw); returns the
         batch's mean loss. `parts` None is an empty Poisson draw: the step is noise alone."""
-        if isinstance(parts, dict):  # TEMP until callers pass micro-batches
-            parts = [parts]
         sums, loss_sum, rows = {}, 0.0, 0
         for part in parts or []:
             with self.recorder.recording(part.get("attention_mask")):

@@ -1,0 +1,148 @@
+"""Secure aggregation of a round's uploads with Flower's SecAgg+: SecAggPlusWorkflow on the server,
+secaggplus_mod on the nodes; nothing of the protocol is written here. The server learns only the weighted
+mean of the uploads (weights: the clients' examples, or 1 each), which is what the method's rule needs for
+the methods whose server rule is a weighted mean of the payloads.
+
+Flower's SecAgg+ runs in its legacy workflow: it asks a legacy Strategy (configure_fit) for each sampled
+node's FitIns and gives the strategy's aggregate_fit the unmasked mean as a FitRes. `RoundStrategy` is
+that strategy for one round; on the node the TRAIN message the mod passes on carries the FitIns, and the
+ClientApp answers with a FitRes (`download_of`, `fitres_content`)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+import flwr.compat.common.recorddict_compat as compat
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.server import ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from ..errors import ConfigError
+
+SUMMED = ("fedit", "ffa", "fedsb", "fedsa", "full")
+CLIP = 8.0  # SecAgg+'s clipping range: each uploaded value, times its weight share, must lie within +-CLIP
+QUANTIZATION = 2 ** 22
+
+
+def check_secure(cfg) -> None:
+    """Refuse what secure aggregation cannot serve; before any weights or data are loaded."""
+    if cfg.method.name not in SUMMED:
+        raise ConfigError(f"secagg: method '{cfg.method.name}' cannot use secure aggregation: its server needs "
+                          f"each client's factors, not their sum (it serves {', '.join(SUMMED)})")
+    if cfg.server.aggregation != "mean":
+        raise ConfigError(f"secagg: server.aggregation = '{cfg.server.aggregation}' needs each client's upload; "
+                          "secure aggregation gives only their weighted mean (use 'mean')")
+    if cfg.federation.clients_per_round < 2:
+        raise ConfigError("secagg: federation.clients_per_round must be at least 2 for secure aggregation")
+
+
+class _Node(ClientProxy):
+    def __init__(self, node_id: int):
+        super().__init__(str(node_id))
+        self.node_id = node_id
+
+    def get_properties(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    get_parameters = fit = evaluate = reconnect = get_properties
+
+
+class RoundStrategy(LegacyStrategy):
+    """The legacy Strategy SecAggPlusWorkflow drives for one round: the FitIns of each node, and the unmasked
+    weighted mean and the nodes whose masked vectors it sums."""
+
+    def __init__(self, fitins: dict[int, FitIns]):
+        self.fitins = fitins
+        self.mean: list[np.ndarray] | None = None
+        self.summed: list[int] = []
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(_Node(node), ins) for node, ins in self.fitins.items()]
+
+    def aggregate_fit(self, server_round, results, failures):
+        if results:
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+            self.summed = [proxy.node_id for proxy, _ in results]
+        return None, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def fitins(download: dict[str, torch.Tensor], r: int, weight: int, max_weight: int) -> FitIns:
+    keys = sorted(download)
+    return FitIns(ndarrays_to_parameters([download[k].detach().cpu().float().numpy() for k in keys]),
+                  {"round": r, "keys": json.dumps(keys), "weight": weight, "max-weight": max_weight})
+
+
+def secure_mean(grid, fitins_of: dict[int, FitIns], r: int, threshold: float, timeout: float,
+                max_weight: int) -> RoundStrategy:
+    """One round of SecAgg+ over the nodes in `fitins_of`; the strategy holds the mean and who is in it."""
+    strategy = RoundStrategy(fitins_of)
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            config=ServerConfig(num_rounds=r), strategy=strategy,
+                            client_manager=SimpleClientManager())
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: r})
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters([]), True)
+    SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=threshold, max_weight=float(max_weight),
+                       clipping_range=CLIP, quantization_range=QUANTIZATION, timeout=timeout)(grid, context)
+    return strategy
+
+
+def mean_state(strategy: RoundStrategy, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = sorted(reference)
+    return {k: torch.as_tensor(v, dtype=reference[k].dtype, device=reference[k].device).reshape(reference[k].shape)
+            for k, v in zip(keys, strategy.mean)}
+
+
+# -- the node's side ---------------------------------------------------------------------------------------
+
+def secure_mod(msg, context, call_next):
+    """Flower's secaggplus_mod for the messages of a SecAgg+ round; every other message passes untouched."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def is_secure(content: RecordDict) -> bool:
+    return "fitins.config" in content.config_records
+
+
+def download_of(content: RecordDict, device) -> tuple[dict[str, torch.Tensor], dict]:
+    ins = compat.recorddict_to_fitins(content, keep_input=True)
+    keys = json.loads(ins.config["keys"])
+    arrays = parameters_to_ndarrays(ins.parameters)
+    return {k: torch.from_numpy(np.array(a)).to(device) for k, a in zip(keys, arrays)}, ins.config
+
+
+def fitres_content(payload: dict[str, torch.Tensor], settings: dict, client: int) -> RecordDict:
+    """The FitRes secaggplus_mod masks: the payload's values in key order, and the client's weight. A value
+    beyond SecAgg+'s clipping range would be clipped silently: it is refused here instead."""
+    share = int(settings["weight"]) / int(settings["max-weight"])
+    arrays = [payload[k].detach().cpu().float().numpy() for k in sorted(payload)]
+    worst = max(float(np.abs(a).max()) for a in arrays if a.size) * share
+    if worst > CLIP:
+        raise ValueError(f"secure aggregation: client {client}'s upload reaches {worst:.3g} (times its weight "
+                         f"share), beyond SecAgg+'s clipping range of +-{CLIP:g}")
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), int(settings["weight"]), {})
+    return compat.fitres_to_recorddict(res, keep_input=True)

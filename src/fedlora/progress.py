@@ -1,0 +1,42 @@
+"""What a run shows while it works: tqdm bars on a terminal; in a non-interactive output (a log file, a
+pipe) no redrawn bars but one plain line per step that takes long (a client's set-up reply, an
+evaluation, a round)."""
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def bar(iterable, enabled: bool, **kwargs):
+    """tqdm's bar over `iterable` on a terminal when `enabled`; elsewhere the plain iterable."""
+    return tqdm(iterable, disable=not (enabled and interactive()), **kwargs)
+
+
+def line(message: str, enabled: bool = True) -> None:
+    """One progress line on standard error (above any bar on a terminal)."""
+    if enabled:
+        tqdm.write(message, file=sys.stderr)
+
+
+def plain_line(message: str, enabled: bool) -> None:
+    """A line that stands in for a bar: only where bars are not drawn."""
+    line(message, enabled and not interactive())
+
+
+def round_line(record: dict, rounds: int) -> str:
+    """A round's log record as one line: "round 3/20: 2 clients, accuracy 0.7012, loss 0.5500, ..."."""
+    r = record["round"]
+    parts = [f"{len(record['clients'])} clients"]
+    if record.get("dropped"):
+        parts.append(f"{len(record['dropped'])} dropped")
+    parts += [f"{k} {v:.4f}" for k, v in (record.get("eval") or {}).items() if "/" not in k]
+    parts.append(f"{record['bytes_up']:,} bytes up")
+    if record.get("epsilon") is not None:
+        parts.append(f"epsilon {record['epsilon']:.3f}")
+    parts.append(f"{record['seconds']:.1f} s")
+    return f"round {r}/{rounds}{' (set-up)' if r == 0 else ''}: {', '.join(parts)}"
