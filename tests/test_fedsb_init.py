@@ -1,10 +1,12 @@
 """Fed-SB's set-up exchange (fedsb.init): each variant against a centralised computation on the pooled
 gradient done here by hand, and the private sketches against torch.func per-example gradients."""
 import copy
+import struct
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save as safetensors_save
 from torch.func import functional_call, grad
 
 from fedlora.adapters import AdaptedModel
@@ -244,7 +246,12 @@ def recording_replies(monkeypatch, corrupt=None):
 
 
 def tensor_bytes(payload):
-    return sum(t.numel() * t.element_size() for t in payload.values())
+    """Bytes of tensor data in a safetensors serialisation of the payload (header excluded); for meta
+    tensors (a method's traffic template) their size."""
+    if any(t.is_meta for t in payload.values()):
+        return sum(t.numel() * t.element_size() for t in payload.values())
+    blob = safetensors_save({k: v.contiguous() for k, v in payload.items()})
+    return len(blob) - 8 - struct.unpack("<Q", blob[:8])[0]
 
 
 @pytest.mark.parametrize("variant", ["sketch", "sign_sketch", "signs", "dense"])

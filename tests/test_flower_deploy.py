@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,11 +19,12 @@ from fedlora.federation import FederationServer  # noqa: E402
 from fedlora.flower.client_app import client_app  # noqa: E402
 from fedlora.flower.project import from_run_config, to_run_config, write_app  # noqa: E402
 from fedlora.flower.strategy import FLOWER_BYTES, FedloraStrategy, check_supported  # noqa: E402
+from fedlora.seeding import generator  # noqa: E402
 from fedlora.simulator import Simulator  # noqa: E402
 
 from conftest import read_log  # noqa: E402
 from flower_federation import BIN, LoopbackFederation  # noqa: E402
-from test_flower import InMemoryGrid, adapter, assert_same_tensors, server_identity  # noqa: E402,F401
+from test_flower import InMemoryGrid, adapter, assert_same_tensors, loopback_config, server_identity  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "deploy" / "loopback.sh"
@@ -310,7 +310,7 @@ def test_the_secure_aggregate_is_the_plain_one_within_secaggs_quantisation(sim_c
     strategy, _ = run_secure(cfg, tmp_path / "secure")
     assert_same_tensors(strategy.server.method.global_state, sim.method.global_state, tol=1.5 * QUANTUM)
     changed = max((strategy.server.method.global_state[k] - v).abs().max().item()
-                  for k, v in sim.method.seed_state(__import__("fedlora.seeding").seeding.generator(cfg.seed, "init")).items()
+                  for k, v in sim.method.seed_state(generator(cfg.seed, "init")).items()
                   if k in strategy.server.method.global_state)
     assert changed > 100 * QUANTUM  # the round did move the state: the comparison is not of two seeds
     rows = read_log(tmp_path / "secure")
@@ -356,6 +356,7 @@ def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypat
     import numpy as np
     from flwr.common import bytes_to_ndarray
     from flwr.common.secure_aggregation.quantization import dequantize
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
     import fedlora.flower.client_app as client_module
 
@@ -375,11 +376,11 @@ def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypat
     def capture(messages, *, timeout=None):
         replies = real_send(messages, timeout=timeout)
         for reply in replies:
-            if not reply.has_error() and "secaggplus" in reply.content.config_records:
-                record = reply.content.config_records["secaggplus"]
-                if "masked_parameters" in record:
+            if not reply.has_error() and RECORD_KEY_CONFIGS in reply.content.config_records:
+                record = reply.content.config_records[RECORD_KEY_CONFIGS]
+                if Key.MASKED_PARAMETERS in record:
                     client = grid.contexts[reply.metadata.src_node_id].node_config["partition-id"]
-                    vector = [bytes_to_ndarray(b) for b in record["masked_parameters"]]
+                    vector = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]]
                     received[client] = np.concatenate([a.ravel() for a in vector]).astype(np.float64)
             assert "arrays" not in reply.content.array_records or not reply.content.array_records["arrays"]
         return replies
@@ -399,3 +400,25 @@ def test_secure_aggregation_is_refused_for_methods_that_need_each_clients_factor
         check_supported(sim_config(method={"name": name}), secagg=0.66)
     with pytest.raises(ConfigError, match="server.aggregation = 'median'"):
         check_supported(sim_config(method={"name": "ffa"}, server={"aggregation": "median"}), secagg=0.66)
+
+
+def test_live_secure_aggregation_on_loopback_matches_the_simulator(loopback_config, tmp_path):
+    """fedsb and ffa on a live loopback federation with SecAgg+ (`--run-config secagg-threshold=1.0`): the
+    exported adapter is the simulator's within SecAgg+'s quantisation, every round is logged as secure."""
+    federation = LoopbackFederation(tmp_path / "federation", num_nodes=2)
+    try:
+        for name in ("fedsb", "ffa"):
+            cfg = loopback_config(name, federation={"rounds": 1})
+            out = tmp_path / f"flower-{name}"
+            app = write_app(tmp_path / f"app-{name}", cfg, out, round_timeout=120, node_wait=60).parent
+            done = subprocess.run([str(BIN / "fedlora"), "flower", "run", str(app), "loopback", "--run-config",
+                                   "secagg-threshold=1.0"], env=federation.env, capture_output=True, text=True,
+                                  timeout=400)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + federation.logs()
+            assert "Secure aggregation completed" in done.stdout
+            assert read_log(out)[1]["secure_aggregation"] is True and read_log(out)[1]["clients"] == [0, 1]
+            sim = Simulator(cfg, tmp_path / f"sim-{name}", progress=False)
+            sim.run()
+            assert_same_tensors(adapter(out), adapter(tmp_path / f"sim-{name}"), tol=1.5 * QUANTUM)
+    finally:
+        federation.stop()

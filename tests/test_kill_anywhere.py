@@ -80,10 +80,11 @@ def _config(sim_config, method):
                       eval={"max_examples": 8})
 
 
-def _first_kill(rnd: random.Random, labels: list[str]) -> int:
-    """A kill point of the uninterrupted run: a kind of point first (so that the few writes are hit as
-    often as the many client trainings), then one of its occurrences."""
-    kind = rnd.choice(sorted(set(labels)))
+def _first_kill(rnd: random.Random, labels: list[str], turn: int) -> int:
+    """A kill point of the uninterrupted run: the kinds of point in turn (so that the few writes are hit as
+    often as the many client trainings), then a random one of its occurrences."""
+    kinds = sorted(set(labels))
+    kind = kinds[turn % len(kinds)]
     return rnd.choice([i for i, label in enumerate(labels, 1) if label == kind])
 
 
@@ -105,7 +106,8 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(sim_config, tmp_
         cfg, labels, state, base, log, privacy = reference[method]
         out = tmp_path / f"trial-{trial}"
         # the first run and the first resumed run are each killed at a random point; the last one finishes
-        for attempt, kill_at in enumerate([_first_kill(rnd, labels), rnd.randint(1, len(labels)), None]):
+        for attempt, kill_at in enumerate([_first_kill(rnd, labels, trial // len(METHODS)), rnd.randint(1, len(labels)),
+                                           None]):
             with monkeypatch.context() as m:
                 killer = KillPoints(m, rnd, kill_at)
                 sim = Simulator(cfg, out, progress=False)

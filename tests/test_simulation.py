@@ -58,11 +58,13 @@ def test_logged_bytes_are_the_serialised_payloads(sim_config, tmp_path, name):
     for rec in log[1:]:
         assert rec["bytes_up"] == sent["up"][rec["round"]] > 0
         assert rec["bytes_down"] == sent["down"].get(rec["round"], 0)
-    if name == "fedsb":  # the init exchange: dense gradient sums up, B and A to every client
-        layers = sim.adapted.layers.values()
-        grads = sum(layer.d_out * layer.d_in for layer in layers) * 4 * len(log[0]["clients"])
+    if name == "fedsb":  # the default sketch: G_i Omega and Q^T G_i up, Q to them, B and A to every client
+        layers, k = sim.adapted.layers.values(), cfg.adapter.rank + cfg.fedsb.oversampling
+        init = len(log[0]["clients"])
+        sketches = sum(k * (layer.d_out + layer.d_in) for layer in layers) * 4 * init
+        bases = sum(k * layer.d_out for layer in layers) * 4 * init
         ba = sum(layer.rank * (layer.d_out + layer.d_in) for layer in layers) * 4 * cfg.federation.num_clients
-        assert (log[0]["bytes_up"], log[0]["bytes_down"]) == (grads, ba)
+        assert (log[0]["bytes_up"], log[0]["bytes_down"]) == (sketches, bases + ba)
     else:
         assert log[0]["bytes_up"] == log[0]["bytes_down"] == 0
     summary = json.loads((tmp_path / "summary.json").read_text())

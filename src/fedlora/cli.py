@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--out", help="output folder (default: runs/<config name>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true",
+                     help="print only the final line (no label map, progress bars or round lines)")
     run.set_defaults(func=cmd_run)
 
     config = sub.add_parser("config", help="print every configuration key with its default and meaning (TOML)")

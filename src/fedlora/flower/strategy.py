@@ -350,7 +350,6 @@ class FedloraStrategy(Strategy):
         run_folder.atomic_write(server.out / FLOWER_BYTES, json.dumps(self.flower_bytes, indent=2))
         return result
 
-
     def _checkpoint(self, r: int, rounds: int) -> None:
         """The server core's checkpoint after round r, and the round's line in the run's log stream."""
         self.server.save_checkpoint(r, {"out_of_sync": sorted(self.out_of_sync), "flower_bytes": self.flower_bytes})
