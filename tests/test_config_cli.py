@@ -105,7 +105,7 @@ def test_comm_methods_on_an_encoder(capsys):
     assert report("fedit")["round"]["params_up"] == layers * r * 2 * d + head
     assert report("ffa")["round"]["params_up"] == layers * r * d + head
     assert report("fedsb")["round"]["params_up"] == layers * r * r + head
-    assert report("fedsb")["init"]["params_up"] == layers * 2 * (r + 8) * d  # the default sketch, k = r + 8
+    assert report("fedsb")["init"]["params_up"] == layers * 2 * (r + 8) * d  # the default sign sketch, k = r + 8
     assert report("fedex")["round"]["params_down"] == layers * (r * 2 * d + d * d) + head
     assert report("flora", clients=5)["round"]["params_down"] == layers * 5 * r * 2 * d + head
     assert report("fedsa")["round"]["params_up"] == layers * r * d + head

@@ -58,7 +58,7 @@ def test_logged_bytes_are_the_serialised_payloads(sim_config, tmp_path, name):
     for rec in log[1:]:
         assert rec["bytes_up"] == sent["up"][rec["round"]] > 0
         assert rec["bytes_down"] == sent["down"].get(rec["round"], 0)
-    if name == "fedsb":  # the default sketch: G_i Omega and Q^T G_i up, Q to them, B and A to every client
+    if name == "fedsb":  # the default sign sketch: S_i Omega and Q^T S_i up, Q to them, B and A to every client
         layers, k = sim.adapted.layers.values(), cfg.adapter.rank + cfg.fedsb.oversampling
         init = len(log[0]["clients"])
         sketches = sum(k * (layer.d_out + layer.d_in) for layer in layers) * 4 * init

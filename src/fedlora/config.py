@@ -209,9 +209,10 @@ class PrivacyConfig(Section):
 
 
 class FedSBConfig(Section):
-    init: Literal["sketch", "sign_sketch", "signs", "dense"] = Field(
-        "sketch", description="the set-up exchange: a federated randomized SVD of the summed gradient (sketch) "
-                              "or of the clients' signs (sign_sketch), sign votes (signs), or dense gradient sums")
+    init: Literal["sign_sketch", "sketch", "signs", "dense"] = Field(
+        "sign_sketch", description="the set-up exchange: a federated randomized SVD of the clients' gradient signs "
+                                   "(sign_sketch) or of the summed gradient (sketch), sign votes (signs), or dense "
+                                   "gradient sums")
     oversampling: int = Field(8, ge=0, description="sketch columns beyond the rank (k = adapter.rank + oversampling)")
     init_examples: int = Field(128, gt=0, description="examples, over all clients, for the first-step gradient")
     init_data: Literal["clients", "public"] = Field(

@@ -3,11 +3,12 @@ r x r matrix R is trained and sent, so averaging is exact: B (sum w_i R_i) A.
 
 Initialisation, an exchange of its own before round 1 (round 0), chosen by `fedsb.init`; each client works
 on its share of `fedsb.init_examples` and every upload is a sum the server only adds up:
-- "sketch": a federated randomized SVD of M = -(eta / N) sum_i G_i (G_i: the client's sum of dL/dW0, N the
-  set-up examples: the SGD first step). Phase 1: each client sends G_i Omega (Omega: d_in x k from the
-  run's seed, k = rank + fedsb.oversampling); the server takes Q = orth(sum). Phase 2: the server sends Q,
-  each client sends Q^T G_i; the server takes the SVD of the sum. k (d_in + d_out) numbers up per layer.
-- "sign_sketch": the same on sign(G_i), so M = -(eta / n) sum_i sign(G_i), the clients' mean vote.
+- "sign_sketch" (the default): a federated randomized SVD of M = -(eta / n) sum_i sign(G_i) (G_i: the
+  client's sum of dL/dW0; the mean of the n clients' sign votes: LoRA-SB's Adam-step approximation, voted).
+  Phase 1: each client sends sign(G_i) Omega (Omega: d_in x k from the run's seed, k = rank +
+  fedsb.oversampling); the server takes Q = orth(sum). Phase 2: the server sends Q, each client sends
+  Q^T sign(G_i); the server takes the SVD of the sum. k (d_in + d_out) numbers up per layer.
+- "sketch": the same on G_i itself, M = -(eta / N) sum_i G_i over the N set-up examples (the SGD first step).
 - "signs": each client sends sign(G_i) as int8 votes; M = -eta sign(sum of votes), the majority.
 - "dense": each client sends G_i; M = -eta sign(sum_i G_i), LoRA-SB's Adam-step approximation.
 Then M ~ U_r S_r V_r^T, B = U_r, R = S_r, A = V_r^T, and the server broadcasts B and A once to every client.
