@@ -208,7 +208,8 @@ def test_live_federation_survives_a_raising_and_a_killed_client(loopback_config,
     client 0 alone (min_clients = 1) and the log names the dropped client."""
     cfg = loopback_config("ffa", federation={"min_clients": 1})
     out = tmp_path / "flower"
-    app = write_app(tmp_path / "app", cfg, out, round_timeout=20, node_wait=60).parent
+    # a round's timeout that a healthy client's fresh ClientApp process meets on a loaded 2-core machine
+    app = write_app(tmp_path / "app", cfg, out, round_timeout=90, node_wait=60).parent
     federation = LoopbackFederation(tmp_path / "federation", num_nodes=2,
                                     node_env={1: {"FEDLORA_FLOWER_FAULT": "raise@1,hang@2"}})
     runner = threading.Thread(target=federation.run, args=(app, 300))

@@ -364,16 +364,16 @@ def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypat
     from flwr.common.secure_aggregation.quantization import dequantize
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-    import fedlora.flower.client_app as client_module
+    import fedlora.flower.secure as secure_module
 
     uploads = {}
-    real_fitres = client_module.fitres_content
+    real_fitres = secure_module.fitres_content
 
     def spy(payload, settings, client):
         uploads[client] = np.concatenate([payload[k].float().numpy().ravel() for k in sorted(payload)])
         return real_fitres(payload, settings, client)
 
-    monkeypatch.setattr(client_module, "fitres_content", spy)
+    monkeypatch.setattr(secure_module, "fitres_content", spy)
     cfg = sim_config(method={"name": "ffa"}, eval={"every": 0}, federation={"rounds": 1})
     grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
     received = {}

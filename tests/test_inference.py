@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fedlora.cli import main
-from fedlora.inference import load_run
+from fedlora.inference import load_trained
 from fedlora.simulator import Simulator
 
 from conftest import config_with
@@ -123,7 +123,7 @@ def test_predict_matches_the_peft_loaded_export_and_eval_per_class(news_run, new
     base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     peft = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
         base_path, **labels, ignore_mismatched_sizes=True), adapter).eval()
-    run = load_run(out)
+    run = load_trained(out)
     enc = run.task.tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=16,
                              padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_merged_export_computes_the_adapted_model(news_run, tmp_path, capsys):
     assert code == 0, err
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert merged.config.id2label == {0: "1", 1: "2", 2: "3", 3: "4"}
-    run = load_run(out)
+    run = load_trained(out)
     batch = run.task.batch(range(16), run.task.data.eval)
     batch.pop("labels")
     with torch.no_grad():
@@ -193,7 +193,7 @@ def test_language_model_predict_and_merged_export(lm_config, tmp_path, capsys, m
     code, _, err = run_cli(capsys, "export", out, "--merged", tmp_path / "merged")
     assert code == 0, err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    run = load_run(out)
+    run = load_trained(out)
     batch = run.task.batch(range(4), run.task.data.eval)
     with torch.no_grad():
         ours = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -211,7 +211,7 @@ def test_methods_that_change_the_base_weights(tiny_bert_dir, news, tmp_path, cap
     code, _, err = run_cli(capsys, "export", out, "--merged", tmp_path / "merged")
     assert code == 0, err
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    run = load_run(out)
+    run = load_trained(out)
     batch = run.task.batch(range(16), run.task.data.eval)
     batch.pop("labels")
     with torch.no_grad():

@@ -47,13 +47,15 @@ def optimal_parts(sorted_lengths: np.ndarray, part_cost: int, max_rows: int | No
 def length_parts(batch: dict[str, torch.Tensor], part_cost: int,
                  max_rows: int | None = None) -> list[tuple[np.ndarray, dict]]:
     """The batch's rows (their positions) and inputs in parts of similar length, each cut to its own longest
-    row (padding is on the right; a part padded on the left keeps every column)."""
+    row (padding is on the right; a part padded on the left keeps every column). The longest part comes
+    first, so that the memory it frees can serve every later part (in ascending order each part would need
+    blocks larger than any freed before, and the heap would grow part by part)."""
     mask = batch["attention_mask"]
     lengths = mask.sum(1).cpu().numpy()
     order = np.argsort(lengths, kind="stable")
     ends = optimal_parts(lengths[order], part_cost, max_rows)
     parts = []
-    for chosen in np.split(order, ends[:-1]):
+    for chosen in reversed(np.split(order, ends[:-1])):
         width = int(lengths[chosen].max())
         rows_t = torch.from_numpy(chosen).to(mask.device)
         if mask[rows_t, width:].any():

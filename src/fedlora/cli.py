@@ -25,18 +25,18 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .inference import evaluated_count, format_metrics, load_run
+    from .inference import evaluated_count, format_metrics, load_trained
 
-    run = load_run(args.run, args.set, args.data)
+    run = load_trained(args.run, args.set, args.data)
     metrics = run.evaluate()
     print(json.dumps(metrics) if args.json else format_metrics(metrics, evaluated_count(run)))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .inference import input_keys, load_run, open_inputs, predict, read_inputs
+    from .inference import input_keys, load_trained, open_inputs, predict, read_inputs
 
-    run = load_run(args.run, args.set)
+    run = load_trained(args.run, args.set)
     lines, source = open_inputs(args.input)
     inputs = [texts for _, texts in read_inputs(lines, source, input_keys(run))]
     for result in predict(run, inputs):
@@ -45,9 +45,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .inference import export_merged, load_run
+    from .inference import export_merged, load_trained
 
-    print(f"wrote {export_merged(load_run(args.run), args.merged)}")
+    print(f"wrote {export_merged(load_trained(args.run), args.merged)}")
     return 0
 
 

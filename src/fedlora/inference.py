@@ -68,7 +68,7 @@ def read_summary(folder: str | Path) -> dict:
     return summary
 
 
-def load_run(folder: str | Path, overrides: Iterable[str] = (), data: str | None = None,
+def load_trained(folder: str | Path, overrides: Iterable[str] = (), data: str | None = None,
              progress: bool = False) -> FinishedRun:
     """The global model of a finished run, with the task it was trained for. `data` (a file or a data set
     preset) replaces the evaluation data; `overrides` (KEY=VALUE) may change data.*, eval.* and device.

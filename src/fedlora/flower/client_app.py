@@ -16,6 +16,7 @@ import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 import torch
 
@@ -28,7 +29,6 @@ from ..models import pick_device
 from ..seeding import generator
 from .project import from_run_config
 from .records import flatten, from_record, nest, to_record
-from .secure import download_of, fitres_content, is_secure, secure_mod
 from .strategy import check_supported
 
 METHOD_STATE, BASE_WEIGHTS = "fedlora.method", "fedlora.base"
@@ -107,6 +107,16 @@ def _inject_fault(r: int) -> None:
         raise RuntimeError(f"injected fault at round {r}")
 
 
+def secure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's secaggplus_mod for the messages of a SecAgg+ round (imported only then: every message
+    starts a process); every other message passes untouched."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def client_app(defaults: dict | None = None) -> ClientApp:
     """A ClientApp; `defaults` stand in for run-config entries the run does not give (run_simulation has none)."""
     app = ClientApp(mods=[secure_mod])  # Flower's SecAgg+ for the rounds the server runs with it
@@ -150,8 +160,10 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         client = _client_id(context, settings(context))
         runtime = _runtime(context, settings(context))
         trainer = runtime.trainer
-        secure = is_secure(msg.content)  # a SecAgg+ round: the download comes as FitIns, the upload goes as FitRes
+        secure = "fitins.config" in msg.content.config_records  # SecAgg+: download as FitIns, upload as FitRes
         if secure:
+            from .secure import download_of, fitres_content
+
             download, secure_settings = download_of(msg.content, trainer.device)
             r = int(secure_settings["round"])
         else:

@@ -14,10 +14,8 @@ import json
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
-from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 import flwr.compat.common.recorddict_compat as compat
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -116,17 +114,6 @@ def mean_state(strategy: RoundStrategy, reference: dict[str, torch.Tensor]) -> d
 
 
 # -- the node's side ---------------------------------------------------------------------------------------
-
-def secure_mod(msg, context, call_next):
-    """Flower's secaggplus_mod for the messages of a SecAgg+ round; every other message passes untouched."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
-def is_secure(content: RecordDict) -> bool:
-    return "fitins.config" in content.config_records
-
 
 def download_of(content: RecordDict, device) -> tuple[dict[str, torch.Tensor], dict]:
     ins = compat.recorddict_to_fitins(content, keep_input=True)
