@@ -208,7 +208,7 @@ def test_private_sign_replies_are_the_signs_of_the_private_dense_sum():
 def test_traffic_of_each_variant():
     from fedlora.comm import communication_report
 
-    d, r, layers, head = 384, 8, 12, 384 * 2 + 2
+    d, r, layers = 384, 8, 12
     k = r + 8
 
     def init(variant):
@@ -334,7 +334,12 @@ def test_private_set_up_is_charged_as_planned(sim_config, tmp_path, monkeypatch,
 
     from fedlora.simulator import Simulator
 
-    sent = recording_replies(monkeypatch)
+    import fedlora.client
+
+    sent, released = recording_replies(monkeypatch), []
+    real_release = fedlora.client.private_gradient_sum
+    monkeypatch.setattr(fedlora.client, "private_gradient_sum",
+                        lambda *args, **kwargs: released.append(real_release(*args, **kwargs)) or released[-1])
     cfg = sim_config(method={"name": "fedsb"}, fedsb={"init": variant},
                      privacy={"noise_multiplier": 1.1, "clip_norm": 0.5, "accountant": "rdp"})
     sim = Simulator(cfg, tmp_path, progress=False)
@@ -352,8 +357,9 @@ def test_private_set_up_is_charged_as_planned(sim_config, tmp_path, monkeypatch,
     plan = sim.server.plan.privacy_segments(sim.method.init_releases())
     c = sorted(sim.server.init_examples)[0]
     assert plan[c][0] == (sim.server.init_examples[c] / sim.client_sizes[c], releases, None)
-    if variant == "sign_sketch":  # both phases sent from the one release the client kept
-        kept = sim.clients.releases[(c, 0)]
+    if variant == "sign_sketch":  # both phases sent from the one release the client kept (and then let go)
+        assert len(released) == len(sim.server.init_examples) and sim.clients.releases[(c, 0)] is None
+        kept = released[sorted(sim.server.init_examples).index(c)]
         (_, first, ranges), (_, second, projections) = [s for s in sent if s[0] == c]
         for i, (name, layer) in enumerate(sim.adapted.layers.items()):
             S = torch.sign(kept[name])

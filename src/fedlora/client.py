@@ -184,8 +184,11 @@ class ClientTrainer:
             chosen = rng(cfg.seed, "init", client).permutation(shard)[:n]
             return client_reply(self.adapted, request, self._batches(chosen), self.losses)
         release = (client, request.release)
-        if request.signs and release in self.releases:
-            return reply_from_gradients(self.adapted, self.releases[release], request)
+        if request.phase != "project":  # a first phase: a set-up exchange starts
+            self.releases = {k: v for k, v in self.releases.items() if k[0] != client}
+        if request.signs and self.releases.get(release) is not None:  # the last use of the kept release
+            kept, self.releases[release] = self.releases[release], None
+            return reply_from_gradients(self.adapted, kept, request)
         if release in self.releases:
             raise FedloraError(f"client {client}: set-up release {request.release} was already made")
         if request.signs and request.phase == "project":  # must sketch the release of the first phase

@@ -29,7 +29,7 @@ from .models import base_model_reference, pick_device
 from .privacy.accounting import PrivacyLedger, calibrate_noise, planned_epsilon
 from .seeding import derive_seed, generator, rng
 from .tasks import ClassificationTask, Task
-from .validation import check_set_up_replies, check_updates, update_problem
+from .validation import check_set_up_replies, check_updates
 
 if TYPE_CHECKING:
     from .client import ClientUpdate
