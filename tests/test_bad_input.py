@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from fedlora.config import Config, DataConfig, apply_overrides, build_config, load_config, parse_override
+from fedlora.config import (Config, DataConfig, MethodConfig, apply_overrides, build_config, load_config,
+                            parse_override)
+from fedlora.methods import METHODS
 from fedlora.data import load_classification, read_classification_files, read_table
 from fedlora.errors import ConfigError, DataError
 
@@ -496,6 +498,9 @@ def leaf_fields(model=Config, prefix=""):
 
 FIELD_VALUES = {(model, key.rsplit(".", 1)[-1]): value_strategies(field.annotation, field.metadata)
                 for model, key, field in leaf_fields()}
+# method.name is a string checked against the method registry, not a Literal of the type
+FIELD_VALUES[MethodConfig, "name"] = (st.sampled_from(sorted(METHODS)),
+                                      st.one_of(st.text(max_size=8).filter(lambda s: s not in METHODS), NOT_A_STRING))
 NOT_A_SECTION = st.sampled_from([3, "x", [1], True])
 
 
@@ -595,7 +600,8 @@ def toml_value(value) -> str:
     return f'"{escaped}"'
 
 
-LEAVES = [(key, value_strategies(field.annotation, field.metadata, allow_none=False)[0])
+LEAVES = [(key, FIELD_VALUES[MethodConfig, "name"][0] if key == "method.name"
+           else value_strategies(field.annotation, field.metadata, allow_none=False)[0])
           for _, key, field in leaf_fields()]
 
 
