@@ -160,19 +160,24 @@ class FedloraStrategy(Strategy):
         return record
 
     # -- a round ----------------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        server, r = self.server, server_round
-        clients = server.sample_clients(r)
-        messages, dropped, bytes_down = [], [], 0
+    def _downloads(self, clients: list[int]) -> tuple[dict[int, dict], list[dict], int]:
+        """The round's clients that can train, each with its download; the ones dropped; the bytes sent."""
+        downloads, dropped, bytes_down = {}, [], 0
         for c in clients:
             if c not in self.nodes or c in self.out_of_sync:
                 why = "has no SuperNode" if c not in self.nodes else "missed a broadcast and holds a stale model"
                 dropped.append({"client": c, "reason": why})
                 continue
-            download = server.method.download(c)
-            bytes_down += payload_bytes(download)
-            messages.append(self._message(c, MessageType.TRAIN, "train", r, download))
+            downloads[c] = self.server.method.download(c)
+            bytes_down += payload_bytes(downloads[c])
+        return downloads, dropped, bytes_down
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        server, r = self.server, server_round
+        clients = server.sample_clients(r)
+        downloads, dropped, bytes_down = self._downloads(clients)
+        messages = [self._message(c, MessageType.TRAIN, "train", r, download) for c, download in downloads.items()]
         self._sent[r] = (clients, messages, bytes_down, time.time(), dropped)
         return messages
 
@@ -234,15 +239,9 @@ class FedloraStrategy(Strategy):
         clients = server.sample_clients(r)
         examples = server.cfg.federation.weighting == "examples"
         weight = {c: server.client_sizes[c] if examples else 1 for c in clients}
-        dropped, asked, bytes_down = [], {}, 0
-        for c in clients:
-            if c not in self.nodes or c in self.out_of_sync:
-                why = "has no SuperNode" if c not in self.nodes else "missed a broadcast and holds a stale model"
-                dropped.append({"client": c, "reason": why})
-                continue
-            download = server.method.download(c)
-            bytes_down += payload_bytes(download)
-            asked[self.nodes[c]] = fitins(download, r, weight[c], max(weight.values()))
+        downloads, dropped, bytes_down = self._downloads(clients)
+        heaviest = max(weight.values())
+        asked = {self.nodes[c]: fitins(download, r, weight[c], heaviest) for c, download in downloads.items()}
         outcome = secure_mean(grid, asked, r, self.secagg, self.round_timeout, max(weight.values()))
         summed = sorted(self.clients[n] for n in outcome.summed)
         dropped += [{"client": self.clients[n], "reason": "left the secure aggregation (failed, or no answer "
