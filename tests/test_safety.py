@@ -325,7 +325,8 @@ def test_a_full_disk_loses_nothing_already_written(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.safetensors", "rounds.jsonl"]
 
 
-def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path, monkeypatch):
+def make_folders_read_only(monkeypatch):
+    """Every os.open that would write fails as on a read-only file system."""
     real = os.open
 
     def read_only(path, flags, *args, **kwargs):
@@ -333,6 +334,10 @@ def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path, monkeypatch):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
         return real(path, flags, *args, **kwargs)
     monkeypatch.setattr(os, "open", read_only)
+
+
+def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    make_folders_read_only(monkeypatch)
     with pytest.raises(FedloraError, match=f"^{tmp_path / '.lock'}: cannot write \\(Read-only file system\\)"):
         with run_folder.locked(tmp_path):
             pass
@@ -581,13 +586,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(sim_config, t
 
 def test_a_read_only_folder_and_foreign_files_are_one_line_naming_the_path(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(federation={"rounds": 1})
-    real = os.open
-
-    def read_only(path, flags, *args, **kwargs):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-        return real(path, flags, *args, **kwargs)
-    monkeypatch.setattr(os, "open", read_only)
+    make_folders_read_only(monkeypatch)
     with pytest.raises(FedloraError, match=f"^{tmp_path / '.lock'}: cannot write \\(Read-only file system\\)"):
         Simulator(cfg, tmp_path, progress=False).run()
     monkeypatch.undo()

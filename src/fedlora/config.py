@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 
+def _integer_or_auto(cls, value):
+    """A field that takes an integer or "auto": any other string is refused with that message."""
+    if isinstance(value, str) and value != "auto":
+        raise ValueError("should be an integer >= 1 or 'auto'")
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -121,12 +128,7 @@ class FederationConfig(Section):
         "auto", description="clients trained together in one pass over the shared base model (1: one after "
                             "another); auto: as many as memory allows wherever that gives the sequential result")
 
-    @field_validator("parallel_clients", mode="before")
-    @classmethod
-    def _integer_or_auto(cls, value):
-        if isinstance(value, str) and value != "auto":
-            raise ValueError("should be an integer >= 1 or 'auto'")
-        return value
+    _integer_or_auto = field_validator("parallel_clients", mode="before")(_integer_or_auto)
 
     @model_validator(mode="after")
     def _clients(self):
@@ -168,12 +170,7 @@ class TrainConfig(Section):
         "constant", description="linear or cosine decay to 0 over the run's rounds * local_steps steps")
     warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 (counted over the whole run)")
 
-    @field_validator("physical_batch_size", mode="before")
-    @classmethod
-    def _integer_or_auto(cls, value):
-        if isinstance(value, str) and value != "auto":
-            raise ValueError("should be an integer >= 1 or 'auto'")
-        return value
+    _integer_or_auto = field_validator("physical_batch_size", mode="before")(_integer_or_auto)
 
 
 class EvalConfig(Section):

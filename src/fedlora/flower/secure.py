@@ -50,7 +50,8 @@ class _Node(ClientProxy):
         self.node_id = node_id
 
     def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
+        # SecAggPlusWorkflow reaches the nodes through the Grid; the proxy only names a node
+        raise RuntimeError(f"node {self.node_id}: a secure-aggregation round sends its messages through the Grid")
 
     get_parameters = fit = evaluate = reconnect = get_properties
 
