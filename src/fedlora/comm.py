@@ -7,8 +7,9 @@ import torch
 
 
 def payload_bytes(payload: dict[str, torch.Tensor]) -> int:
-    """Bytes of the tensor data in a payload (safetensors adds only a small JSON header to this)."""
-    return sum(t.numel() * t.element_size() for t in payload.values())
+    """Bytes of the tensor data in a payload (safetensors adds only a small JSON header to this); a peer's
+    entries that are no tensors count nothing (the checks refuse them)."""
+    return sum(t.numel() * t.element_size() for t in payload.values() if isinstance(t, torch.Tensor))
 
 
 def payload_params(payload: dict[str, torch.Tensor]) -> int:

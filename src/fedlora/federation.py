@@ -251,8 +251,7 @@ class FederationServer:
                                                           f"{got.get(c) or 'sent no reply'}"})
             for c, reply in replies.items():
                 if isinstance(reply, dict):
-                    traffic["up"] += sum(t.numel() * t.element_size() for t in reply.values()
-                                         if isinstance(t, torch.Tensor))
+                    traffic["up"] += payload_bytes(reply)
                 if private and (c, request.release) not in charged:  # released, whatever its checks say
                     charged.add((c, request.release))
                     self.charge_init(c)
@@ -296,10 +295,6 @@ class FederationServer:
     def reference(self, client: int, r: int) -> dict[str, torch.Tensor]:
         """What the client would upload untrained in round r: an update is checked against it."""
         return {k: v.detach().clone() for k, v in self.method.upload_of(self.method.client_state(client, r)).items()}
-
-    def check_update(self, payload, reference: dict[str, torch.Tensor]) -> str | None:
-        """Why one upload cannot be aggregated, or None (the checks that need no other upload of the round)."""
-        return check_updates(self.cfg, [payload], [reference])[0]
 
     def check_updates(self, payloads: list, references: list[dict[str, torch.Tensor]]) -> list[str | None]:
         """Why each upload of a round cannot be aggregated, or None (server.max_update_norm)."""
