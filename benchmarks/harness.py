@@ -35,9 +35,17 @@ def causal_lm_losses(model):
     return losses
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timer stops when the step has run rather than been queued."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(step) -> float:
+    synchronize()
     t = time.perf_counter()
     step()
+    synchronize()
     return time.perf_counter() - t
 
 
@@ -51,6 +59,66 @@ def median_times(steps: dict, repeats: int, warmup: int = 1) -> dict:
         for name, step in steps.items():
             times[name].append(timed(step))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def device_arguments(parser) -> None:
+    """--device, and --dry-run: every step at a tiny size on the CPU, on tiny random models (see tiny_model)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny random models of the same architectures, tiny sizes, CPU (checks the script)")
+
+
+# Small enough for a dry run in seconds, the preset's architecture otherwise (attention, MLP, norms, heads).
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, vocab_size=1024, max_position_embeddings=256)
+
+
+def tiny_model(preset: str, classification: bool):
+    """A model of the preset's architecture at TINY's sizes, random weights (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedlora.models import PRESETS
+
+    settings = dict(PRESETS[preset].config)
+    settings |= {k: v for k, v in TINY.items() if k in settings or k in ("hidden_size", "vocab_size")}
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    torch.manual_seed(0)
+    if classification:
+        return AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens, then pad and eos): no vocabulary file needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                   model_max_length=TINY["max_position_embeddings"])
+
+
+def tiny_model_folder(preset: str, classification: bool, folder: str | Path) -> str:
+    """tiny_model with the byte tokenizer, saved as a model folder (what model.path takes)."""
+    model, tokenizer = tiny_model(preset, classification), byte_tokenizer()
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def load_base(preset: str, classification: bool, dry_run: bool, device: str):
+    """The preset's pretrained model (tiny_model in a dry run), in training mode's dtype float32, on `device`."""
+    from fedlora.models import load_causal_lm, load_classifier, resolve_model_source
+
+    if dry_run:
+        return tiny_model(preset, classification).to(device)
+    source = resolve_model_source(preset, None)
+    model, _ = load_classifier(source, 2) if classification else load_causal_lm(source)
+    return model.to(device)
 
 
 def machine() -> dict:

@@ -7,6 +7,9 @@ SmolLM2-135M on GSM8K on the GPU. Rounds of the two variants alternate on the sa
 median over repeats is reported. Writes results/parallel_clients.json and prints a Markdown table.
 
     FEDLORA_DATA_DIR=../shared/data python benchmarks/parallel_clients.py [--repeats 3] [--steps 1] [--settings 10x8 10x32]
+        [--setups smollm2-135m/gsm8k/cuda] [--dry-run]
+
+A setup is MODEL/DATA/DEVICE; --dry-run runs each on a tiny random model of the same architecture on the CPU.
 """
 from __future__ import annotations
 
@@ -16,19 +19,20 @@ import tempfile
 import time
 
 import torch
-from harness import write_results
+from harness import tiny_model_folder, write_results
 
 from fedlora.config import build_config
 from fedlora.simulator import Simulator
 
 SETTINGS = [(10, 8), (10, 32), (50, 8), (50, 32)]  # (clients per round, batch size)
+CLASSIFICATION = ("sst2", "rte", "imdb")
 
 
 def simulation(model: str, data: str, device: str, clients: int, batch: int, steps: int, method: str,
-               max_length: int) -> Simulator:
+               max_length: int, model_path: str | None = None, examples: int = 20000) -> Simulator:
     cfg = build_config({
-        "seed": 0, "device": device, "method": {"name": method}, "model": {"name": model},
-        "adapter": {"rank": 8}, "data": {"name": data, "max_length": max_length, "max_train_examples": 20000},
+        "seed": 0, "device": device, "method": {"name": method}, "model": {"name": model, "path": model_path},
+        "adapter": {"rank": 8}, "data": {"name": data, "max_length": max_length, "max_train_examples": examples},
         "federation": {"num_clients": clients, "clients_per_round": clients, "rounds": 1},
         "train": {"local_steps": steps, "batch_size": batch, "lr": 1e-3}, "eval": {"every": 0},
     })
@@ -52,8 +56,10 @@ def round_seconds(sim: Simulator, parallel_clients: int) -> float:
 
 def measure(model: str, data: str, device: str, args) -> list[dict]:
     rows = []
+    path = tiny_model_folder(model, data in CLASSIFICATION, tempfile.mkdtemp()) if args.dry_run else None
     for clients, batch in args.settings:
-        sim = simulation(model, data, device, clients, batch, args.steps, args.method, args.max_length)
+        sim = simulation(model, data, device, clients, batch, args.steps, args.method, args.max_length, path,
+                         200 if args.dry_run else 20000)
         if not rows:  # warm-up of both variants
             round_seconds(sim, clients)
             round_seconds(sim, 1)
@@ -78,12 +84,16 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--settings", nargs="+", default=[f"{c}x{b}" for c, b in SETTINGS],
                         help="CLIENTSxBATCH pairs (default: 10x8 10x32 50x8 50x32)")
+    gpu = ["smollm2-135m/gsm8k/cuda"] if torch.cuda.is_available() else []
+    parser.add_argument("--setups", nargs="+", metavar="MODEL/DATA/DEVICE", default=["minilm-l6/sst2/cpu"] + gpu)
+    parser.add_argument("--dry-run", action="store_true", help="tiny random models, 3 clients at batch 2, the CPU")
     parser.add_argument("--out", default="results/parallel_clients.json")
     args = parser.parse_args()
+    if args.dry_run:
+        args.settings, args.repeats, args.max_length = ["3x2"], 1, 32
+        args.setups = [setup.rsplit("/", 1)[0] + "/cpu" for setup in args.setups]
     args.settings = [tuple(int(n) for n in s.split("x")) for s in args.settings]
-    rows = measure("minilm-l6", "sst2", "cpu", args)
-    if torch.cuda.is_available():
-        rows += measure("smollm2-135m", "gsm8k", "cuda", args)
+    rows = [row for setup in args.setups for row in measure(*setup.split("/"), args)]
     write_results(args.out, {"method": args.method, "local_steps": args.steps, "rows": rows})
     print("\n| model | device | clients | batch | sequential round (s) | vectorised round (s) | ratio |")
     print("|---|---|---|---|---|---|---|")

@@ -7,6 +7,7 @@ torch.utils.flop_counter on the fedlora step) over the matmul rate measured in t
 model's own matmul shapes. Steps alternate and the median over repeats is reported.
 
     python benchmarks/throughput.py [--repeats 7] [--rank 16] [--models minilm-l6 smollm2-135m]
+        [--device cuda] [--batch 8 --tokens 256] [--dry-run]
 """
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ import argparse
 import copy
 
 import torch
-from harness import causal_lm_losses, classification_losses, make_batch, median_times, write_results
+from harness import (causal_lm_losses, classification_losses, device_arguments, load_base, make_batch, median_times,
+                     write_results)
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedlora.adapters import AdaptedModel
 from fedlora.client import local_train
 from fedlora.methods import METHODS
-from fedlora.models import default_target_modules, load_causal_lm, load_classifier, resolve_model_source
+from fedlora.models import default_target_modules
 
 SETTINGS = {  # model preset -> (batch, tokens, classification?)
     "minilm-l6": (16, 128, True),
     "smollm2-135m": (4, 128, False),
+    "gemma3-270m": (4, 128, False),
 }
 
 
@@ -70,37 +73,35 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def matmul_rate(rows: int, shapes: list[tuple[int, int]], repeats: int) -> float:
+def matmul_rate(rows: int, shapes: list[tuple[int, int]], repeats: int, device: str = "cpu") -> float:
     """The best FLOP/s over the model's own matmul shapes (rows x d_in @ d_in x d_out)."""
     best = 0.0
     for d_in, d_out in shapes:
-        x, w = torch.randn(rows, d_in), torch.randn(d_in, d_out)
+        x, w = torch.randn(rows, d_in, device=device), torch.randn(d_in, d_out, device=device)
         seconds = median_times({"mm": lambda: torch.mm(x, w)}, repeats * 3, warmup=3)["mm"]
         best = max(best, 2 * rows * d_in * d_out / seconds)
     return best
 
 
-def bench_model(preset: str, rank: int, repeats: int) -> dict:
+def bench_model(preset: str, rank: int, repeats: int, args) -> dict:
     batch_size, tokens, classification = SETTINGS[preset]
-    source = resolve_model_source(preset, None)
-    if classification:
-        base, _ = load_classifier(source, 2)
-        heads, losses_of = ["classifier"], classification_losses
-    else:
-        base, _ = load_causal_lm(source)
-        heads, losses_of = [], causal_lm_losses
+    batch_size, tokens = args.batch or batch_size, args.tokens or tokens
+    base = load_base(preset, classification, args.dry_run, args.device)
+    heads, losses_of = (["classifier"], classification_losses) if classification else ([], causal_lm_losses)
     config = base.config
     targets = default_target_modules(config.model_type)
-    batch = make_batch(config.vocab_size, batch_size, tokens, 2 if classification else None)
+    batch = {k: v.to(args.device) for k, v in make_batch(config.vocab_size, batch_size, tokens,
+                                                          2 if classification else None).items()}
     steps = {"peft": peft_step(base, rank, targets, heads, losses_of, batch)}
     steps |= {m: fedlora_step(base, m, rank, targets, heads, losses_of, batch) for m in ("fedit", "ffa", "fedsb")}
     steps["fedit_no_dropout"] = fedlora_step(without_dropout(base), "fedit", rank, targets, heads, losses_of, batch)
     flops = step_flops(steps["fedit"])
     times = median_times(steps, repeats)
     rate = matmul_rate(batch_size * tokens, [(config.hidden_size, config.hidden_size),
-                                             (config.hidden_size, config.intermediate_size)], repeats)
+                                             (config.hidden_size, config.intermediate_size)], repeats, args.device)
     floor = flops / rate
-    row = {"model": preset, "batch": batch_size, "tokens": tokens, "rank": rank, "step_gflops": flops / 1e9,
+    row = {"model": preset, "device": args.device, "batch": batch_size,
+           "tokens": tokens, "rank": rank, "step_gflops": flops / 1e9,
            "matmul_gflops_per_s": rate / 1e9, "floor_s": floor, "peft_s": times["peft"],
            "fedlora_s": {m: times[m] for m in ("fedit", "ffa", "fedsb")},
            "fedlora_over_peft": times["fedit"] / times["peft"], "fedlora_over_floor": times["fedit"] / floor,
@@ -114,12 +115,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m"], choices=list(SETTINGS))
+    parser.add_argument("--batch", type=int, help="rows per step (default: the model's in SETTINGS)")
+    parser.add_argument("--tokens", type=int, help="tokens per row (default: the model's in SETTINGS)")
     parser.add_argument("--out", default="results/throughput.json")
+    device_arguments(parser)
     args = parser.parse_args()
+    if args.dry_run:
+        args.device, args.repeats, args.batch, args.tokens = "cpu", 1, 2, 16
 
-    rows = [bench_model(m, args.rank, args.repeats) for m in args.models]
-    print(f"\nrank {args.rank}, AdamW, {torch.get_num_threads()} threads, median of {args.repeats}\n")
+    rows = [bench_model(m, args.rank, args.repeats, args) for m in args.models]
+    print(f"\nrank {args.rank}, AdamW, {args.device} ({torch.get_num_threads()} CPU threads), "
+          f"median of {args.repeats}\n")
     print("| model | batch x tokens | PEFT step (s) | fedlora FedIT (s) | FFA-LoRA (s) | Fed-SB (s) "
           "| fedlora / PEFT | floor (s) | fedlora / floor | PEFT / floor | fedlora, base dropout off / floor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,16 +1,18 @@
-"""The papers' private comparison, redone with the DP recipe (experiments/dp_comparison.toml, the recipe of
-examples/sst2_dp.toml): FedIT (LoRA), FFA-LoRA, Fed-SB and FedEx-LoRA on SST-2 at epsilon 1, 3 and 8, over
-seeds; mean and spread of the final dev accuracy, and for each paper claim whether this run confirms it:
+"""The papers' private comparison, redone with the DP recipe (examples/sst2_dp.toml): FedIT (LoRA), FFA-LoRA,
+Fed-SB and FedEx-LoRA (and the newer methods) on SST-2 at epsilon 1, 3 and 8 and without DP, over seeds; mean
+and spread of the final dev accuracy, and for each paper claim whether this run confirms it:
   FFA-LoRA beats LoRA (FedIT) under DP (FFA-LoRA paper); Fed-SB beats FFA-LoRA and FedEx-LoRA under DP (Fed-SB).
 Every run is a `fedlora run` into OUT/<name>; finished runs are skipped when the script runs again, so it can
-be stopped and continued. Writes results/dp_comparison.json and results/dp_comparison.md.
+be stopped and continued, and the tables show every finished run in OUT. Writes results/dp_comparison.json and
+results/dp_comparison.md.
 
-    FEDLORA_DATA_DIR=../shared/data python experiments/dp_comparison.py [--seeds 0 1 2] [--epsilons 1 3 8]
+    FEDLORA_DATA_DIR=../shared/data python experiments/dp_comparison.py [--seeds 0 1 2] [--epsilons 1 3 8 none]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -18,40 +20,61 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+RECIPE = HERE.parent / "examples" / "sst2_dp.toml"
 RESULTS = HERE.parent / "results"
 # Fed-SB's r^2 trainable values match FFA-LoRA's and FedIT's budgets at a larger rank (as in its paper).
-METHODS = {"fedit": ("FedIT (LoRA)", 8), "ffa": ("FFA-LoRA", 8), "fedsb": ("Fed-SB", 32), "fedex": ("FedEx-LoRA", 8)}
+METHODS = {"fedit": ("FedIT (LoRA)", 8), "ffa": ("FFA-LoRA", 8), "fedsb": ("Fed-SB", 32), "fedex": ("FedEx-LoRA", 8),
+           "fedsvd": ("FedSVD", 8), "rolora": ("RoLoRA", 8), "flexlora": ("FlexLoRA", 8), "hetlora": ("HetLoRA", 8)}
 CLAIMS = [("ffa", "fedit", "FFA-LoRA beats LoRA (FedIT) under DP"), ("fedsb", "ffa", "Fed-SB beats FFA-LoRA under DP"),
           ("fedsb", "fedex", "Fed-SB beats FedEx-LoRA under DP")]
+NO_DP = math.inf  # the recipe without DP (--set privacy.epsilon=none)
+
+
+def epsilon_name(epsilon: float) -> str:
+    return "none" if epsilon == NO_DP else f"{epsilon:g}"
 
 
 def run(out: Path, method: str, epsilon: float, seed: int) -> dict:
-    name = f"{method}_eps{epsilon:g}_seed{seed}"
+    name = f"{method}_eps{epsilon_name(epsilon)}_seed{seed}"
     folder = out / name
     if not (folder / "summary.json").is_file():
-        args = [sys.executable, "-m", "fedlora.cli", "run", str(HERE / "dp_comparison.toml"), "--quiet",
-                "--out", str(folder), "--resume", "--set", f"method.name='{method}'",
-                "--set", f"adapter.rank={METHODS[method][1]}", "--set", f"privacy.epsilon={epsilon}",
-                "--set", f"seed={seed}"]
+        args = [sys.executable, "-m", "fedlora.cli", "run", str(RECIPE), "--quiet", "--out", str(folder), "--resume",
+                "--set", f"method.name='{method}'", "--set", f"adapter.rank={METHODS[method][1]}",
+                "--set", f"privacy.epsilon={epsilon_name(epsilon)}", "--set", f"seed={seed}", "--set", "eval.every=0"]
         started = time.time()
         done = subprocess.run(args, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"  {name}: failed: {(done.stderr.strip().splitlines() or [''])[-1]}", flush=True)
             return {"name": name, "error": done.stderr[-2000:]}
         print(f"  {name}: {time.time() - started:.0f} s", flush=True)
-    summary = json.loads((folder / "summary.json").read_text())
-    return {"name": name, "method": method, "epsilon": epsilon, "seed": seed,
-            "accuracy": summary["final_eval"]["accuracy"], "epsilon_spent": summary["privacy"]["epsilon_max"]}
+    return {"name": name}
 
 
-def table(results: list[dict], epsilons: list[float]) -> tuple[list[dict], str]:
-    rows, lines = [], ["| method | " + " | ".join(f"epsilon {e:g}" for e in epsilons) + " |",
+def finished(out: Path) -> list[dict]:
+    """Every finished run in `out`, read from its summary."""
+    runs = []
+    for path in sorted(out.glob("*_eps*_seed*/summary.json")):
+        method, rest = path.parent.name.split("_eps")
+        epsilon, seed = rest.split("_seed")
+        summary = json.loads(path.read_text())
+        runs.append({"name": path.parent.name, "method": method, "seed": int(seed),
+                     "epsilon": NO_DP if epsilon == "none" else float(epsilon),
+                     "accuracy": summary["final_eval"]["accuracy"],
+                     "epsilon_spent": (summary["privacy"] or {}).get("epsilon_max")})
+    return runs
+
+
+def table(results: list[dict]) -> tuple[list[dict], str]:
+    epsilons = sorted({r["epsilon"] for r in results})
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    rows, lines = [], ["| method | " + " | ".join(f"epsilon {epsilon_name(e)}" for e in epsilons) + " |",
                        "|---|" + "---|" * len(epsilons)]
-    for method, (label, rank) in METHODS.items():
+    for method in methods:
+        label, rank = METHODS[method]
         cells = []
         for e in epsilons:
-            accs = [r["accuracy"] for r in results if r.get("method") == method and r["epsilon"] == e]
-            row = {"method": method, "rank": rank, "epsilon": e, "seeds": len(accs),
+            accs = [r["accuracy"] for r in results if r["method"] == method and r["epsilon"] == e]
+            row = {"method": method, "rank": rank, "epsilon": epsilon_name(e), "seeds": len(accs),
                    "mean": statistics.mean(accs) if accs else None,
                    "std": statistics.pstdev(accs) if len(accs) > 1 else None}
             rows.append(row)
@@ -61,10 +84,11 @@ def table(results: list[dict], epsilons: list[float]) -> tuple[list[dict], str]:
     mean = {(r["method"], r["epsilon"]): r["mean"] for r in rows}
     lines.append("")
     for better, worse, claim in CLAIMS:
-        verdicts = [f"epsilon {e:g}: " + ("not run" if mean[(better, e)] is None or mean[(worse, e)] is None else
-                                         ("confirmed" if mean[(better, e)] > mean[(worse, e)] else "not confirmed")
-                                         + f" ({mean[(better, e)]:.4f} vs {mean[(worse, e)]:.4f})")
-                    for e in epsilons]
+        verdicts = [f"epsilon {epsilon_name(e)}: " + (
+            "not run" if mean.get((better, epsilon_name(e))) is None or mean.get((worse, epsilon_name(e))) is None
+            else ("confirmed" if mean[(better, epsilon_name(e))] > mean[(worse, epsilon_name(e))] else "not confirmed")
+            + f" ({mean[(better, epsilon_name(e))]:.4f} vs {mean[(worse, epsilon_name(e))]:.4f})")
+            for e in epsilons if e != NO_DP]
         lines.append(f"- {claim}: " + "; ".join(verdicts))
     return rows, "\n".join(lines) + "\n"
 
@@ -72,20 +96,25 @@ def table(results: list[dict], epsilons: list[float]) -> tuple[list[dict], str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--epsilons", nargs="+", default=["1", "3", "8", "none"],
+                        help="target epsilons; none: the recipe without DP")
+    parser.add_argument("--methods", nargs="+", default=["fedit", "ffa", "fedsb", "fedex"], choices=list(METHODS))
     parser.add_argument("--out", default="runs/dp_comparison")
     args = parser.parse_args()
+    epsilons = [NO_DP if e == "none" else float(e) for e in args.epsilons]
+    out = Path(args.out)
     started = time.time()
-    results = [r for seed in args.seeds for e in args.epsilons for m in args.methods
-               for r in [run(Path(args.out), m, e, seed)] if "error" not in r]
-    rows, markdown = table(results, args.epsilons)
+    failed = [r["name"] for seed in args.seeds for e in epsilons for m in args.methods
+              for r in [run(out, m, e, seed)] if "error" in r]
     wall = time.time() - started
+    results = finished(out)
+    rows, markdown = table(results)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dp_comparison.json").write_text(json.dumps({"runs": results, "table": rows,
-                                                            "wall_seconds": round(wall)}, indent=2) + "\n")
-    (RESULTS / "dp_comparison.md").write_text(markdown + f"\nWall time of this invocation: {wall:.0f} s.\n")
-    print(markdown)
+    (RESULTS / "dp_comparison.json").write_text(json.dumps(
+        {"runs": [r | {"epsilon": epsilon_name(r["epsilon"])} for r in results], "table": rows, "failed": failed,
+         "wall_seconds_of_last_invocation": round(wall)}, indent=2) + "\n")
+    (RESULTS / "dp_comparison.md").write_text(markdown)
+    print(markdown + f"\nWall time of this invocation: {wall:.0f} s." + (f" Failed: {failed}" if failed else ""))
 
 
 if __name__ == "__main__":

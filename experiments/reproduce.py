@@ -7,7 +7,9 @@ and RTE with all-MiniLM-L6-v2 (3 clients; experiments/reproduce_{sst2,rte}.toml 
 2. (a)    FFA-LoRA vs LoRA (FedIT), rank 8: IID, Dirichlet(0.5), and the FFA-LoRA paper's label-proportion
           split [0.1, 0.9] / [0.9, 0.1] / [0.5, 0.5]; and under DP (IID) with epsilon 6, 3, 1.
 3. (b)    Fed-SB r = 16, 32, 64 vs FedIT, FFA-LoRA, FedEx-LoRA, FLoRA (rank 8): accuracy against total
-          communication, without DP and with epsilon = 3 (Fed-SB's subspace from public IMDB text under DP).
+          communication, without DP and with epsilon = 3 (Fed-SB's subspace from public IMDB text under DP);
+          with them FlexLoRA and HetLoRA (rank 8, FedIT's learning rate), and a federation of clients of ranks
+          4, 8 and 16 (one each, adapter.client_ranks) under FedIT (zero-padded), FLoRA, FlexLoRA and HetLoRA.
 DP runs (SST-2 only) take the same examples per round in batches of 64 x 2 steps instead of 16 x 8: the noise
 is added once per step and divided by the batch size, so larger batches carry more signal per unit of noise.
 
@@ -29,17 +31,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).parent
-LR_GRID = {"fedit": [3e-4, 1e-3, 3e-3], "ffa": [1e-3, 3e-3, 1e-2, 3e-2], "fedsb": [3e-4, 1e-3, 3e-3, 1e-2]}
+LR_GRID = {"fedit": [3e-4, 1e-3, 3e-3], "ffa": [1e-3, 3e-3, 1e-2, 3e-2], "fedsb": [3e-4, 1e-3, 3e-3, 1e-2],
+           "fedsvd": [1e-3, 3e-3, 1e-2, 3e-2], "rolora": [3e-4, 1e-3, 3e-3, 1e-2]}
 # FedEx-LoRA and FLoRA train the same factors with the same local loop as FedIT and differ only in how the
 # server combines them, so they take FedIT's tuned rate.
-SAME_LR_AS = {"fedex": "fedit", "flora": "fedit"}
+SAME_LR_AS = {"fedex": "fedit", "flora": "fedit", "flexlora": "fedit", "hetlora": "fedit"}
 SPLITS = {"iid": [], "dirichlet": ["data.partition='dirichlet'", "data.dirichlet_alpha=0.5"],
           "label_proportion": ["data.partition='label_proportion'"]}
 EPSILONS = [6.0, 3.0, 1.0]
 PRIVATE_DATASETS = ["sst2"]  # the DP runs, on SST-2 only: this machine's time allows no more
-PARETO = [("fedit", 8), ("ffa", 8), ("fedex", 8), ("flora", 8), ("fedsb", 16), ("fedsb", 32), ("fedsb", 64)]
+PARETO = [("fedit", 8), ("ffa", 8), ("fedex", 8), ("flora", 8), ("fedsb", 16), ("fedsb", 32), ("fedsb", 64),
+          ("fedsvd", 8), ("rolora", 8), ("flexlora", 8), ("hetlora", 8),
+          # clients of different ranks: one client each of rank 4, 8 and 16 (adapter.client_ranks)
+          ("fedit", "4-8-16"), ("flora", "4-8-16"), ("flexlora", "4-8-16"), ("hetlora", "4-8-16")]
 DP_BATCH = 64  # under DP: batch 64 and 2 local steps instead of 16 and 8
-NAMES = {"fedit": "FedIT (LoRA)", "ffa": "FFA-LoRA", "fedsb": "Fed-SB", "fedex": "FedEx-LoRA", "flora": "FLoRA"}
+NAMES = {"fedit": "FedIT (LoRA)", "ffa": "FFA-LoRA", "fedsb": "Fed-SB", "fedex": "FedEx-LoRA", "flora": "FLoRA",
+         "fedsvd": "FedSVD", "rolora": "RoLoRA", "flexlora": "FlexLoRA", "hetlora": "HetLoRA"}
 
 
 def run(out: Path, name: str, dataset: str, overrides: list[str], threads: int, report_only: bool = False) -> dict:
@@ -72,7 +79,12 @@ def run_all(jobs: list[tuple[str, str, list[str]]], out: Path, workers: int, rep
     return {r["name"]: r for r in results}
 
 
-def method_settings(method: str, rank: int, lr: float) -> list[str]:
+def method_settings(method: str, rank: int | str, lr: float) -> list[str]:
+    """A rank such as "4-8-16" gives the clients those ranks, in order (adapter.client_ranks)."""
+    if isinstance(rank, str):
+        ranks = [int(r) for r in rank.split("-")]
+        return [f"method.name='{method}'", f"adapter.rank={max(ranks)}", f"adapter.client_ranks={ranks}",
+                f"train.lr={lr}"]
     return [f"method.name='{method}'", f"adapter.rank={rank}", f"train.lr={lr}"]
 
 

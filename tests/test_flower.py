@@ -131,6 +131,24 @@ def test_every_method_on_flower_matches_the_simulator_and_its_byte_counts(sim_co
     assert sum(rec["bytes_up"] for rec in sim_log) > 0
 
 
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.heterogeneous_ranks])
+def test_clients_of_different_ranks_on_flower_match_the_simulator(sim_config, tmp_path, name):
+    cfg = sim_config(method={"name": name}, adapter={"rank": 4, "client_ranks": [2, 4, 3, 1]}, eval={"every": 0},
+                     hetlora={"decay": 0.5}, federation={"num_clients": 4, "clients_per_round": 3, "rounds": 3})
+    sim = Simulator(cfg, tmp_path / "sim", progress=False)
+    sim.run()
+    strategy, _ = run_in_memory(cfg, tmp_path / "flower")
+    assert_same_tensors(strategy.server.method.global_state, sim.method.global_state)
+    assert strategy.server.method.ranks == sim.method.ranks  # HetLoRA's pruned ranks too
+    assert name != "hetlora" or sim.method.ranks != [2, 4, 3, 1]  # a node learnt its pruned rank
+    sim_log, flower_log = read_log(tmp_path / "sim"), read_log(tmp_path / "flower")
+    flower = json.loads((tmp_path / "flower" / FLOWER_BYTES).read_text())
+    for ours, theirs in zip(sim_log, flower_log, strict=True):
+        assert (ours["bytes_up"], ours["bytes_down"]) == (theirs["bytes_up"], theirs["bytes_down"])
+        counted = flower.get(str(ours["round"]), {"up": 0, "down": 0})
+        assert (counted["up"], counted["down"]) == (ours["bytes_up"], ours["bytes_down"])
+
+
 def test_a_client_that_raises_is_dropped_and_named(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(method={"name": "ffa"}, federation={"min_clients": 2})
     monkeypatch.setenv("FEDLORA_FLOWER_FAULT", "raise@2")

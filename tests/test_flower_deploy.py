@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("flwr", reason="flwr (the 'flower' extra of fedlora) is not installed")
 
@@ -307,7 +308,7 @@ def run_secure(cfg, out: Path, secagg: float = 0.66, grid=None) -> tuple[Fedlora
     return strategy, grid
 
 
-@pytest.mark.parametrize("name", ["ffa", "fedsb", "fedit"])
+@pytest.mark.parametrize("name", ["ffa", "fedsb", "fedit", "rolora"])
 def test_the_secure_aggregate_is_the_plain_one_within_secaggs_quantisation(sim_config, tmp_path, name):
     """Round 1 of 4 clients, 3 sampled: the secure mean is the exact one within SecAgg+'s quantisation."""
     cfg = sim_config(method={"name": name}, eval={"every": 0}, federation={"rounds": 1})
@@ -322,6 +323,27 @@ def test_the_secure_aggregate_is_the_plain_one_within_secaggs_quantisation(sim_c
     rows = read_log(tmp_path / "secure")
     assert all(r["secure_aggregation"] for r in rows[1:])
     assert [r["clients"] for r in rows] == [r["clients"] for r in read_log(tmp_path / "sim")]
+
+
+def test_fedsvd_refactorises_the_secure_mean_of_B(sim_config, tmp_path):
+    """FedSVD's server needs only the mean of B: under SecAgg+ each layer's B A and the head are the plain
+    round's within the quantisation (the factors themselves may differ by a rotation the SVD leaves free)."""
+    cfg = sim_config(method={"name": "fedsvd"}, eval={"every": 0}, federation={"rounds": 1})
+    sim = Simulator(cfg, tmp_path / "sim", progress=False)
+    sim.run()
+    strategy, _ = run_secure(cfg, tmp_path / "secure")
+    secure, plain = strategy.server.method.global_state, sim.method.global_state
+    seed = sim.method.seed_state(generator(cfg.seed, "init"))
+    for layer in sim.adapted.layers:
+        B, A = secure[f"{layer}.lora_B"], secure[f"{layer}.lora_A"]
+        assert torch.allclose(A @ A.T, torch.eye(A.shape[0]), atol=1e-5)
+        product = plain[f"{layer}.lora_B"] @ plain[f"{layer}.lora_A"]
+        assert product.abs().max() > 100 * QUANTUM  # the round moved B: the comparison is not of zeros
+        # (B_secure - B_plain) A_0, each entry of the first within the bound
+        bound = secagg_bound(3) * seed[f"{layer}.lora_A"].abs().sum(0).max() + 1e-6
+        assert (B @ A - product).abs().max() < bound
+    assert_same_tensors({k: secure[k] for k in sim.adapted.head_params},
+                        {k: plain[k] for k in sim.adapted.head_params}, tol=secagg_bound(3))
 
 
 def test_a_client_that_drops_out_of_a_secure_round_is_tolerated(sim_config, tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+import fedlora
 from fedlora.cli import main
+from fedlora.errors import FedloraError
 from fedlora.inference import load_trained
 from fedlora.simulator import Simulator
 
@@ -164,6 +166,12 @@ def test_run_folder_errors(news_run, tmp_path, capsys):
     out, _ = news_run
     code, _, err = run_cli(capsys, "eval", tmp_path)
     assert code == 2 and "not a finished run (no summary.json" in err
+    with pytest.raises(FedloraError, match=r"not a finished run \(no summary.json.*--resume"):
+        fedlora.load_run(tmp_path)  # the Python API reads run folders through the same reader
+    # a trained run is the run folder of the Python API with its model
+    run, read = load_trained(out), fedlora.load_run(out)
+    assert isinstance(run, fedlora.Run) and (run.out, run.rounds, run.summary) == (read.out, read.rounds, read.summary)
+    assert run.final_eval == read.final_eval and run.adapter_path == read.adapter_path == out / "adapter"
     code, _, err = run_cli(capsys, "eval", out, "--set", "adapter.rank=2")
     assert code == 2 and "--set adapter.rank: only data.*, eval.* and device" in err
     code, _, err = run_cli(capsys, "eval", out, "--data", "nosuch")

@@ -39,7 +39,7 @@ def example_losses(model):
 def local_updates(adapted, method, seed=0):
     """Three heterogeneous 'trained' client states: the trainable factors moved at random."""
     g = torch.Generator().manual_seed(seed)
-    trainable = set(method.trainable_keys())
+    trainable = set(method.trainable_keys(1))
     states = []
     for c in range(3):
         start = method.client_state(c, 1)
@@ -63,7 +63,7 @@ def test_exact_methods_give_the_average_update(name):
     adapted, method = setup(name)
     w0 = {n: layer.base_weight().clone() for n, layer in adapted.layers.items()}
     states = local_updates(adapted, method)
-    payloads = [method.upload(c, s) for c, s in enumerate(states)]
+    payloads = [method.upload(c, s, 1) for c, s in enumerate(states)]
     agg = method.aggregate(payloads, WEIGHTS, [0, 1, 2], 1)
     adapted.load_state(method.eval_state())
     seen = effective_weights(adapted)
@@ -83,10 +83,10 @@ def test_frozen_factors_are_shared_and_never_change(name, frozen):
     adapted, method = setup(name)
     keys = adapted.keys_of((frozen,), head=False)
     before = {k: method.global_state[k].clone() for k in keys}
-    assert not set(keys) & set(method.trainable_keys())
+    assert not set(keys) & set(method.trainable_keys(1))
     states = local_updates(adapted, method)
     assert all(torch.equal(st[k], before[k]) for st in states for k in keys)  # identical on every client
-    payloads = [method.upload(c, s) for c, s in enumerate(states)]
+    payloads = [method.upload(c, s, 1) for c, s in enumerate(states)]
     assert not set(keys) & {k for p in payloads for k in p}  # never uploaded
     for r in (1, 2):
         method.aggregate(payloads, WEIGHTS, [0, 1, 2], r)
@@ -96,7 +96,7 @@ def test_frozen_factors_are_shared_and_never_change(name, frozen):
 def test_fedit_is_inexact_and_agg_error_matches_hand_computation():
     adapted, method = setup("fedit")
     states = local_updates(adapted, method)
-    payloads = [method.upload(c, s) for c, s in enumerate(states)]
+    payloads = [method.upload(c, s, 1) for c, s in enumerate(states)]
     agg = method.aggregate(payloads, WEIGHTS, [0, 1, 2], 1)
     num = den = 0.0
     s = adapted.scaling
@@ -115,12 +115,12 @@ def test_ffa_freezes_one_shared_A_per_layer_and_sends_only_B():
     adapted, method = setup("ffa")
     A0 = {k: v.clone() for k, v in method.global_state.items() if k.endswith("lora_A")}
     assert len({tuple(v.flatten()[:5].tolist()) for v in A0.values()}) == len(A0)  # differs between layers
-    assert set(method.trainable_keys()) == {k for k in adapted.state() if k.endswith("lora_B") or "classifier" in k}
+    assert set(method.trainable_keys(1)) == {k for k in adapted.state() if k.endswith("lora_B") or "classifier" in k}
     states = local_updates(adapted, method)
     for c in range(3):
         for k, v in A0.items():
             assert torch.equal(method.client_state(c, 1)[k], v)
-    payloads = [method.upload(c, s) for c, s in enumerate(states)]
+    payloads = [method.upload(c, s, 1) for c, s in enumerate(states)]
     assert all(k.endswith("lora_B") or k.startswith("classifier") for p in payloads for k in p)
     assert not any(k.endswith("lora_A") for k in method.download(0))
     method.aggregate(payloads, WEIGHTS, [0, 1, 2], 1)
@@ -136,7 +136,7 @@ def test_fedex_residual_uses_scaling_and_conv1d_layout():
     assert all(layer.transposed for layer in adapted.layers.values())
     states = local_updates(adapted, method, seed=5)
     w_before = {n: layer.base.weight.clone() for n, layer in adapted.layers.items()}
-    agg = method.aggregate([method.upload(c, s) for c, s in enumerate(states)], WEIGHTS, [0, 1, 2], 1)
+    agg = method.aggregate([method.upload(c, s, 1) for c, s in enumerate(states)], WEIGHTS, [0, 1, 2], 1)
     for name, layer in adapted.layers.items():
         stored_change = layer.base.weight - w_before[name]
         assert stored_change.shape == (layer.d_in, layer.d_out)  # Conv1D layout
@@ -162,7 +162,7 @@ def test_flora_restarts_every_round_and_broadcasts_stacked_factors():
     assert not torch.equal(s1[f"{layer}.lora_A"], s2[f"{layer}.lora_A"])
     assert not s1[f"{layer}.lora_B"].any()
     states = local_updates(adapted, method)
-    agg = method.aggregate([method.upload(c, s) for c, s in enumerate(states)], WEIGHTS, [0, 1, 2], 1)
+    agg = method.aggregate([method.upload(c, s, 1) for c, s in enumerate(states)], WEIGHTS, [0, 1, 2], 1)
     r = adapted.rank
     assert agg.broadcast[f"{layer}.stacked_A"].shape == (3 * r, adapted.layers[layer].d_in)
     assert agg.broadcast[f"{layer}.stacked_B"].shape == (adapted.layers[layer].d_out, 3 * r)
@@ -173,7 +173,7 @@ def test_flora_restarts_every_round_and_broadcasts_stacked_factors():
 def test_fedsa_keeps_B_on_the_client_and_averages_A():
     adapted, method = setup("fedsa")
     states = local_updates(adapted, method)
-    payloads = [method.upload(c, s) for c, s in enumerate(states)]
+    payloads = [method.upload(c, s, 1) for c, s in enumerate(states)]
     assert all(not k.endswith("lora_B") for p in payloads for k in p)
     method.aggregate(payloads, WEIGHTS, [0, 1, 2], 1)
     layer = next(iter(adapted.layers))
@@ -186,7 +186,7 @@ def test_fedsa_keeps_B_on_the_client_and_averages_A():
 def test_full_fedavg_averages_the_weights():
     adapted, method = setup("full")
     states = local_updates(adapted, method)
-    method.aggregate([method.upload(c, s) for c, s in enumerate(states)], WEIGHTS, [0, 1, 2], 1)
+    method.aggregate([method.upload(c, s, 1) for c, s in enumerate(states)], WEIGHTS, [0, 1, 2], 1)
     for k in method.global_state:
         expected = sum(w * s[k] for s, w in zip(states, WEIGHTS))
         assert torch.allclose(method.global_state[k], expected, atol=1e-6)
@@ -234,4 +234,4 @@ def test_fedsb_init_is_the_svd_of_the_sign_of_the_clients_gradient_sum():
     assert len(uploads) == 1 and list(uploads[0]) == [0, 1] and exchange.clients == [0, 1]
     assert all(not k.endswith("lora_R") for k in exchange.broadcast)
     assert {k.rpartition(".")[2] for k in exchange.broadcast} == {"lora_A", "lora_B"}
-    assert all(k.endswith("lora_R") or k.startswith("classifier") for k in method.trainable_keys())
+    assert all(k.endswith("lora_R") or k.startswith("classifier") for k in method.trainable_keys(1))

@@ -6,7 +6,7 @@ import pytest
 
 from fedlora.cli import main
 from fedlora.errors import FedloraError
-from fedlora.plots import _mean_curve, read_run
+from fedlora.plots import _mean_curve, figure, read_run
 
 pytest.importorskip("matplotlib")
 
@@ -93,3 +93,46 @@ def test_runs_that_differ_beyond_their_seed_are_not_averaged_as_seeds(tmp_path, 
     assert "differ in more than their seed (train.lr)" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
     assert main(["plot", str(a), str(b), "--out", str(tmp_path / "p.png"), "--labels", "lr 1e-3,lr 1e-2"]) == 0
+
+
+def test_a_run_reports_chance_and_majority_class_accuracy_of_its_evaluation_data(tmp_path, tiny_bert_dir, capsys):
+    # 10 evaluation rows: 7 "b", 2 "a", 1 "c" -> always answering "b" scores 0.7; chance is 1/3
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"row {i},{'abc'[i % 3]}\n" for i in range(24)))
+    dev = tmp_path / "dev.csv"
+    dev.write_text("text,label\n" + "".join(f"dev {i},{label}\n" for i, label in enumerate("bbabbcbbab")))
+    config = tmp_path / "tiny.toml"
+    config.write_text(f'''method.name = "ffa"
+model.path = "{tiny_bert_dir}"
+adapter.rank = 2
+federation = {{ num_clients = 2, clients_per_round = 2, rounds = 1 }}
+train = {{ local_steps = 1, batch_size = 4 }}
+[data]
+name = "none"
+path = "{train}"
+eval_path = "{dev}"
+text_columns = ["text"]
+label_column = "label"
+max_length = 8
+''')
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["baselines"] == {"chance": pytest.approx(1 / 3), "majority": pytest.approx(0.7)}
+    assert "(chance 0.3333, majority class 0.7000)" in capsys.readouterr().out
+    assert read_run(tmp_path / "run").baselines == summary["baselines"]
+
+
+def test_the_plot_draws_the_baselines_on_accuracy_panels(tmp_path):
+    def baseline_lines(ax):
+        return {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()
+                if line.get_label().startswith(("chance", "majority"))}
+
+    a = write_run(tmp_path / "a", [0.5, 0.6], [1, 1], epsilon=2.0)
+    summary = json.loads((a / "summary.json").read_text())
+    (a / "summary.json").write_text(json.dumps(summary | {"baselines": {"chance": 0.25, "majority": 0.4}}))
+    b = write_run(tmp_path / "b", [0.5, 0.7], [1, 1], method="ffa")
+    fig = figure([read_run(a), read_run(b)])
+    expected = {"chance 0.25": [0.25, 0.25], "majority class 0.40": [0.4, 0.4]}
+    assert len(fig.axes) == 3 and all(baseline_lines(ax) == expected for ax in fig.axes)
+    assert all(baseline_lines(ax) == {} for ax in figure([read_run(a)], metric="loss").axes)
+    assert all(baseline_lines(ax) == {} for ax in figure([read_run(b)]).axes)

@@ -62,7 +62,7 @@ def attack(cfg, trainer, client: int, r: int) -> tuple[list[torch.Tensor], list[
     way config-seeded randomness makes them."""
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "noise", r, client))
     params = trainer.adapted.parameters_by_key()
-    noise = [torch.randn(params[k].shape, generator=generator) for k in trainer.method.trainable_keys()]
+    noise = [torch.randn(params[k].shape, generator=generator) for k in trainer.method.trainable_keys(r)]
     draws = Task.client_batch_indices(trainer.shards[client], cfg.train.batch_size, cfg.train.local_steps,
                                       rng(cfg.seed, "client", r, client), trainer.sample_rate(client))
     return noise, list(draws)

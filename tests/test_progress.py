@@ -1,7 +1,9 @@
 """What a run prints while it works, and the configuration reference printed from the schema."""
 import tomllib
 
+from conftest import ROOT
 from fedlora.cli import main
+from fedlora.config_reference import MARKDOWN_COMMAND
 from fedlora.config import Config, build_config
 from fedlora.simulator import Simulator
 
@@ -45,4 +47,19 @@ def test_run_help_points_to_the_configuration_reference(capsys):
         main(["run", "--help"])
     except SystemExit:
         pass
-    assert "fedlora config" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fedlora config" in out and "docs/configuration.md" in out
+
+
+def test_docs_configuration_md_is_generated_from_the_field_descriptions(capsys):
+    assert main(["config", "--markdown"]) == 0
+    page = capsys.readouterr().out
+    assert "| `data.header` | `true` | CSV/TSV files start with a header row" in page
+    assert "| `privacy.epsilon` | not set |" in page and "\n## [fedsb]\n" in page
+    for section, fields in [("", Config.model_fields), *((f"{name}.", field.annotation.model_fields)
+                                                         for name, field in Config.model_fields.items()
+                                                         if hasattr(field.annotation, "model_fields"))]:
+        for key, field in fields.items():
+            assert f"| `{section}{key}` |" in page, f"{section}{key}"
+    shown = (ROOT / "docs" / "configuration.md").read_text()
+    assert shown == page, f"docs/configuration.md is out of date: regenerate it with `.venv/bin/{MARKDOWN_COMMAND}`"

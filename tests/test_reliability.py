@@ -215,7 +215,7 @@ def test_retries_run_out(sim_config, tmp_path, monkeypatch):
 def test_a_failed_attempt_leaves_a_clients_kept_optimizer_state_as_it_was(sim_config, tmp_path):
     cfg = sim_config(method={"name": "ffa"}, train={"keep_optimizer_state": True, "optimizer": "adamw"})
     sim = Simulator(cfg, tmp_path, progress=False)
-    params = sim.adapted.set_trainable(sim.method.trainable_keys())
+    params = sim.adapted.set_trainable(sim.method.trainable_keys(1))
     first = sim.clients.optimizer(0, params)
     sum(p.sum() for p in params).backward()
     first.step()
@@ -333,8 +333,8 @@ def test_only_the_payload_leaves_a_client_and_logs_hold_no_client_data(sim_confi
     sent = []
     real_upload = method.upload
 
-    def upload(c, trained):
-        payload = real_upload(c, trained)
+    def upload(c, trained, r):
+        payload = real_upload(c, trained, r)
         sent.append(payload)
         return payload
     method.upload = upload

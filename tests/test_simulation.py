@@ -29,8 +29,8 @@ def test_logged_bytes_are_the_serialised_payloads(sim_config, tmp_path, name):
     real_upload, real_download, real_aggregate = method.upload, method.download, method.aggregate
     current = {"round": 0}
 
-    def upload(client, trained):
-        payload = real_upload(client, trained)
+    def upload(client, trained, r):
+        payload = real_upload(client, trained, r)
         sent["up"][current["round"]] = sent["up"].get(current["round"], 0) + serialised_tensor_bytes(payload)
         return payload
 
@@ -99,7 +99,9 @@ def test_same_seed_same_numbers_other_seed_differs(sim_config, tmp_path):
     assert without_seconds(read_log(tmp_path / "a")) != without_seconds(read_log(tmp_path / "c"))
 
 
-@pytest.mark.parametrize("name,keep", [("fedex", False), ("fedsa", True), ("fedsb", True)])
+# RoLoRA: killed after round 1 (B), resumed into round 2 (A); FedSVD: a re-factorised A and B resumed
+@pytest.mark.parametrize("name,keep", [("fedex", False), ("fedsa", True), ("fedsb", True), ("rolora", False),
+                                       ("fedsvd", False)])
 def test_resume_after_kill_is_bit_identical(sim_config, tmp_path, monkeypatch, name, keep):
     cfg = sim_config(method={"name": name}, federation={"rounds": 3}, train={"keep_optimizer_state": keep})
     whole = Simulator(cfg, tmp_path / "whole", progress=False)

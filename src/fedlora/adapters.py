@@ -33,7 +33,10 @@ def is_adaptable(module: nn.Module) -> bool:
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) whatever the storage layout: Conv1D stores its weight as d_in x d_out."""
+    """(d_out, d_in) whatever the storage layout: Conv1D stores its weight as d_in x d_out, a quantised
+    linear layer (bitsandbytes) as packed bytes."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
     d0, d1 = module.weight.shape
     return (d1, d0) if isinstance(module, Conv1D) else (d0, d1)
 
@@ -48,7 +51,9 @@ class LowRankLayer(nn.Module):
         self.d_out, self.d_in = weight_shape(base)
         self.rank = rank
         self.scaling = scaling
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # the base's dtype, or float32 on a quantised base (its weight holds integers)
+        dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
+        factory = dict(device=base.weight.device, dtype=dtype)
         self.lora_A = nn.Parameter(torch.zeros(rank, self.d_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.d_out, rank, **factory))
         self.lora_R = nn.Parameter(torch.eye(rank, **factory)) if with_r else None
@@ -63,16 +68,16 @@ class LowRankLayer(nn.Module):
         return nn.functional.linear(t, getattr(self, factor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xd = self.dropout(x)
+        xd = self.dropout(x).to(self.lora_A.dtype)  # a no-op but for float32 adapters on a lower-precision model
         h = self.factor_linear(xd, "lora_A")
         u = self.factor_linear(h, "lora_R") if self.lora_R is not None else h
-        if self.recorder is not None or self.clients is not None:
+        out = self.base(x)
+        if self.recorder is not None or self.clients is not None or out.dtype != u.dtype:
             delta = self.factor_linear(u, "lora_B")
             if self.recorder is not None:
                 self.recorder.record_factors(self, xd, h, u, delta)
-            return self.base(x) + self.scaling * delta
+            return out + (self.scaling * delta).to(out.dtype)
         # base(x) + s * u B^T as one fused multiply-add: no separate passes to scale and add the update
-        out = self.base(x)
         fused = torch.addmm(out.reshape(-1, self.d_out), u.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scaling)
         return fused.view(out.shape)
 

@@ -13,22 +13,23 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import Config, build_config, load_config
-from .errors import ConfigError, DataError, FedloraError
+from .errors import ConfigError, DataError
+from .run_folder import ROUNDS_LOG, read_log, read_summary
 
 ConfigLike = Config | Mapping[str, Any] | str | Path | None
 
 
 @dataclass
 class Run:
-    """A finished (or interrupted) run folder, read back."""
+    """A finished run folder, read back (`load_run`; `inference.load_trained` adds its model)."""
     out: Path
     config: Config
     rounds: list[dict]  # rounds.jsonl, one record per round (round 0: the set-up)
-    summary: dict | None  # summary.json; None while the run has not finished
+    summary: dict  # summary.json
 
     @property
-    def final_eval(self) -> dict | None:
-        return None if self.summary is None else self.summary["final_eval"]
+    def final_eval(self) -> dict:
+        return self.summary["final_eval"]
 
     @property
     def adapter_path(self) -> Path | None:
@@ -86,22 +87,8 @@ def run(config: ConfigLike = None, *, out: str | Path, train_data=None, eval_dat
 def load_run(out: str | Path) -> Run:
     """Read a run folder written by `fedlora run` or `run()`."""
     out = Path(out)
-    log = out / "rounds.jsonl"
-    if not log.is_file():
-        raise FedloraError(f"{out}: not a fedlora run folder (no rounds.jsonl)")
-    rounds = []
-    for number, line in enumerate(log.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rounds.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise FedloraError(f"{log} line {number}: not a JSON record") from None
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    config = summary["config"] if summary else None
-    if config is None:
-        raise FedloraError(f"{out}: the run has not finished (no summary.json); `fedlora run --resume` continues it")
-    return Run(out=out, config=build_config(config), rounds=rounds, summary=summary)
+    summary = read_summary(out)
+    return Run(out=out, config=build_config(summary["config"]), rounds=read_log(out / ROUNDS_LOG), summary=summary)
 
 
 # -- data held in memory --------------------------------------------------------------------------

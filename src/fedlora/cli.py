@@ -19,6 +19,9 @@ def cmd_run(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = Simulator(cfg, out, progress=not args.quiet).run(resume=args.resume)
     ev = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_eval"].items())
+    if summary.get("baselines"):
+        ev += (f" (chance {summary['baselines']['chance']:.4f}, majority class "
+               f"{summary['baselines']['majority']:.4f})")
     print(f"{summary['method']}: {summary['rounds']} rounds, final {ev}; "
           f"{summary['bytes_up_total']:,} bytes up, {summary['bytes_down_total']:,} bytes down -> {out}")
     return 0
@@ -52,9 +55,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config_reference import reference
+    from .config_reference import markdown, reference
 
-    print(reference(), end="")
+    print(markdown() if args.markdown else reference(), end="")
     return 0
 
 
@@ -64,18 +67,26 @@ def cmd_comm(args) -> int:
 
     report = communication_report(args.model, args.method, args.rank, args.clients, args.dtype,
                                   args.target_modules.split(",") if args.target_modules else None,
-                                  load_config(None, args.set) if args.set else None)
+                                  # the settings are checked against the method and rank counted here
+                                  load_config(None, [f"method.name={args.method}", f"adapter.rank={args.rank}",
+                                                     *args.set]) if args.set else None)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{report['model']} / {report['method']} r={report['rank']} ({report['layers']} adapted layers, "
           f"{report['clients']} clients, {report['dtype']})")
-    for what in ("round", "init"):
-        part = report[what]
-        if what == "init" and not (part["params_up"] or part["params_down"]):
+    labels = {"round": "per client in odd rounds" if "even_rounds" in report else "per client per round",
+              "even_rounds": "per client in even rounds", "init": "per client, once before round 1"}
+    for what, label in labels.items():
+        part = report.get(what)
+        if part is None or what == "init" and not (part["params_up"] or part["params_down"]):
             continue
-        label = "per client per round" if what == "round" else "per client, once before round 1"
+        if what == "round" and "by_rank" in report:  # printed per rank below
+            continue
         print(f"  {label}: up {part['params_up']:,} params ({part['bytes_up']:,} B), "
+              f"down {part['params_down']:,} params ({part['bytes_down']:,} B)")
+    for rank, part in report.get("by_rank", {}).items():  # adapter.client_ranks
+        print(f"  per client of rank {rank} per round: up {part['params_up']:,} params ({part['bytes_up']:,} B), "
               f"down {part['params_down']:,} params ({part['bytes_down']:,} B)")
     return 0
 
@@ -120,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = sub.add_parser("run", help="run a federated experiment from a TOML config",
                          epilog="Configuration keys: `fedlora config` prints every key with its default and "
-                                "meaning (a TOML file to start from); the README's Configuration section "
-                                "explains them.")
+                                "meaning (a TOML file to start from); docs/configuration.md explains them.")
     run.add_argument("config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--out", help="output folder (default: runs/<config name>)")
@@ -131,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
 
     config = sub.add_parser("config", help="print every configuration key with its default and meaning (TOML)")
+    config.add_argument("--markdown", action="store_true",
+                        help="print the configuration reference page (docs/configuration.md) instead")
     config.set_defaults(func=cmd_config)
 
     evaluate = sub.add_parser("eval", help="evaluate a finished run's model (accuracy per class or task)")

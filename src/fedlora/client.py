@@ -20,7 +20,7 @@ from .federation import FederationPlan
 from .init_sb import PrivateRelease, client_reply, private_gradient_sum, reply_from_gradients
 from .methods.base import Method
 from .privacy.dpsgd import DPSGD
-from .privacy.grad_sample import for_trainable
+from .privacy.grad_sample import PerExampleGradients, for_trainable
 from .privacy.randomness import noise_generator, sampling_rng
 from .seeding import derive_seed, rng
 from .tasks import Task
@@ -54,11 +54,13 @@ def scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
 def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[list[dict] | None],
                 example_losses: Callable[[dict], torch.Tensor], max_grad_norm: float | None = None,
                 dp: DPSGD | None = None, deadline: float | None = None,
-                lr_at: Callable[[int], float] | None = None) -> list[float]:
+                lr_at: Callable[[int], float] | None = None,
+                before_step: Callable[[], None] | None = None) -> list[float]:
     """One optimizer step per batch, a batch given as its micro-batches (their gradients summed: the whole
     batch's mean-loss gradient); returns the mean loss of every non-empty batch. With `dp`, gradients are
     DP-SGD's (a None batch, an empty Poisson draw, is a step of noise alone). `lr_at(step)`: the learning rate
-    of local step `step` (1-based). Past `deadline` (a time.monotonic() value, checked after every step) it
+    of local step `step` (1-based); `before_step()` runs on the gradients before every step (Method.gradient_step).
+    Past `deadline` (a time.monotonic() value, checked after every step) it
     raises ClientTimeout."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
@@ -77,6 +79,8 @@ def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
                 loss += part_losses.detach().sum().item() / rows
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if before_step is not None:
+            before_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if loss is not None:
@@ -102,15 +106,20 @@ class ClientTrainer:
                                       task.task_type == "CAUSAL_LM", self.device)
         self.optimizer_states: dict[int, dict] = {}
         self.releases: dict[tuple[int, int], dict | None] = {}  # (client, index): the set-up releases made
-        self.noise_multiplier, self.recorder = None, None
+        self.noise_multiplier = None
+        self.recorders: dict[tuple[str, ...], PerExampleGradients] = {}  # per set of trained keys (RoLoRA alternates)
         if noise_multiplier is not None:
             self.enable_privacy(noise_multiplier)
 
     def enable_privacy(self, noise_multiplier: float) -> None:
         """Train with DP-SGD at this noise multiplier (the one the server's plan calibrated)."""
         self.noise_multiplier = noise_multiplier
-        if self.recorder is None:
-            self.recorder = for_trainable(self.adapted, self.method.trainable_keys(), self.cfg.privacy.grad_norm)
+
+    def recorder(self, keys: list[str]) -> PerExampleGradients:
+        """The per-example gradient recorder of these trained keys (made once per set of keys)."""
+        if tuple(keys) not in self.recorders:
+            self.recorders[tuple(keys)] = for_trainable(self.adapted, keys, self.cfg.privacy.grad_norm)
+        return self.recorders[tuple(keys)]
 
     def losses(self, batch: dict) -> torch.Tensor:
         return self.task.example_losses(self.model, batch)
@@ -124,7 +133,8 @@ class ClientTrainer:
             return None
         params = params or self.adapted.parameters_by_key()
         noise = noise_generator(self.cfg, "noise", r, client, device=self.device)
-        return DPSGD(self.recorder, {k: params[k] for k in self.method.trainable_keys()},
+        keys = self.method.trainable_keys(r)
+        return DPSGD(self.recorder(keys), {k: params[k] for k in keys},
                      self.cfg.privacy.clip_norm, self.noise_multiplier,
                      self.sample_rate(client) * self.plan.client_sizes[client], noise)
 
@@ -152,19 +162,20 @@ class ClientTrainer:
         """The client's local training of round r from `start`: what it sends back, and what it keeps."""
         cfg, adapted = self.cfg, self.adapted
         adapted.load_state(start)
-        optimizer = self.optimizer(client, adapted.set_trainable(self.method.trainable_keys()))
+        optimizer = self.optimizer(client, adapted.set_trainable(self.method.trainable_keys(r)))
         torch.manual_seed(derive_seed(cfg.seed, "client", r, client))  # dropout
         dp = self.dp(client, r)
         batches = self.task.client_batches(self.shards[client], cfg.train.batch_size, cfg.train.local_steps,
                                            self.draws(client, r), sample_rate=self.sample_rate(client) if dp else None,
                                            max_rows=self.max_rows)
+        before_step = self.method.gradient_step(client, adapted.parameters_by_key())
         step_losses = local_train(self.model, optimizer, batches, self.losses, cfg.train.max_grad_norm, dp, deadline,
-                                  self.lr_schedule(r))
-        return self.result(client, adapted.state(), step_losses, optimizer)
+                                  self.lr_schedule(r), before_step)
+        return self.result(client, r, adapted.state(), step_losses, optimizer)
 
-    def result(self, client: int, trained: dict, step_losses: list[float],
+    def result(self, client: int, r: int, trained: dict, step_losses: list[float],
                optimizer: torch.optim.Optimizer) -> ClientUpdate:
-        return ClientUpdate(payload=self.method.upload(client, trained), trained=trained,
+        return ClientUpdate(payload=self.method.upload(client, trained, r), trained=trained,
                             loss=float(np.mean(step_losses)) if step_losses else float("nan"),
                             optimizer_state=optimizer.state_dict() if self.cfg.train.keep_optimizer_state else None)
 

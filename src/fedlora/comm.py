@@ -16,16 +16,16 @@ def payload_params(payload: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in payload.values())
 
 
-def round_traffic(method, num_clients: int) -> dict[str, int]:
-    """Parameters one client sends and receives in a round, found by running the method's own download,
-    upload and aggregation on tensors of the real shapes (meta tensors work: nothing is computed)."""
+def round_traffic(method, num_clients: int, round_: int, client: int = 0) -> dict[str, int]:
+    """Parameters client `client` sends and receives in round `round_`, found by running the method's own
+    download, upload and aggregation on tensors of the real shapes (meta tensors work: nothing is computed)."""
     adapted = method.adapted
     method.global_state = adapted.state()
-    payloads = [method.upload(c, adapted.state()) for c in range(num_clients)]
-    down = payload_params(method.download(0))
+    payloads = [method.upload(c, adapted.state(), round_) for c in range(num_clients)]
+    down = payload_params(method.download(client))
     weights = [1.0 / num_clients] * num_clients
-    broadcast = method.aggregate(payloads, weights, list(range(num_clients)), 1).broadcast
-    return {"params_up": payload_params(payloads[0]), "params_down": down + payload_params(broadcast)}
+    broadcast = method.aggregate(payloads, weights, list(range(num_clients)), round_).broadcast
+    return {"params_up": payload_params(payloads[client]), "params_down": down + payload_params(broadcast)}
 
 
 
@@ -70,10 +70,20 @@ def communication_report(model: str, method: str, rank: int, clients: int = 1, d
         return sum(t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in payload.values())
 
     init_up, init_down = m.init_traffic()
-    per_round = round_traffic(m, clients)
-    return {"model": model, "method": method, "rank": rank, "clients": clients, "dtype": dtype,
-            "layers": len(adapted.layer_names),
-            "head_params": sum(p.numel() for p in adapted.head_params.values()),
-            "round": with_bytes(per_round["params_up"], per_round["params_down"]),
-            "init": {"params_up": payload_params(init_up), "params_down": payload_params(init_down),
-                     "bytes_up": sized(init_up), "bytes_down": sized(init_down)}}
+    per_round, even = round_traffic(m, clients, 1), round_traffic(m, clients, 2)
+    report = {"model": model, "method": method, "rank": rank, "clients": clients, "dtype": dtype,
+              "layers": len(adapted.layer_names),
+              "head_params": sum(p.numel() for p in adapted.head_params.values()),
+              "round": with_bytes(per_round["params_up"], per_round["params_down"]),
+              "init": {"params_up": payload_params(init_up), "params_down": payload_params(init_down),
+                       "bytes_up": sized(init_up), "bytes_down": sized(init_down)}}
+    if even != per_round:  # RoLoRA: odd and even rounds send different factors
+        report["even_rounds"] = with_bytes(even["params_up"], even["params_down"])
+    if m.cfg.adapter.client_ranks is not None:  # a round of all the clients, per client by its rank
+        if max(m.ranks) > rank:
+            raise ConfigError(f"adapter.client_ranks: rank {max(m.ranks)} is above --rank {rank}")
+        report["by_rank"] = {}
+        for r in sorted(set(m.ranks)):
+            traffic = round_traffic(m, len(m.ranks), 1, m.ranks.index(r))
+            report["by_rank"][str(r)] = with_bytes(traffic["params_up"], traffic["params_down"])
+    return report

@@ -29,8 +29,10 @@ class Section(BaseModel):
 
 
 class MethodConfig(Section):
-    name: str = Field("fedsb", description="fedit, ffa, fedsb, fedex, flora, fedsa, full, or a method added with "
-                                           "fedlora.register_method")
+    """The federated method: which adapter factors clients train and send, and how the server combines them
+    (docs/methods.md)."""
+    name: str = Field("fedsb", description="fedit, ffa, fedsb, fedex, flora, fedsa, full, fedsvd, rolora, flexlora, "
+                                           "hetlora, or a method added with fedlora.register_method")
 
     @field_validator("name")
     @classmethod
@@ -43,54 +45,86 @@ class MethodConfig(Section):
 
 
 class ModelConfig(Section):
+    """The base model: a preset, a Hugging Face hub id or a local folder, and how its weights are held."""
     name: str = Field("minilm-l6", description="preset name or Hugging Face hub id")
     path: str | None = Field(None, description="local model folder; takes precedence over name")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the weights' dtype")
     autocast: Literal["off", "bfloat16", "float16"] = Field(
         "off", description="mixed precision for forward passes (bfloat16 on recent GPUs and CPUs)")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="what a classifier's head reads: the first token (cls: the model as it is) or the "
+                           "attention-masked mean of the last hidden states (mean: how sentence encoders such "
+                           "as all-MiniLM-L6-v2 were trained)")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="load the frozen base quantised by bitsandbytes (4bit: NF4, bfloat16 compute; 8bit: "
+                            "LLM.int8) on a CUDA device, adapters in float32; needs pip install 'fedlora[quant]'")
 
 
 class AdapterConfig(Section):
-    rank: int = Field(8, gt=0)
-    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default: rank (s = 1)")
-    target_modules: list[str] | None = Field(None, description="module-name suffixes; default by architecture")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    """The low-rank adapters (LoRA) added to the model's linear layers."""
+    rank: int = Field(8, gt=0, description="rank r of every adapter")
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator, s = alpha / rank; default: rank (s = 1; "
+                                                           "Fed-SB always uses s = 1)")
+    target_modules: list[str] | None = Field(
+        None, description="module-name suffixes of the adapted layers; default by architecture (BERT, RoBERTa: "
+                          "query, key, value, dense; Llama, Mistral, Qwen2, Gemma 3: the q, k, v, o, gate, up and "
+                          "down projections; GPT-2: c_attn, c_proj, c_fc)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input during training")
     modules_to_save: list[str] | None = Field(
         None, description="task-head modules trained by every method; default: the model's classifier head")
+    client_ranks: list[Annotated[int, annotated_types.Ge(1)]] | None = Field(
+        None, description="one rank per client (each at most adapter.rank, the global rank): client i trains, "
+                          "sends and receives only the first client_ranks[i] components (fedit, ffa, flora, "
+                          "flexlora, hetlora)")
 
 
 class DataConfig(Section):
+    """The training and evaluation data (a preset or files; docs/data-and-models.md) and how the training data
+    is split among the clients."""
     name: str | None = Field(
         "sst2", description="preset: sst2, rte, imdb (classification); gsm8k, commonsense, arithmetic "
-                            "(instructions for causal LMs); None for plain files")
+                            "(instructions for causal LMs); \"none\" for plain files (data.path)")
     kind: Literal["auto", "classification", "instructions"] = Field(
         "auto", description="what the files hold; auto: from the preset, else from the model preset's task")
     chat_template: bool | None = Field(
         None, description="instructions: wrap prompts in the tokenizer's chat template (default: if it has one)")
     root: str | None = Field(None, description="folder holding the preset folders; else $FEDLORA_DATA_DIR")
-    source: Literal["auto", "local", "hub"] = "auto"
+    source: Literal["auto", "local", "hub"] = Field(
+        "auto", description="where a preset is read from: auto: the folder under data.root when there is one, "
+                            "else the Hugging Face hub")
     path: str | None = Field(None, description="training file (TSV/CSV/JSONL/JSON)")
     eval_path: str | None = Field(None, description="evaluation file")
     eval_split: str | None = Field(None, description="preset split used for evaluation (default: the dev split)")
-    hub_id: str | None = None
+    hub_id: str | None = Field(None, description="a Hugging Face data set id to read (its train split and "
+                                                "data.eval_split, default validation) when there is no preset or path")
     header: bool = Field(True, description="CSV/TSV files start with a header row; false: columns are "
                                           "named by their 0-based index in text_columns and label_column")
     text_columns: list[Annotated[int, annotated_types.Ge(0)] | str] | None = Field(
         None, min_length=1, max_length=2, description="one or two text columns (0-based indices without a header)")
     label_column: Annotated[int, annotated_types.Ge(0)] | str | None = Field(
-        None, description="the label column (a 0-based index without a header)")
-    max_length: int = Field(128, gt=0, description="token limit of an example (longer texts are truncated)")
-    max_train_examples: int | None = Field(None, gt=0)
+        None, description="the label column (a 0-based index without a header); its values, names or integers, "
+                          "become class ids 0..k-1 in sorted order")
+    max_length: int = Field(128, gt=0, description="token limit of an example (longer texts are truncated); "
+                                                   "refused below the special tokens plus one token per text, or "
+                                                   "above the model's limit")
+    max_train_examples: int | None = Field(None, gt=0, description="train on a fixed random subset of this "
+                                                                   "many training examples; default: all")
     holdout_fraction: float | None = Field(
         None, gt=0, le=0.5, description="evaluate on this fraction of the training data, held out from training "
                                         "(a fixed draw), instead of the evaluation split: tune without the test set")
     tasks: list[str] | None = Field(
         None, min_length=1, description="instruction data: only these source tasks (e.g. [\"boolq\", \"piqa\"]), "
                                         "in training and evaluation; default: all")
-    partition: Literal["iid", "dirichlet", "label_proportion", "task"] = "iid"
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    label_proportions: list[list[float]] | None = None
-    min_client_examples: int = Field(2, ge=1)
+    partition: Literal["iid", "dirichlet", "label_proportion", "task"] = Field(
+        "iid", description="how the training examples are split among the clients: iid (at random, equal sizes), "
+                           "dirichlet (label shares per client drawn with dirichlet_alpha; for instructions it "
+                           "mixes the source tasks), label_proportion (label_proportions), task (every client holds "
+                           "one label, or for instructions one source task)")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="partition = dirichlet: smaller is more skewed")
+    label_proportions: list[list[float]] | None = Field(
+        None, description="partition = label_proportion: one row of label shares per client, e.g. "
+                          "[[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]] for three clients")
+    min_client_examples: int = Field(2, ge=1, description="fewest training examples a client may hold")
 
     @field_validator("name")
     @classmethod
@@ -113,10 +147,12 @@ class DataConfig(Section):
 
 
 class FederationConfig(Section):
-    num_clients: int = Field(10, gt=0)
-    clients_per_round: int = Field(10, gt=0)
-    rounds: int = Field(10, ge=0)
-    weighting: Literal["examples", "uniform"] = "examples"
+    """The clients, the rounds, and what the server does when clients fail to answer."""
+    num_clients: int = Field(10, gt=0, description="clients, each holding its share of the training data")
+    clients_per_round: int = Field(10, gt=0, description="clients drawn at random to train in each round")
+    rounds: int = Field(10, ge=0, description="training rounds after the set-up (round 0)")
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="the weight of a client's update: by its number of examples, or equal")
     min_clients: int = Field(1, gt=0, description="fewest answering clients a round may aggregate")
     client_timeout: float | None = Field(
         None, gt=0, description="seconds a client may train in a round before it is dropped")
@@ -126,7 +162,8 @@ class FederationConfig(Section):
     round_retries: int = Field(2, ge=0, description="how often a round is run again under 'retry'")
     parallel_clients: Annotated[int, annotated_types.Ge(1)] | Literal["auto"] = Field(
         "auto", description="clients trained together in one pass over the shared base model (1: one after "
-                            "another); auto: as many as memory allows wherever that gives the sequential result")
+                            "another); auto: as many as memory allows wherever that gives the sequential result "
+                            "(docs/performance.md)")
 
     _integer_or_auto = field_validator("parallel_clients", mode="before")(_integer_or_auto)
 
@@ -155,27 +192,36 @@ class ServerConfig(Section):
 
 
 class TrainConfig(Section):
-    local_steps: int = Field(10, gt=0)
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: float | None = Field(None, gt=0)
+    """Each client's local training in a round."""
+    local_steps: int = Field(10, gt=0, description="optimizer steps per client per round")
+    batch_size: int = Field(16, gt=0, description="the expected (logical) batch: under DP each step is a Poisson "
+                                                  "draw with rate batch_size / n (n: the client's examples), "
+                                                  "without DP a draw of this many examples")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd takes train.momentum")
+    weight_decay: float = Field(0.0, ge=0, description="the optimizer's weight decay")
+    momentum: float = Field(0.0, ge=0, lt=1, description="optimizer = sgd: momentum")
+    max_grad_norm: float | None = Field(None, gt=0, description="without DP: clip each step's gradient to this "
+                                                                "L2 norm (DP clips per example: privacy.clip_norm)")
     keep_optimizer_state: bool = Field(False, description="carry each client's optimizer state across rounds")
     physical_batch_size: Annotated[int, annotated_types.Ge(1)] | Literal["auto"] = Field(
         "auto", description="most rows in one forward/backward: a batch is cut into micro-batches of similar "
-                            "lengths whose gradients add up to the batch's; auto: from free memory")
+                            "lengths whose gradients add up to the batch's (under DP the clipped per-example "
+                            "gradients of all micro-batches are summed before the one noise draw); auto: the rows "
+                            "whose activations fit in half the free memory")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="linear or cosine decay to 0 over the run's rounds * local_steps steps")
+        "constant", description="linear or cosine decay to 0 over the run's rounds * local_steps steps; local "
+                                "step t of round r is step (r - 1) * local_steps + t whether or not the client took "
+                                "part before, so a resumed run steps at the rates of an uninterrupted one")
     warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 (counted over the whole run)")
 
     _integer_or_auto = field_validator("physical_batch_size", mode="before")(_integer_or_auto)
 
 
 class EvalConfig(Section):
+    """Evaluation of the global model on the evaluation data (always after the last round)."""
     every: int = Field(1, ge=0, description="evaluate every N rounds (0: only at the end)")
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="examples per evaluation forward pass")
     max_examples: int | None = Field(
         None, gt=0, description="evaluate on a fixed random sample of this size (classification: stratified by "
                                 "label); instructions: taken round-robin over the tasks")
@@ -188,24 +234,46 @@ class EvalConfig(Section):
 class PrivacyConfig(Section):
     """Sample-level DP-SGD on every client. Enabled by giving epsilon (noise calibrated for the planned
     steps) or noise_multiplier (epsilon reported), or both (the run must fit the target)."""
-    epsilon: float | None = Field(None, gt=0)
+    epsilon: float | None = Field(None, gt=0, description="the per-client target epsilon; the noise is "
+                                                          "calibrated to reach it after the planned steps; "
+                                                          "\"none\": no DP (as --set privacy.epsilon=none)")
     delta: float | None = Field(None, gt=0, lt=1, description="default: 1e-5, or 1/(10 n) for a client of n > 10^4 examples")
-    clip_norm: float = Field(1.0, gt=0)
-    noise_multiplier: float | None = Field(None, gt=0)
+    clip_norm: float = Field(1.0, gt=0, description="C: every example's gradient is clipped to this L2 norm")
+    noise_multiplier: float | None = Field(None, gt=0, description="sigma: the noise's standard deviation over "
+                                                                   "clip_norm; default: calibrated to epsilon")
     accountant: Literal["auto", "rdp", "prv"] = Field(
-        "auto", description="auto: the smaller of the RDP and PRV bounds (both are valid upper bounds)")
+        "auto", description="auto: the smaller of Opacus' RDP and PRV bounds (both are valid upper bounds; PRV's "
+                            "is the upper end of its error interval), the noise calibrated against it; where RDP "
+                            "gives epsilon > 100 auto reports RDP's (PRV's discretisation grows without bound)")
     randomness: Literal["secret", "seeded"] = Field(
-        "secret", description="noise and Poisson draws from the OS's CSPRNG, or from the seed (reproducible "
-                              "simulations only; refused on Flower)")
+        "secret", description="secret: every noise generator and Poisson draw seeded from the OS's CSPRNG afresh "
+                              "each round, so nothing in the config lets the server regenerate a client's noise (two "
+                              "runs differ; a resumed run draws fresh noise); seeded: from the seed, for "
+                              "bit-identical, resumable simulations only (refused on Flower)")
     grad_norm: Literal["auto", "ghost", "materialise"] = Field(
         "auto", description="per-example norms from materialised gradients or by the ghost-norm identity")
+
+    @field_validator("epsilon", "noise_multiplier", mode="before")
+    @classmethod
+    def _none(cls, value):  # TOML has no null: --set privacy.epsilon=none turns a config's DP off
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @property
     def enabled(self) -> bool:
         return self.epsilon is not None or self.noise_multiplier is not None
 
 
+class HetLoRAConfig(Section):
+    """HetLoRA's rank self-pruning (docs/methods.md): the last components of a client's rank are penalised
+    and dropped once local training shrinks them."""
+    decay: float = Field(0.9, gt=0, le=1, description="gamma: a client of rank r keeps floor(gamma r) components "
+                                                      "when it prunes (1: never prune)")
+    penalty: float = Field(0.01, ge=0, description="lambda: the weight of the pruning penalty "
+                                                   "lambda sum_l ||B_l,tail||_F ||A_l,tail||_F in the local loss")
+
+
 class FedSBConfig(Section):
+    """Fed-SB's set-up before round 1: the shared initialisation of the adapters (docs/methods.md)."""
     init: Literal["sign_sketch", "sketch", "signs", "dense"] = Field(
         "sign_sketch", description="the set-up exchange: a federated randomized SVD of the clients' gradient signs "
                                    "(sign_sketch) or of the summed gradient (sketch), sign votes (signs), or dense "
@@ -218,12 +286,13 @@ class FedSBConfig(Section):
     init_noise_multiplier: float | None = Field(
         None, gt=0, description="under DP, the noise of the clients' init release (default: privacy's noise multiplier)")
     init_lr: float | None = Field(None, gt=0, description="eta in G = -eta sign(grad); default train.lr")
-    svd_niter: int = Field(4, ge=4)
+    svd_niter: int = Field(4, ge=4, description="power iterations of the randomized SVD")
 
 
 class Config(Section):
-    seed: int = Field(0, ge=0)
-    device: str = "auto"
+    seed: int = Field(0, ge=0, description="every random draw (partition, client sampling, initialisation, "
+                                           "batches, dropout) derives from it")
+    device: str = Field("auto", description="cpu, cuda, cuda:1, ...; auto: cuda when a GPU is there, else cpu")
     method: MethodConfig = MethodConfig()
     model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
@@ -232,11 +301,19 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     fedsb: FedSBConfig = FedSBConfig()
+    hetlora: HetLoRAConfig = HetLoRAConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     server: ServerConfig = ServerConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        from .methods import METHODS
+
+        if self.train.keep_optimizer_state and not METHODS[self.method.name].carries_optimizer_state:
+            raise ValueError(f"train.keep_optimizer_state: method '{self.method.name}' changes what a client trains "
+                             "between rounds, so its optimizer state cannot be carried over")
+        if self.adapter.client_ranks is not None:
+            self._check_client_ranks()
         if self.fedsb.init_data == "public" and self.fedsb.public_data is None:
             raise ValueError("fedsb.public_data is required when fedsb.init_data = 'public'")
         d = self.data
@@ -248,6 +325,21 @@ class Config(Section):
                     f"data.label_proportions has {len(d.label_proportions)} rows but "
                     f"federation.num_clients is {self.federation.num_clients}: give one row per client")
         return self
+
+    def _check_client_ranks(self) -> None:
+        from .methods import METHODS
+
+        ranks = self.adapter.client_ranks
+        if not METHODS[self.method.name].heterogeneous_ranks:
+            able = ", ".join(n for n, m in METHODS.items() if m.heterogeneous_ranks)
+            raise ValueError(f"adapter.client_ranks: method '{self.method.name}' cannot aggregate clients of "
+                             f"different ranks (methods that can: {able})")
+        if len(ranks) != self.federation.num_clients:
+            raise ValueError(f"adapter.client_ranks has {len(ranks)} ranks but federation.num_clients is "
+                             f"{self.federation.num_clients}: give one rank per client")
+        if max(ranks) > self.adapter.rank:
+            raise ValueError(f"adapter.client_ranks: rank {max(ranks)} is above adapter.rank = {self.adapter.rank}, "
+                             "the global rank every client's factors are cut from")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -25,8 +25,8 @@ def _section(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _key_lines(section: type[BaseModel], prefix: str) -> list[str]:
-    lines = []
+def _keys(section: type[BaseModel]):
+    """(name, default, notes) of a section's plain keys; a default of None means not set."""
     for name, field in section.model_fields.items():
         if _section(field.annotation) is not None:
             continue
@@ -34,8 +34,13 @@ def _key_lines(section: type[BaseModel], prefix: str) -> list[str]:
         choices = _choices(field.annotation)
         if choices and len(choices) > 1:
             notes.append("one of " + ", ".join(str(c) for c in choices))
+        yield name, field.get_default(call_default_factory=True), notes
+
+
+def _key_lines(section: type[BaseModel]) -> list[str]:
+    lines = []
+    for name, default, notes in _keys(section):
         comment = f"  # {'; '.join(notes)}" if notes else ""
-        default = field.get_default(call_default_factory=True)
         if default is None:
             lines.append(f"# {name} = (not set){comment}")
         else:
@@ -43,22 +48,81 @@ def _key_lines(section: type[BaseModel], prefix: str) -> list[str]:
     return lines
 
 
+def _doc(section: type[BaseModel]) -> list[str]:
+    doc = section.__doc__
+    if not doc or doc is BaseModel.__doc__ or not doc.strip():
+        return []
+    return [line.strip() for line in doc.strip().splitlines()]
+
+
+def _sections():
+    """(name, section class) of every table of the config, in the schema's order."""
+    for name, field in Config.model_fields.items():
+        section = _section(field.annotation)
+        if section is not None:
+            yield name, section
+
+
+def _tables(section: type[BaseModel]):
+    """(name, field, section class) of the keys of `section` that take a whole table."""
+    for sub, field in section.model_fields.items():
+        inner = _section(field.annotation)
+        if inner is not None:
+            yield sub, field, inner
+
+
 def reference() -> str:
     """The configuration at its defaults, one key a line with its description, as TOML."""
     lines = ["# fedlora configuration: every key at its default. A config file gives only the keys it changes;",
              "# `--set section.key=value` overrides one on the command line.", ""]
-    lines += _key_lines(Config, "")
-    for name, field in Config.model_fields.items():
-        section = _section(field.annotation)
-        if section is None:
-            continue
+    lines += _key_lines(Config)
+    for name, section in _sections():
         lines += ["", f"[{name}]"]
-        if section.__doc__ and section.__doc__ is not BaseModel.__doc__ and section.__doc__.strip():
-            lines += [f"# {line.strip()}" for line in section.__doc__.strip().splitlines()]
-        lines += _key_lines(section, name)
-        for sub, subfield in section.model_fields.items():
-            inner = _section(subfield.annotation)
-            if inner is not None:
-                lines.append(f"# [{name}.{sub}]: {subfield.description or ''} (a table of {inner.__name__} keys; "
-                             "not set by default)")
+        lines += [f"# {line}" for line in _doc(section)]
+        lines += _key_lines(section)
+        for sub, field, inner in _tables(section):
+            lines.append(f"# [{name}.{sub}]: {field.description or ''} (a table of {inner.__name__} keys; "
+                         "not set by default)")
     return "\n".join(lines) + "\n"
+
+
+MARKDOWN_COMMAND = "fedlora config --markdown > docs/configuration.md"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(section: type[BaseModel], prefix: str) -> list[str]:
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for name, default, notes in _keys(section):
+        shown = "not set" if default is None else f"`{json.dumps(default)}`"
+        rows.append(f"| `{prefix}{name}` | {shown} | {_cell('; '.join(notes))} |")
+    for name, field, inner in _tables(section):
+        rows.append(f"| `{prefix}{name}` | not set | {_cell(field.description or '')}; a table of the "
+                    f"`[{_table_name(inner)}]` keys |")
+    return rows
+
+
+def markdown() -> str:
+    """docs/configuration.md: every key with its default and description, section by section."""
+    lines = ["# Configuration", "",
+             f"<!-- Generated from the descriptions in src/fedlora/config.py by `{MARKDOWN_COMMAND}`; "
+             "edit those, not this page. -->", "",
+             "A run is configured by a TOML file with the tables below. Every key has a default: a file gives only "
+             "the keys it changes. Unknown keys and impossible values are refused with a message naming the key. "
+             "`--set section.key=value` overrides one key on the command line (the value is read as TOML). "
+             "The same keys, at their defaults with their descriptions, as a TOML file to start from:", "",
+             "    .venv/bin/fedlora config", "", "## Top level", ""]
+    lines += _table(Config, "")
+    for name, section in _sections():
+        lines += ["", f"## [{name}]", ""]
+        doc = _doc(section)
+        if doc:
+            lines += [" ".join(doc), ""]
+        lines += _table(section, f"{name}.")
+    return "\n".join(lines) + "\n"
+
+
+def _table_name(section: type[BaseModel]) -> str:
+    return next((name for name, kind in _sections() if kind is section), section.__name__)

@@ -11,7 +11,9 @@ from .errors import ConfigError
 from .lm_task import CausalLMTask
 from .methods import METHODS
 from .models import PRESETS as MODEL_PRESETS
-from .models import default_target_modules, head_modules, load_causal_lm, load_classifier, resolve_model_source
+from .models import (check_quantization, default_target_modules, head_modules, load_causal_lm, load_classifier,
+                     resolve_model_source)
+from .pooling import pool_by_mean
 from .tasks import ClassificationTask, Task
 
 
@@ -36,6 +38,8 @@ def build_task(cfg: Config, device: torch.device, progress: bool = False, data=N
     """The task (data, tokenizer, loss, evaluation), the adapted model on `device`, and the model source.
     `data` (ClassificationData) and `model` with its `tokenizer` stand in for the config's when given."""
     method = METHODS[cfg.method.name]
+    quantization = cfg.model.quantization if model is None else "none"  # a model object is used as it is
+    check_quantization(quantization, method, device)
     kind = task_kind(cfg.data, cfg.model.name)
     if data is None:
         data = load_task_data(cfg.data, kind)
@@ -47,10 +51,12 @@ def build_task(cfg: Config, device: torch.device, progress: bool = False, data=N
                               f"({', '.join(data.label_names)}): load it with num_labels={data.num_labels}")
     elif kind == "instructions":
         source = resolve_model_source(cfg.model.name, cfg.model.path)
-        model, tokenizer = load_causal_lm(source, cfg.model.dtype)
+        model, tokenizer = load_causal_lm(source, cfg.model.dtype, quantization, device)
     else:
         source = resolve_model_source(cfg.model.name, cfg.model.path)
-        model, tokenizer = load_classifier(source, data.num_labels, cfg.model.dtype)
+        model, tokenizer = load_classifier(source, data.num_labels, cfg.model.dtype, quantization, device)
+    if kind == "classification" and cfg.model.pooling == "mean":
+        pool_by_mean(model)
     rank, alpha = cfg.adapter.rank, cfg.adapter.alpha
     if method.parameterisation == "lorasb" and alpha not in (None, rank):
         raise ConfigError(f"adapter.alpha: Fed-SB fixes the scaling s = 1 (alpha = rank = {rank}); got {alpha}")
@@ -59,7 +65,8 @@ def build_task(cfg: Config, device: torch.device, progress: bool = False, data=N
         model, parameterisation=method.parameterisation, rank=rank, scaling=(alpha or rank) / rank,
         target_modules=cfg.adapter.target_modules or default_target_modules(model.config.model_type),
         head_modules=heads, dropout=cfg.adapter.dropout)
-    adapted.model.to(device)
+    if quantization == "none":  # a quantised model was loaded onto the device, its adapters made there
+        adapted.model.to(device)
     autocast = None if cfg.model.autocast == "off" else getattr(torch, cfg.model.autocast)
     if kind == "instructions":
         try:

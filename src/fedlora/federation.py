@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, run_folder
+from .run_folder import ROUNDS_LOG, SUMMARY
 from .adapters import AdaptedModel, label_config, write_labels
 from .comm import payload_bytes
 from .config import Config, differing_keys
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # older versions' pickle: never loaded (unpickling can run code)
-ROUNDS_LOG = "rounds.jsonl"
 CHECKPOINT_KEYS = ("round", "config", "method", "base_weights", "runtime", "totals", "last_eval", "privacy", "rng",
                    "record")
 
@@ -294,7 +294,9 @@ class FederationServer:
     # -- a round ------------------------------------------------------------------------------
     def reference(self, client: int, r: int) -> dict[str, torch.Tensor]:
         """What the client would upload untrained in round r: an update is checked against it."""
-        return {k: v.detach().clone() for k, v in self.method.upload_of(self.method.client_state(client, r)).items()}
+        method = self.method
+        sent = method.cut(method.upload_of(method.client_state(client, r), r), client)
+        return {k: v.detach().clone() for k, v in sent.items()}
 
     def check_updates(self, payloads: list, references: list[dict[str, torch.Tensor]]) -> list[str | None]:
         """Why each upload of a round cannot be aggregated, or None (server.max_update_norm)."""
@@ -420,6 +422,8 @@ class FederationServer:
             "client_sizes": self.client_sizes,
             "model_source": self.model_source,
             "labels": self.label_names,
+            "baselines": (self.task.baselines(self.cfg.eval.max_examples)
+                          if isinstance(self.task, ClassificationTask) else None),
             "privacy": None if self.ledger is None else {
                 "noise_multiplier": self.ledger.noise_multiplier, "delta": self.ledger.delta,
                 "accountant": self.ledger.kind, "epsilon_max": self.ledger.max_epsilon(),
@@ -427,7 +431,7 @@ class FederationServer:
             "seconds_this_session": round(time.time() - started, 2),
             "config": self.cfg.to_dict(),
         }
-        run_folder.atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
+        run_folder.atomic_write(self.out / SUMMARY, json.dumps(summary, indent=2))
         return summary
 
     @property

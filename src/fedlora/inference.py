@@ -12,7 +12,8 @@ import torch
 
 from . import checkpoint
 from .adapters import AdaptedModel, label_config, write_labels
-from .config import Config, apply_overrides, build_config
+from .api import Run
+from .config import apply_overrides, build_config
 from .data import INSTRUCTION_PRESETS, ClassificationData, ClassificationSplit, InstructionSplit
 from .data import PRESETS as CLASSIFICATION_PRESETS
 from .data.presets import load_evaluation
@@ -21,18 +22,16 @@ from .experiment import build_task, task_kind
 from .federation import CHECKPOINT
 from .methods import METHODS
 from .models import pick_device
+from .run_folder import ROUNDS_LOG, read_log, read_summary
 from .tasks import ClassificationTask, Task
 
-SUMMARY = "summary.json"
 # What may change between training a model and using it: the data it is evaluated on, how, and where.
 CHANGEABLE = ("data.", "eval.", "device")
 
 
 @dataclass
-class FinishedRun:
-    folder: Path
-    cfg: Config
-    summary: dict
+class FinishedRun(Run):
+    """A finished run with its global model rebuilt (`load_trained`)."""
     task: Task
     adapted: AdaptedModel
     model_source: str
@@ -47,25 +46,10 @@ class FinishedRun:
 
     def evaluate(self) -> dict[str, float]:
         """The run's own evaluation (eval.batch_size, eval.max_examples) with per-class or per-task figures."""
-        e = self.cfg.eval
+        e = self.config.eval
         if isinstance(self.task, ClassificationTask):
             return self.task.evaluate(self.model, e.batch_size, e.max_examples, per_class=True)
         return self.task.evaluate(self.model, e.batch_size, e.max_examples)
-
-
-def read_summary(folder: str | Path) -> dict:
-    path = Path(folder) / SUMMARY
-    if not Path(folder).is_dir():
-        raise FedloraError(f"{folder}: no such run folder")
-    if not path.is_file():
-        raise FedloraError(f"{folder}: not a finished run (no {SUMMARY}; `fedlora run` writes it when the run ends)")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FedloraError(f"{path}: not readable as JSON ({err})") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
-        raise FedloraError(f"{path}: not a fedlora run summary (no config)")
-    return summary
 
 
 def load_trained(folder: str | Path, overrides: Iterable[str] = (), data: str | None = None,
@@ -110,7 +94,7 @@ def load_trained(folder: str | Path, overrides: Iterable[str] = (), data: str | 
         adapted.load_base_weights(state["base_weights"])
     adapted.load_state(method.eval_state())
     adapted.model.eval()
-    return FinishedRun(folder, cfg, summary, task, adapted, source)
+    return FinishedRun(folder, cfg, read_log(folder / ROUNDS_LOG), summary, task, adapted, source)
 
 
 def evaluation_data(section: dict, data: str) -> dict:
@@ -155,7 +139,7 @@ def input_keys(run: FinishedRun) -> list[str]:
     """The JSON keys an input's texts go under: the run's text column names (or text, text_pair), or prompt."""
     if not isinstance(run.task, ClassificationTask):
         return ["prompt"]
-    columns = run.cfg.data.text_columns
+    columns = run.config.data.text_columns
     pair = run.task.data.train.text_b is not None
     if columns and all(isinstance(c, str) for c in columns):
         return list(columns)
@@ -165,7 +149,7 @@ def input_keys(run: FinishedRun) -> list[str]:
 def predict(run: FinishedRun, inputs: list[list[str]]) -> list[dict]:
     """One result per input: for a classifier its label, id and probability; for a language model its
     greedy generation."""
-    batch_size = run.cfg.eval.batch_size
+    batch_size = run.config.eval.batch_size
     task = run.task
     if isinstance(task, ClassificationTask):
         pair = task.data.train.text_b is not None
@@ -198,6 +182,15 @@ def export_merged(run: FinishedRun, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedloraError(f"{out}: exists and is not an empty folder")
+    quantization = run.config.model.quantization
+    if quantization != "none":
+        raise FedloraError(f"the run's base was loaded quantised (model.quantization = '{quantization}'): its "
+                           f"adapters cannot be folded into full weights here; load the run's PEFT adapter "
+                           f"(adapter_model.safetensors) onto the unquantised base model and merge it there")
+    if run.config.model.pooling == "mean":
+        raise FedloraError("the run's head reads mean-pooled hidden states (model.pooling = 'mean'), which a plain "
+                           "transformers folder cannot express (it pools the first token): use the run itself "
+                           "(fedlora eval / fedlora predict, or fedlora.inference.load_trained)")
     adapted = run.adapted
     if adapted.layers:
         adapted.merge()
@@ -220,7 +213,7 @@ def format_metrics(metrics: dict[str, float], n: int) -> str:
 
 
 def evaluated_count(run: FinishedRun) -> int:
-    return len(run.task.eval_indices(run.cfg.eval.max_examples))
+    return len(run.task.eval_indices(run.config.eval.max_examples))
 
 
 def open_inputs(path: str) -> tuple[Iterable[str], str]:

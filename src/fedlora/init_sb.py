@@ -16,6 +16,7 @@ randomized SVD of sum_i G_i with the same Omega, at k (d_in + d_out) numbers up 
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -29,26 +30,66 @@ from .seeding import generator as seeded_generator
 Losses = Callable[[dict], torch.Tensor]  # batch -> per-example losses
 
 
+def _quantised(adapted: AdaptedModel) -> bool:
+    """Whether the base weights hold integers (model.quantization): they take no gradient themselves."""
+    return any(not layer.base.weight.dtype.is_floating_point for layer in adapted.layers.values())
+
+
+def _track_input(module, args):
+    # A quantised W0 cannot require grad; an input that requires it makes the layer's output carry the
+    # output gradient that dL/dW0 = sum_t g_t x_t^T needs. Inputs that do not track grad are leaves.
+    if not args[0].requires_grad:
+        args[0].requires_grad_(True)
+
+
 @contextmanager
 def _base_weights_trainable(adapted: AdaptedModel):
     model = adapted.model
     weights = {name: layer.base.weight for name, layer in adapted.layers.items()}
+    quantised = _quantised(adapted)
     was_training = model.training
     model.train()
-    for w in weights.values():
-        w.requires_grad_(True)
-        w.grad = None
+    handles = []
+    if quantised:
+        handles = [layer.base.register_forward_pre_hook(_track_input) for layer in adapted.layers.values()]
+    else:
+        for w in weights.values():
+            w.requires_grad_(True)
+            w.grad = None
     try:
         yield weights
     finally:
-        for w in weights.values():
-            w.requires_grad_(False)
-            w.grad = None
+        for h in handles:
+            h.remove()
+        if not quantised:
+            for w in weights.values():
+                w.requires_grad_(False)
+                w.grad = None
         model.train(was_training)
 
 
+def _recorded_sums(adapted: AdaptedModel, batches: Iterable[dict], example_losses: Losses, clip_norm: float,
+                   path: NormPath, project=None) -> dict[str, torch.Tensor]:
+    """The sum over examples of every example's dL/dW0 (all layers together) clipped to clip_norm, from the
+    recorded layer inputs and output gradients, in each weight's own layout (see private_gradient_sum)."""
+    recorder = for_base_weights(adapted, path)
+    total: dict[str, torch.Tensor] = {}
+    with _base_weights_trainable(adapted):
+        for batch in batches:
+            with recorder.recording(batch.get("attention_mask")):
+                example_losses(batch).sum().backward()
+            sums, _ = recorder.clipped_sum(clip_norm, project=project)
+            for name, g in sums.items():
+                total[name] = total[name] + g if name in total else g
+    return total
+
+
 def gradient_sums(adapted: AdaptedModel, batches: Iterable[dict], example_losses: Losses) -> dict[str, torch.Tensor]:
-    """Sum over examples of dL/dW0 for every adapted layer (as d_out x d_in), the model in training mode."""
+    """Sum over examples of dL/dW0 for every adapted layer (as d_out x d_in), the model in training mode. On a
+    quantised base, the gradient at the dequantised W0, summed from the recorded per-token products."""
+    if _quantised(adapted):
+        sums = _recorded_sums(adapted, batches, example_losses, math.inf, "ghost")  # unclipped
+        return {name: g.T if adapted.layers[name].transposed else g for name, g in sums.items()}
     with _base_weights_trainable(adapted) as weights:
         for batch in batches:
             example_losses(batch).sum().backward()
@@ -64,24 +105,16 @@ def private_gradient_sum(adapted: AdaptedModel, batches: Iterable[dict], example
     Gaussian noise of std noise_multiplier * clip_norm added once: a release that is private on its own.
     With `project` (layer -> (L or None, R or None)) each example's gradient G_e is replaced by its sketch
     L^T G_e R before clipping, and the noise is drawn in the sketch's shape: the release is the sketch."""
-    recorder = for_base_weights(adapted, path)
-    total: dict[str, torch.Tensor] = {}
-    with _base_weights_trainable(adapted):
-        for batch in batches:
-            with recorder.recording(batch.get("attention_mask")):
-                example_losses(batch).sum().backward()
-            sums, _ = recorder.clipped_sum(clip_norm, project=project)
-            for name, g in sums.items():
-                total[name] = total[name] + g if name in total else g
+    total = _recorded_sums(adapted, batches, example_losses, clip_norm, path, project)
     out = {}
     for name, layer in adapted.layers.items():
-        weight = layer.base.weight
-        if project is None:
-            shape = weight.shape
+        device = layer.lora_A.device
+        if project is None:  # the weight's own layout (from the layer: a quantised weight is packed)
+            shape = (layer.d_in, layer.d_out) if layer.transposed else (layer.d_out, layer.d_in)
         else:  # the recorder sees (output gradient, input): the sketch L^T G R in d_out x d_in orientation
             left, right = project[name]
             shape = (layer.d_out if left is None else left.shape[1], layer.d_in if right is None else right.shape[1])
-        g = total.get(name, torch.zeros(shape, device=weight.device))
+        g = total.get(name, torch.zeros(shape, device=device))
         g = g + torch.randn(shape, generator=generator, device=generator.device).to(g.device) * noise_multiplier * clip_norm
         out[name] = g.T if layer.transposed and project is None else g
     return out

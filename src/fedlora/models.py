@@ -248,8 +248,49 @@ def meta_config(name: str, num_labels: int = 2):
     return AutoConfig.for_model(cfg.pop("model_type"), num_labels=num_labels, **cfg)
 
 
-def load_classifier(source: str, num_labels: int, dtype: str = "float32"):
-    """(model, tokenizer) for sequence classification from a folder or hub id."""
+QUANTIZATION_PACKAGE = "bitsandbytes"
+
+
+def check_quantization(setting: str, method, device: torch.device) -> None:
+    """Refuse model.quantization where it cannot work, before any data or weights are read: a method that
+    writes into the base weights, a device other than CUDA, bitsandbytes missing."""
+    if setting == "none":
+        return
+    key = f"model.quantization = '{setting}'"
+    if method.parameterisation == "full" or method.changes_base:
+        why = ("trains the base weights themselves" if method.parameterisation == "full" else
+               "adds the aggregated update to the base weights W0, which a quantised W0 cannot hold exactly "
+               "(re-quantising loses most of it)")
+        raise ConfigError(f"{key}: method '{method.name}' {why}; use a method that leaves W0 as it is "
+                          f"(fedit, ffa, fedsb, fedsa) or model.quantization = 'none'")
+    if device.type != "cuda":
+        raise ConfigError(f"{key} needs a CUDA device (bitsandbytes' quantised layers run on the GPU); "
+                          f"this run's device is '{device}'")
+    if importlib.util.find_spec(QUANTIZATION_PACKAGE) is None:
+        raise ConfigError(f"{key} needs the bitsandbytes package: pip install 'fedlora[quant]'")
+
+
+def _quantized(setting: str, device: torch.device | None) -> dict:
+    """from_pretrained's arguments for model.quantization: the frozen base quantised on the device, the
+    output layer and task heads (trained or tied to the embeddings) left in the model's dtype."""
+    if setting == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    keep = ["lm_head", *HEAD_NAMES]
+    if setting == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=keep)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"quantization_config": config, "device_map": {"": index}}  # the whole model on that GPU
+
+
+def load_classifier(source: str, num_labels: int, dtype: str = "float32", quantization: str = "none",
+                    device: torch.device | None = None):
+    """(model, tokenizer) for sequence classification from a folder or hub id; with `quantization`
+    ("4bit", "8bit") the base is loaded quantised onto `device` (see check_quantization)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -259,7 +300,8 @@ def load_classifier(source: str, num_labels: int, dtype: str = "float32"):
     try:
         # a head of another size (a model fine-tuned for another task) is replaced by a fresh one
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, dtype=getattr(torch, dtype), ignore_mismatched_sizes=True)
+            source, num_labels=num_labels, dtype=getattr(torch, dtype), ignore_mismatched_sizes=True,
+            **_quantized(quantization, device))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:  # transformers raises ValueError for a folder without a model
         raise _cannot_load(source, err) from None
@@ -267,8 +309,9 @@ def load_classifier(source: str, num_labels: int, dtype: str = "float32"):
     return model, tokenizer
 
 
-def load_causal_lm(source: str, dtype: str = "float32"):
-    """(model, tokenizer) for a decoder language model from a folder or hub id."""
+def load_causal_lm(source: str, dtype: str = "float32", quantization: str = "none", device: torch.device | None = None):
+    """(model, tokenizer) for a decoder language model from a folder or hub id (`quantization`: as for
+    load_classifier)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -277,7 +320,8 @@ def load_causal_lm(source: str, dtype: str = "float32"):
     # transformers raises ValueError, not OSError, for a folder without a usable config.json.
     check_model_folder(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype),
+                                                     **_quantized(quantization, device))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise _cannot_load(source, err) from None

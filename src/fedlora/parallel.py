@@ -1,10 +1,11 @@
 """Several clients of a round trained at once, in one forward and backward over their concatenated batches.
 
-The clients share the frozen base model; only their trained tensors differ (FFA-LoRA: B, Fed-SB: R, FedIT,
-FedEx-LoRA, FLoRA, FedSA-LoRA: A and B; all: the task head). Each client keeps its own copy of those as leaf
-tensors with its own optimizer; for a forward they are stacked along a leading client dimension and every
-example goes through its own client's factors by batched matmuls (x -> A_k x -> R_k -> B_k), the shared
-ones (FFA's A, Fed-SB's A and B) by one plain matmul. Each client's loss is the mean over its own examples
+The clients share the frozen base model; only their trained tensors differ (FFA-LoRA, FedSVD: B, Fed-SB: R,
+FedIT, FedEx-LoRA, FLoRA, FedSA-LoRA: A and B; RoLoRA: the round's factor; all: the task head). Each client
+keeps its own copy of those as leaf tensors with its own optimizer; for a forward they are stacked along a
+leading client dimension and every example goes through its own client's factors by batched matmuls
+(x -> A_k x -> R_k -> B_k), the shared ones (FFA's A, Fed-SB's A and B, RoLoRA's frozen factor) by one plain
+matmul. Each client's loss is the mean over its own examples
 and the losses are summed, so one backward gives every client the gradient it would get alone. Clipping
 (train.max_grad_norm), DP-SGD's per-example clipping and noise, optimizer steps and the accountant's charge
 are all per client, with the client's own random streams, so every client ends where training it alone
@@ -125,13 +126,15 @@ class ClientStack:
 def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[torch.optim.Optimizer],
                 draws: list[Iterator[np.ndarray]], max_grad_norm: float | None = None,
                 dps: list | None = None, part_cost: int | None = None, max_rows: int | None = None,
-                lr_at: Callable[[int], float] | None = None) -> list[list[float]]:
+                lr_at: Callable[[int], float] | None = None,
+                before_steps: list[Callable[[], None] | None] | None = None) -> list[list[float]]:
     """Every client's local training in joint steps: a step takes every client's next batch (its example
     indices), runs them together (in parts of rows of similar length and at most `max_rows` rows, see
     batching.length_parts; gradients summed), and steps each client's own optimizer at the learning rate
     `lr_at(step)`; a client whose draws are over takes no more steps. With `dps` (one DPSGD per client) a
-    client's gradient is its clipped per-example sum plus its own noise, an empty draw noise alone. Returns
-    each client's batch mean losses."""
+    client's gradient is its clipped per-example sum plus its own noise, an empty draw noise alone;
+    `before_steps[k]()` runs on client k's gradients before each of its steps. Returns each client's batch mean
+    losses."""
     count = len(optimizers)
     losses: list[list[float]] = [[] for _ in optimizers]
     params = [list(leaves.values()) for leaves in stack.leaves]
@@ -169,6 +172,8 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
                     dps[k].set_noised({key: s[k] for key, s in sums.items()} if sizes[k] else {})
                 elif max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params[k], max_grad_norm)
+                if before_steps and before_steps[k] is not None:
+                    before_steps[k]()
                 if lr_at is not None:
                     for group in optimizers[k].param_groups:
                         group["lr"] = lr_at(step)
@@ -226,7 +231,7 @@ def train_together(trainer, clients: list[int], r: int, starts: dict[int, dict])
     failing client is dropped) or the clients do not share their untrained state. A client whose update
     cannot be made (its upload raises) is left out, and so trained again alone."""
     cfg, adapted, task = trainer.cfg, trainer.adapted, trainer.task
-    trainable = set(trainer.method.trainable_keys())
+    trainable = set(trainer.method.trainable_keys(r))
     keys = [k for k in adapted.parameters_by_key() if k in trainable]
     first = starts[clients[0]]
     shared = {k: v for k, v in first.items() if k not in trainable}
@@ -246,7 +251,9 @@ def train_together(trainer, clients: list[int], r: int, starts: dict[int, dict])
             torch.manual_seed(derive_seed(cfg.seed, "client", r, clients[0]))  # dropout, if any
             losses = train_steps(trainer.model, task, stack, optimizers, draws, cfg.train.max_grad_norm,
                                  dps if private else None, max_rows=trainer.max_rows,
-                                 lr_at=trainer.lr_schedule(r))
+                                 lr_at=trainer.lr_schedule(r),
+                                 before_steps=[trainer.method.gradient_step(c, leaves)
+                                               for c, leaves in zip(clients, stack.leaves)])
     except Exception as err:  # noqa: BLE001 - retried client by client, where the failure is attributed
         warnings.warn(f"round {r}: clients {clients} are trained again one by one, as training them together "
                       f"raised {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
@@ -255,8 +262,8 @@ def train_together(trainer, clients: list[int], r: int, starts: dict[int, dict])
     results = {}
     for c, leaves, step_losses, optimizer in zip(clients, stack.leaves, losses, optimizers):
         try:
-            results[c] = trainer.result(c, state | {k: v.detach().clone() for k, v in leaves.items()},
-                                    step_losses, optimizer)
+            results[c] = trainer.result(c, r, state | {k: v.detach().clone() for k, v in leaves.items()},
+                                        step_losses, optimizer)
         except Exception:  # noqa: BLE001 - left out: trained again alone, where its failure drops it alone
             pass
     return results

@@ -14,8 +14,7 @@ import numpy as np
 
 from .config import differing_keys
 from .errors import FedloraError
-
-ROUNDS_LOG, SUMMARY = "rounds.jsonl", "summary.json"
+from .run_folder import ROUNDS_LOG, SUMMARY
 
 
 @dataclass
@@ -28,6 +27,7 @@ class Run:
     total_bytes: list[int]  # bytes up + down of all clients up to and including each evaluated round
     final_epsilon: float | None  # the accountant's epsilon at the end
     setting: dict  # the config without its seed: runs drawn as one curve must share it
+    baselines: dict[str, float] | None = None  # summary.json's chance and majority-class accuracy
 
 
 def read_run(run_dir: str | Path, label: str | None = None) -> Run:
@@ -36,9 +36,8 @@ def read_run(run_dir: str | Path, label: str | None = None) -> Run:
     log = path / ROUNDS_LOG
     if not log.is_file():
         raise FedloraError(f"{path}: no {ROUNDS_LOG}; is it a folder written by `fedlora run`?")
-    config = {}
-    if (path / SUMMARY).is_file():
-        config = json.loads((path / SUMMARY).read_text()).get("config", {})
+    summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else {}
+    config = summary.get("config", {})
     rounds, values, total_bytes, cumulative, epsilon = [], {}, [], 0, None
     for number, line in enumerate(log.read_text().splitlines(), 1):
         try:
@@ -63,7 +62,7 @@ def read_run(run_dir: str | Path, label: str | None = None) -> Run:
         target = float(f"{epsilon:.2g}")
     return Run(path, label or (method if method == "full" or rank is None else f"{method} r={rank}"),
                math.inf if target is None else float(target), rounds, values, total_bytes, epsilon,
-               {k: v for k, v in config.items() if k != "seed"})
+               {k: v for k, v in config.items() if k != "seed"}, summary.get("baselines"))
 
 
 def _mean_curve(runs: list[Run], metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,7 +93,19 @@ def _setting_name(label: str, epsilon: float, all_eps: set[float]) -> str:
 
 def plot_runs(runs: list[Run], out: str | Path, metric: str = "accuracy", title: str | None = None) -> Path:
     """One PNG with up to three panels: metric vs round, metric vs total bytes (log x) and, when some runs
-    are private, final metric vs epsilon (one line per label; runs without DP at the right, as 'no DP')."""
+    are private, final metric vs epsilon (one line per label; runs without DP at the right, as 'no DP').
+    Accuracy panels show the chance and majority-class accuracy of the runs' evaluation data."""
+    fig = figure(runs, metric, title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return out
+
+
+def figure(runs: list[Run], metric: str = "accuracy", title: str | None = None):
+    """The matplotlib figure `plot_runs` writes."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -122,18 +133,19 @@ def plot_runs(runs: list[Run], out: str | Path, metric: str = "accuracy", title:
     axes[1].set_xscale("log")
     if private:
         _epsilon_panel(axes[2], groups, metric)
+    baselines = {(name, r.baselines[key]) for r in runs if r.baselines and metric == "accuracy"
+                 for key, name in (("chance", "chance"), ("majority", "majority class"))}
     for ax in axes:
+        for name, value in sorted(baselines):  # runs evaluated on different data: one line each
+            ax.axhline(value, color="grey", linewidth=1, linestyle=":" if name == "chance" else "--",
+                       label=f"{name} {value:.2f}")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def _epsilon_panel(ax, groups: dict[tuple[str, float], list[Run]], metric: str) -> None:

@@ -15,7 +15,7 @@ try:
 except ImportError:  # not POSIX: no lock
     fcntl = None
 
-LOCK = ".lock"
+LOCK, SUMMARY, ROUNDS_LOG = ".lock", "summary.json", "rounds.jsonl"
 
 
 def write_error(path: Path, err: OSError) -> FedloraError:
@@ -116,6 +116,24 @@ def read_log(path: Path) -> list[dict]:
                                "another output folder") from None
         rows.append(row)
     return rows
+
+
+def read_summary(folder: str | Path) -> dict:
+    """A finished run's summary.json (with its config), or one line saying why the folder has none."""
+    folder = Path(folder)
+    path = folder / SUMMARY
+    if not folder.is_dir():
+        raise FedloraError(f"{folder}: no such run folder")
+    if not path.is_file():
+        raise FedloraError(f"{folder}: not a finished run (no {SUMMARY}; `fedlora run` writes it when the run "
+                           "ends, `fedlora run --resume` continues an interrupted one)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FedloraError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        raise FedloraError(f"{path}: not a fedlora run summary (no config)")
+    return summary
 
 
 def repair_log(path: Path, last_round: int, last_record: dict | None) -> None:

@@ -136,6 +136,13 @@ class ClassificationTask(Task):
             return np.arange(len(labels))
         return stratified_sample(labels, max_examples, seed=EVAL_SAMPLE_SEED)
 
+    def baselines(self, max_examples: int | None) -> dict[str, float]:
+        """Accuracy without learning on the evaluated examples: chance (1 / classes) and always answering
+        the class most common among them (majority)."""
+        counts = np.bincount(np.asarray(self.data.eval.labels)[self.eval_indices(max_examples)],
+                             minlength=self.data.num_labels)
+        return {"chance": 1 / self.data.num_labels, "majority": float(counts.max() / counts.sum())}
+
     def _eval_set(self, batch_size: int, max_examples: int | None) -> list[dict]:
         key = (batch_size, max_examples)
         if key not in self._eval_batches:

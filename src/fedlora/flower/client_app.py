@@ -170,7 +170,7 @@ def client_app(defaults: dict | None = None) -> ClientApp:
             download, r = from_record(msg.content["arrays"], trainer.device), int(msg.content["config"]["round"])
         _inject_fault(r)
         runtime.restore(context)
-        trainer.method.global_state = trainer.method.global_state | download
+        trainer.method.take_download(client, download)
         timeout = trainer.cfg.federation.client_timeout
         update = trainer.update(client, r, trainer.method.client_state(client, r),
                                     time.monotonic() + timeout if timeout else None)

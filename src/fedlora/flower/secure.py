@@ -27,7 +27,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from ..errors import ConfigError
 
-SUMMED = ("fedit", "ffa", "fedsb", "fedsa", "full")
+SUMMED = ("fedit", "ffa", "fedsb", "fedsa", "full", "fedsvd", "rolora")
 CLIP = 8.0  # SecAgg+'s clipping range: each uploaded value, times its weight share, must lie within +-CLIP
 QUANTIZATION = 2 ** 22
 
@@ -42,6 +42,9 @@ def check_secure(cfg) -> None:
                           "secure aggregation gives only their weighted mean (use 'mean')")
     if cfg.federation.clients_per_round < 2:
         raise ConfigError("secagg: federation.clients_per_round must be at least 2 for secure aggregation")
+    if cfg.adapter.client_ranks is not None:
+        raise ConfigError("secagg: adapter.client_ranks gives the clients' uploads different shapes, which "
+                          "secure aggregation cannot sum; leave one of the two out")
 
 
 class _Node(ClientProxy):

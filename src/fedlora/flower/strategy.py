@@ -210,7 +210,7 @@ class FedloraStrategy(Strategy):
             if server.ledger is not None:
                 server.charge_training(c)
             metrics = reply.content["metrics"] if "metrics" in reply.content else {}
-            accepted.append((c, ClientUpdate(payload=payload, trained=start | payload,
+            accepted.append((c, ClientUpdate(payload=payload, trained=start | server.method.pad(payload),
                                              loss=float(metrics.get("loss", float("nan"))), optimizer_state=None)))
         # the server's checks see the round's uploads together (the size rule compares each with their median)
         reasons = server.check_updates([u.payload for _, u in accepted], [server.reference(c, r) for c, _ in accepted])

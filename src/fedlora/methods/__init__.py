@@ -5,10 +5,15 @@ from .fedit import FedIT
 from .fedsa import FedSALoRA
 from .fedsb import FedSB
 from .ffa import FFALoRA
+from .flexlora import FlexLoRA
+from .fedsvd import FedSVD
 from .flora import FLoRA
 from .full import FullFedAvg
+from .hetlora import HetLoRA
+from .rolora import RoLoRA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FedSB, FedExLoRA, FLoRA, FedSALoRA, FullFedAvg)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FedSB, FedExLoRA, FLoRA, FedSALoRA, FullFedAvg,
+                                                        FedSVD, RoLoRA, FlexLoRA, HetLoRA)}
 
 
 def register_method(method: type[Method]) -> type[Method]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..adapters import AdaptedModel
 from ..aggregation import combine
@@ -74,15 +75,22 @@ class Method:
     changes_base: ClassVar[bool] = False  # whether aggregation writes into W0 (FedEx-LoRA, FLoRA)
     # whether the server rule is a weighted sum of the payloads, so a robust rule may stand in for it
     linear_aggregation: ClassVar[bool] = True
+    # whether clients may hold different ranks (adapter.client_ranks): each trains, sends and receives the first
+    # r_i components of the global rank-adapter.rank factors, which the server zero-pads back (see `cut`, `pad`)
+    heterogeneous_ranks: ClassVar[bool] = False
+    # whether a client's optimizer state may be kept across rounds (train.keep_optimizer_state): not where
+    # the trained tensors change meaning between rounds (RoLoRA trains another factor, FedSVD re-factorises)
+    carries_optimizer_state: ClassVar[bool] = True
 
     def __init__(self, adapted: AdaptedModel, cfg: Config, client_sizes: list[int]):
         self.adapted = adapted
         self.cfg = cfg
         self.client_sizes = client_sizes
         self.global_state: State = {}
+        self.ranks = list(cfg.adapter.client_ranks) if cfg.adapter.client_ranks else None
         if cfg.server.aggregation != "mean" and not self.linear_aggregation:
             raise ConfigError(f"server.aggregation = '{cfg.server.aggregation}' needs a method whose server rule "
-                              f"is a weighted sum (fedit, ffa, fedsb, fedsa, full), not '{self.name}'")
+                              f"is a weighted sum (fedit, ffa, fedsb, fedsa, full, fedsvd, rolora), not '{self.name}'")
 
     # -- set-up -------------------------------------------------------------------------------
     def initialise(self, ctx: InitContext) -> Exchange:
@@ -110,24 +118,37 @@ class Method:
     # -- one round ----------------------------------------------------------------------------
     def client_state(self, client: int, round_: int) -> State:
         """The state a client trains from (the global state, plus anything it keeps itself)."""
-        return self.global_state
+        return self.at_rank(self.global_state, client)
 
     def download(self, client: int) -> State:
-        return {k: self.global_state[k] for k in self.adapted.keys_of(self.downloads)}
+        return self.cut({k: self.global_state[k] for k in self.adapted.keys_of(self.downloads)}, client)
 
-    def trainable_keys(self) -> list[str]:
-        return self.adapted.keys_of(self.trains)
+    def take_download(self, client: int, download: State) -> None:
+        """A client's side of its download: its copy of the global state (zero-padded to adapter.rank)."""
+        self.global_state = self.global_state | self.pad(download)
 
-    def upload(self, client: int, trained: State) -> State:
-        return self.upload_of(trained)
+    def trains_in(self, round_: int) -> tuple[str, ...]:
+        """The factor kinds a client trains in round `round_` (RoLoRA alternates; most methods: `trains`)."""
+        return self.trains
 
-    def upload_of(self, state: State) -> State:
-        """The tensors a client holding `state` sends (no side effects: the server uses it as the reference
-        an update is checked against)."""
-        return {k: state[k] for k in self.adapted.keys_of(self.uploads)}
+    def uploads_in(self, round_: int) -> tuple[str, ...]:
+        """The factor kinds a client sends in round `round_` (most methods: `uploads`)."""
+        return self.uploads
+
+    def trainable_keys(self, round_: int) -> list[str]:
+        return self.adapted.keys_of(self.trains_in(round_))
+
+    def upload(self, client: int, trained: State, round_: int) -> State:
+        return self.cut(self.upload_of(trained, round_), client)
+
+    def upload_of(self, state: State, round_: int) -> State:
+        """The tensors a client holding `state` sends in round `round_` (no side effects: the server uses it
+        as the reference an update is checked against)."""
+        return {k: state[k] for k in self.adapted.keys_of(self.uploads_in(round_))}
 
     def aggregate(self, payloads: list[State], weights: list[float], clients: list[int], round_: int) -> Aggregate:
         server = self.cfg.server
+        payloads = [self.pad(p) for p in payloads]
         for key in payloads[0]:
             self.global_state[key] = combine([p[key] for p in payloads], weights, server.aggregation,
                                              server.trim_fraction)
@@ -142,6 +163,51 @@ class Method:
     def eval_state(self) -> State:
         """The global model that is evaluated and exported."""
         return self.global_state
+
+    # -- heterogeneous ranks ------------------------------------------------------------------
+    def rank_of(self, client: int) -> int:
+        return self.ranks[client] if self.ranks is not None else self.adapted.rank
+
+    def cut(self, state: State, client: int) -> State:
+        """The state's LoRA factors cut to the client's rank r_i (A's first r_i rows, B's first r_i columns):
+        what the client sends and receives; the state itself when every client holds adapter.rank."""
+        r = self.rank_of(client)
+        if r == self.adapted.rank:
+            return state
+        return {k: v[:r] if k.endswith(".lora_A") else v[:, :r] if k.endswith(".lora_B") else v
+                for k, v in state.items()}
+
+    def pad(self, state: State) -> State:
+        """Factors cut to a client's rank, zero-padded back to adapter.rank (other tensors as they are)."""
+        if self.ranks is None:
+            return state
+        full = self.adapted.rank
+        return {k: F.pad(v, (0, 0, 0, full - v.shape[0])) if k.endswith(".lora_A") and len(v) < full
+                else F.pad(v, (0, full - v.shape[1])) if k.endswith(".lora_B") and v.shape[1] < full else v
+                for k, v in state.items()}
+
+    def at_rank(self, state: State, client: int) -> State:
+        """The state as a client of rank r_i holds it: the components of its trained factors beyond r_i zero
+        (a frozen factor, FFA-LoRA's A, stays whole: the zero columns of B leave its rows unused)."""
+        if self.rank_of(client) == self.adapted.rank:
+            return state
+        trained = set(self.adapted.keys_of(self.trains, head=False))
+        return state | self.pad(self.cut({k: v for k, v in state.items() if k in trained}, client))
+
+    def gradient_step(self, client: int, params: dict[str, torch.Tensor]) -> Callable[[], None] | None:
+        """What runs on the gradients of a client's trained `params` (by state key) before each optimizer step;
+        None: nothing. For a client below adapter.rank it zeroes the gradient of the components beyond its
+        rank, so they stay zero (their gradient is zero already, but DP-SGD's noise is not)."""
+        r = self.rank_of(client)
+        if r == self.adapted.rank:
+            return None
+        factors = [(k.endswith(".lora_A"), p) for k, p in params.items() if k.endswith((".lora_A", ".lora_B"))]
+
+        def mask():
+            for rows, p in factors:
+                if p.grad is not None:
+                    (p.grad[r:] if rows else p.grad[:, r:]).zero_()
+        return mask
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:

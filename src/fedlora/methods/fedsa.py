@@ -18,9 +18,9 @@ class FedSALoRA(Method):
     def client_state(self, client, round_):
         return self.global_state | self.own_B.get(client, {})
 
-    def upload(self, client, trained):
+    def upload(self, client, trained, round_):
         self.own_B[client] = {k: trained[k] for k in self.adapted.keys_of(("lora_B",), head=False)}
-        return super().upload(client, trained)
+        return super().upload(client, trained, round_)
 
     def eval_state(self):
         if not self.own_B:

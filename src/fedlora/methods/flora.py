@@ -3,6 +3,8 @@
 B_s = [w_1 B_1 ... w_n B_n] (d_out x n r), A_s = [A_1; ...; A_n] (n r x d_in). The stacked factors are
 broadcast to every client, which merges them into its W0. Each client starts every round with a fresh
 LoRA (A random from the client's and round's seed, B = 0), so only the head is downloaded.
+With adapter.client_ranks client i's fresh LoRA has rank r_i and it sends r_i components: B_s is
+d_out x sum r_i, and the merge stays exact.
 """
 import torch
 
@@ -13,12 +15,14 @@ from .base import Aggregate, Method
 class FLoRA(Method):
     name = "flora"
     linear_aggregation = False
+    heterogeneous_ranks = True  # stacking takes factors of any rank: B_s is d_out x sum r_i
     trains = uploads = ("lora_A", "lora_B")
     downloads = ()
     changes_base = True
 
     def client_state(self, client, round_):
-        return self.global_state | self.adapted.lora_init(generator(self.cfg.seed, "fresh_lora", round_, client))
+        fresh = self.adapted.lora_init(generator(self.cfg.seed, "fresh_lora", round_, client))
+        return self.at_rank(self.global_state | fresh, client)
 
     def aggregate(self, payloads, weights, clients, round_):
         broadcast = {}
