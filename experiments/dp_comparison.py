@@ -28,6 +28,7 @@ METHODS = {"fedit": ("FedIT (LoRA)", 8), "ffa": ("FFA-LoRA", 8), "fedsb": ("Fed-
 CLAIMS = [("ffa", "fedit", "FFA-LoRA beats LoRA (FedIT) under DP"), ("fedsb", "ffa", "Fed-SB beats FFA-LoRA under DP"),
           ("fedsb", "fedex", "Fed-SB beats FedEx-LoRA under DP")]
 NO_DP = math.inf  # the recipe without DP (--set privacy.epsilon=none)
+DEV_EXAMPLES = 872  # SST-2's dev split
 
 
 def epsilon_name(epsilon: float) -> str:
@@ -64,6 +65,24 @@ def finished(out: Path) -> list[dict]:
     return runs
 
 
+def standard_error(row: dict) -> float:
+    """Of a row's mean accuracy: over its seeds, or for one run the binomial error on the dev set."""
+    if row["seeds"] > 1:
+        return row["std"] / math.sqrt(row["seeds"])
+    return math.sqrt(row["mean"] * (1 - row["mean"]) / DEV_EXAMPLES)
+
+
+def verdict(better: dict | None, worse: dict | None) -> str:
+    """Whether `better` beats `worse` by more than twice the standard error of the difference."""
+    if better is None or worse is None or better["mean"] is None or worse["mean"] is None:
+        return "not run"
+    difference = better["mean"] - worse["mean"]
+    error = math.hypot(standard_error(better), standard_error(worse))
+    outcome = ("confirmed" if difference > 2 * error else "contradicted" if difference < -2 * error
+               else "not shown (within twice the standard error)")
+    return f"{outcome} ({better['mean']:.4f} vs {worse['mean']:.4f}, difference {difference:+.4f} ± {error:.4f})"
+
+
 def table(results: list[dict]) -> tuple[list[dict], str]:
     epsilons = sorted({r["epsilon"] for r in results})
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
@@ -81,14 +100,12 @@ def table(results: list[dict]) -> tuple[list[dict], str]:
             cells.append("-" if not accs else f"{row['mean']:.4f}" + (f" ± {row['std']:.4f}" if row["std"] else "")
                          + f" (n={len(accs)})")
         lines.append(f"| {label}, r = {rank} | " + " | ".join(cells) + " |")
-    mean = {(r["method"], r["epsilon"]): r["mean"] for r in rows}
+    by_key = {(r["method"], r["epsilon"]): r for r in rows}
     lines.append("")
     for better, worse, claim in CLAIMS:
-        verdicts = [f"epsilon {epsilon_name(e)}: " + (
-            "not run" if mean.get((better, epsilon_name(e))) is None or mean.get((worse, epsilon_name(e))) is None
-            else ("confirmed" if mean[(better, epsilon_name(e))] > mean[(worse, epsilon_name(e))] else "not confirmed")
-            + f" ({mean[(better, epsilon_name(e))]:.4f} vs {mean[(worse, epsilon_name(e))]:.4f})")
-            for e in epsilons if e != NO_DP]
+        verdicts = [f"epsilon {epsilon_name(e)}: " + verdict(by_key.get((better, epsilon_name(e))),
+                                                          by_key.get((worse, epsilon_name(e))))
+                    for e in epsilons if e != NO_DP]
         lines.append(f"- {claim}: " + "; ".join(verdicts))
     return rows, "\n".join(lines) + "\n"
 
