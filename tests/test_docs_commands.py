@@ -35,9 +35,10 @@ def checkout(tmp_path):
     return folder
 
 
-def shell(command: str, folder) -> subprocess.CompletedProcess:
+def shell(command: str, folder, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    done = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
     return done
 
@@ -85,7 +86,7 @@ def final_line(done: subprocess.CompletedProcess) -> str:
 def test_the_quickstart_as_documented(checkout):
     """The README's main command: Fed-SB learns well above the majority class, with the documented bytes
     (byte counts do not depend on the machine; accuracy does, a little)."""
-    done = shell(QUICKSTART, checkout)
+    done = shell(QUICKSTART, checkout, timeout=3600)
     summary = json.loads((checkout / "runs/quickstart/summary.json").read_text())
     assert summary["final_eval"]["accuracy"] > 0.75, final_line(done)
     assert (summary["bytes_up_total"], summary["bytes_down_total"]) == (98_510_400, 118_785_600)
@@ -96,7 +97,7 @@ def test_the_quickstart_as_documented(checkout):
 def test_the_private_recipe_as_documented(checkout):
     """docs/privacy.md's recipe: epsilon 3 spent, not exceeded, and a model clearly off the majority class
     (its noise is secret, so every run differs: the bound is below the lowest of the measured seeds)."""
-    done = shell(PRIVATE_RECIPE, checkout)
+    done = shell(PRIVATE_RECIPE, checkout, timeout=3600)
     summary = json.loads((checkout / "runs/sst2-dp/summary.json").read_text())
     assert 2.9 < summary["privacy"]["epsilon_max"] <= 3.0
     assert summary["final_eval"]["accuracy"] > PRIVATE_RECIPE_FLOOR, final_line(done)
