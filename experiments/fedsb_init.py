@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE))
 from reproduce import run_all  # noqa: E402
 
 from fedlora.plots import read_run  # noqa: E402
+from fedlora.run_folder import ROUNDS_LOG, read_log  # noqa: E402
 
 VARIANTS = {"dense": ["fedsb.init='dense'"], "sketch": ["fedsb.init='sketch'"],
             "sign_sketch": ["fedsb.init='sign_sketch'"], "signs": ["fedsb.init='signs'"],
@@ -53,12 +54,12 @@ def main():
         mine = [runs[f"{variant}_s{seed}"] for seed in args.seeds if f"{variant}_s{seed}" in runs]
         if not mine:
             continue
-        logs = [[json.loads(line) for line in (run.path / "rounds.jsonl").read_text().splitlines()] for run in mine]
+        setup = read_log(mine[0].path / ROUNDS_LOG)[0]  # round 0: the same bytes for every seed
         within = [next((a for a, b in reversed(list(zip(run.values["accuracy"], run.total_bytes))) if b <= budget),
                        None) for run in mine]
         finals = [run.values["accuracy"][-1] for run in mine]
         rows.append({"variant": variant, "seeds": len(mine),
-                     "round0_bytes_up": logs[0][0]["bytes_up"], "round0_bytes_down": logs[0][0]["bytes_down"],
+                     "round0_bytes_up": setup["bytes_up"], "round0_bytes_down": setup["bytes_down"],
                      "total_bytes": mine[0].total_bytes[-1],
                      "accuracy_mean": statistics.mean(finals), "accuracy_std": statistics.pstdev(finals),
                      "accuracy_at_budget": None if None in within else statistics.mean(within),
