@@ -6,7 +6,10 @@ about what its largest micro-batch does (target: at most 1.5x).
 
 all-MiniLM-L6-v2 on SST-2 training sentences (max_length 64), FFA-LoRA and Fed-SB at rank 8 with the head.
 Each measurement runs in a fresh process: on the CPU the peak resident set (VmHWM) is reset just before the
-step, on a GPU the allocator's peak; "step" is the peak's rise over the memory held just before the step.
+step, on a GPU the allocator's peak; "step" is the peak's rise over the memory held just before the step. On
+the CPU both processes run with glibc's MALLOC_MMAP_THRESHOLD_ at 128 KiB, so that every tensor larger than
+that is mapped on its own and returned when freed: with glibc's default, freed blocks stay in its heap and
+the resident set counts memory that no tensor holds.
 Writes results/dp_memory.json and prints the ratio.
 
     FEDLORA_DATA_DIR=/work/shared/data python benchmarks/dp_memory.py [--expected 1024] [--physical 64]
@@ -15,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import torch
 from harness import write_results
+
+
+MALLOC_ENV = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def current_and_reset() -> int:
@@ -98,7 +105,7 @@ def main() -> None:
         pair = {}
         for which in ("all", "largest"):
             out = subprocess.run([sys.executable, __file__, "--one", method, str(args.expected), str(args.physical),
-                                  which], capture_output=True, text=True, check=True).stdout
+                                  which], capture_output=True, text=True, check=True, env=MALLOC_ENV).stdout
             pair[which] = json.loads(out.strip().splitlines()[-1])
         large, small = pair["all"], pair["largest"]
         ratio = large["step_MiB"] / small["step_MiB"]

@@ -171,6 +171,50 @@ def test_node_sizes_weight_the_updates_and_shared_data_sizes_are_checked(sim_con
         strategy.start(grid)
 
 
+def test_under_dp_every_node_trains_with_the_noise_calibrated_from_the_nodes_sizes(sim_config, toy_data, tmp_path,
+                                                                                  monkeypatch):
+    """Node 0 trains on its own file of 30 rows under DP, fewer than the config's partition gives it: the
+    server calibrates sigma from the nodes' sizes, and each node checks it against its own plan and trains with
+    it, not with the sigma of the config's partition (which would spend more than epsilon on 30 rows)."""
+    from fedlora.federation import FederationPlan
+    from fedlora.flower.client_app import ClientRuntime
+
+    cfg = sim_config(method={"name": "ffa"}, eval={"every": 0}, privacy={"epsilon": 3.0},
+                     federation={"num_clients": 2, "clients_per_round": 2, "rounds": 1})
+    rows = Path(toy_data["path"]).read_text().splitlines()
+    own = tmp_path / "own.tsv"
+    own.write_text("\n".join(rows[:31]) + "\n")
+    trained_with = {}
+    real_take = ClientRuntime.take_privacy
+
+    def spy(runtime, client, settings):
+        real_take(runtime, client, settings)
+        trained_with.setdefault(client, set()).add(runtime.trainer.noise_multiplier)
+
+    monkeypatch.setattr(ClientRuntime, "take_privacy", spy)
+    grid = InMemoryGrid(client_app(), to_run_config(cfg), 2)
+    grid.contexts[min(grid.contexts)].node_config["data-path"] = str(own)
+    strategy = strategy_for(cfg, tmp_path / "own")
+    partition = list(strategy.server.client_sizes)
+    strategy.start(grid)
+    sizes = strategy.server.client_sizes
+    assert sizes[0] < partition[0]
+    sigma = strategy.server.ledger.noise_multiplier
+    assert trained_with == {0: {sigma}, 1: {sigma}}
+    from_partition = FederationPlan(cfg, partition).noise_multiplier(0)
+    assert sigma > from_partition * 1.01  # the small node needs more noise than the partition's sizes suggest
+    assert strategy.server.ledger.max_epsilon() <= 3.0 * (1 + 1e-6)
+
+    # a node refuses a noise multiplier, delta or set-up size its own plan cannot take
+    runtime = ClientRuntime(to_run_config(cfg), str(own))
+    settings = {"noise-multiplier": sigma, "delta": strategy.server.ledger.delta, "init-examples": 0}
+    runtime.take_privacy(0, settings)
+    with pytest.raises(ConfigError, match=f"client 0's planned training on its {sizes[0]} examples would spend epsilon"):
+        runtime.take_privacy(0, settings | {"noise-multiplier": from_partition * 0.9})
+    with pytest.raises(ConfigError, match="for delta 0.01, more than"):
+        runtime.take_privacy(0, settings | {"delta": 0.01})
+
+
 def _shards(cfg):
     from fedlora.flower.client_app import ClientRuntime
 
@@ -310,8 +354,9 @@ def run_secure(cfg, out: Path, secagg: float = 0.66, grid=None) -> tuple[Fedlora
 
 @pytest.mark.parametrize("name", ["ffa", "fedsb", "fedit", "rolora"])
 def test_the_secure_aggregate_is_the_plain_one_within_secaggs_quantisation(sim_config, tmp_path, name):
-    """Round 1 of 4 clients, 3 sampled: the secure mean is the exact one within SecAgg+'s quantisation."""
-    cfg = sim_config(method={"name": name}, eval={"every": 0}, federation={"rounds": 1})
+    """Round 1 of 4 clients, 3 sampled: the secure mean is the exact one within SecAgg+'s quantisation.
+    Fed-SB's set-up sums its votes through SecAgg+ too; votes are integers, so its B and A are the plain ones."""
+    cfg = sim_config(method={"name": name}, eval={"every": 0}, federation={"rounds": 1}, fedsb={"init": "signs"})
     sim = Simulator(cfg, tmp_path / "sim", progress=False)
     sim.run()
     strategy, _ = run_secure(cfg, tmp_path / "secure")
@@ -323,6 +368,54 @@ def test_the_secure_aggregate_is_the_plain_one_within_secaggs_quantisation(sim_c
     rows = read_log(tmp_path / "secure")
     assert all(r["secure_aggregation"] for r in rows[1:])
     assert [r["clients"] for r in rows] == [r["clients"] for r in read_log(tmp_path / "sim")]
+
+
+def test_fedsb_set_up_sums_reach_the_server_only_through_secagg(sim_config, tmp_path, monkeypatch):
+    """The default set-up (sign_sketch) under SecAgg+: each phase's sum is the hand-computed one, from the
+    clients' votes M = sum_i sign(G_i) (the plain 'signs' set-up's sum), within the quantisation of that
+    phase's clipping range: sign(G) Omega for the range, Q^T sign(G) with the server's own Q for the
+    projection; every client is charged and counted as in the plain run."""
+    from fedlora.init_sb import reply_bound, sketch_matrix
+    from fedlora.methods.fedsb import FedSB
+
+    sums = []
+    real_sum = FedSB._sum
+
+    def record(ask_sum, request, clients):
+        total, answered = real_sum(ask_sum, request, clients)
+        sums.append((request, total, answered))
+        return total, answered
+
+    monkeypatch.setattr(FedSB, "_sum", staticmethod(record))
+    base = dict(method={"name": "fedsb"}, eval={"every": 0}, federation={"rounds": 1})
+    plain = Simulator(sim_config(**base, fedsb={"init": "signs"}), tmp_path / "votes", progress=False)
+    plain.initialise()
+    (_, votes, voters), = sums
+    sums.clear()
+    cfg = sim_config(**base)
+    assert cfg.fedsb.init == "sign_sketch"
+    strategy = FedloraStrategy(FederationServer.from_config(cfg, tmp_path / "secure", progress=False),
+                               round_timeout=5, node_wait=0, secagg=0.66)
+    grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
+    strategy.connect(grid)
+    record0 = strategy.initialise(grid)
+    (ranges, range_sum, range_clients), (project, projection_sum, project_clients) = sums
+    assert range_clients == project_clients == sorted(voters) == record0["clients"]
+    adapted = strategy.server.adapted
+    for phase, request, total in (("range", ranges, range_sum), ("project", project, projection_sum)):
+        bound = 1.5 * len(voters) * 2 * reply_bound(adapted, request) / 2 ** 22
+        for i, (name, layer) in enumerate(adapted.layers.items()):
+            M = votes[f"{name}.signs"].double()
+            if phase == "range":
+                omega = sketch_matrix(layer, request.sketch_size, request.sketch_seed, i).double()
+                expected, got = M @ omega, total[f"{name}.range"]
+            else:
+                expected, got = request.arrays[f"{name}.basis"].double().T @ M, total[f"{name}.projection"]
+            assert expected.abs().max() > 1000 * bound  # sums of votes, far above the quantisation
+            assert (got.double() - expected).abs().max() < bound, (phase, name)
+    float32_bytes = sum(4 * t.numel() for t in (range_sum | projection_sum).values())
+    assert record0["bytes_up"] == float32_bytes * len(voters)
+    assert strategy.flower_bytes.get(0, {}).get("up", 0) == 0  # no plain set-up reply reached the server
 
 
 def test_fedsvd_refactorises_the_secure_mean_of_B(sim_config, tmp_path):
@@ -378,9 +471,11 @@ def test_a_client_that_drops_out_of_a_secure_round_is_tolerated(sim_config, tmp_
     assert_same_tensors(secure.server.method.global_state, plain.server.method.global_state, tol=secagg_bound(2))
 
 
-def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypatch):
-    """Every upload a node hands to SecAgg+ is compared with what reaches the server: the masked vectors
-    the server receives, dequantised, are nowhere near the uploads (nor is any unmasked upload sent)."""
+@pytest.mark.parametrize("name", ["ffa", "fedsb"])
+def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypatch, name):
+    """Every upload a node hands to SecAgg+ (Fed-SB's set-up replies too) is compared with what reaches the
+    server: the masked vectors the server receives, dequantised, are nowhere near the uploads (nor is any
+    unmasked upload sent)."""
     import numpy as np
     from flwr.common import bytes_to_ndarray
     from flwr.common.secure_aggregation.quantization import dequantize
@@ -388,17 +483,18 @@ def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypat
 
     import fedlora.flower.secure as secure_module
 
-    uploads = {}
+    uploads = {}  # client -> [(upload, clipping range)], in the order sent
     real_fitres = secure_module.fitres_content
 
     def spy(payload, settings, client):
-        uploads[client] = np.concatenate([payload[k].float().numpy().ravel() for k in sorted(payload)])
+        vector = np.concatenate([payload[k].float().numpy().ravel() for k in sorted(payload)])
+        uploads.setdefault(client, []).append((vector, float(settings["clip"])))
         return real_fitres(payload, settings, client)
 
     monkeypatch.setattr(secure_module, "fitres_content", spy)
-    cfg = sim_config(method={"name": "ffa"}, eval={"every": 0}, federation={"rounds": 1})
+    cfg = sim_config(method={"name": name}, eval={"every": 0}, federation={"rounds": 1})
     grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
-    received = {}
+    received = {}  # client -> [masked vector], in the order received
     real_send = grid.send_and_receive
 
     def capture(messages, *, timeout=None):
@@ -409,17 +505,23 @@ def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypat
                 if Key.MASKED_PARAMETERS in record:
                     client = grid.contexts[reply.metadata.src_node_id].node_config["partition-id"]
                     vector = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]]
-                    received[client] = np.concatenate([a.ravel() for a in vector]).astype(np.float64)
+                    received.setdefault(client, []).append(np.concatenate([a.ravel() for a in vector]))
             assert "arrays" not in reply.content.array_records or not reply.content.array_records["arrays"]
         return replies
 
     grid.send_and_receive = capture
     run_secure(cfg, tmp_path, grid=grid)
-    assert sorted(received) == sorted(uploads) and len(uploads) == cfg.federation.clients_per_round
-    for client, upload in uploads.items():
-        masked = dequantize([received[client][1:]], 8.0, 2 ** 22)[0]  # [0] is the weight factor
-        assert masked.shape == upload.shape
-        assert np.abs(masked - upload).mean() > 100  # plain would differ by a quantisation step
+    assert sorted(received) == sorted(uploads)
+    # a round's uploads, and for Fed-SB its two set-up phases before it
+    phases = 3 if name == "fedsb" else 1
+    assert sum(map(len, uploads.values())) == cfg.federation.clients_per_round + (phases - 1) * len(uploads)
+    for client, sent in uploads.items():
+        assert len(received[client]) == len(sent)
+        for (upload, clip), vector in zip(sent, received[client]):
+            masked = dequantize([vector[1:].astype(np.float64)], clip, 2 ** 22)[0]  # [0] is the weight factor
+            assert masked.shape == upload.shape
+            # plain would differ by a quantisation step
+            assert np.abs(masked - upload).mean() > 100 * clip, (client, clip)
 
 
 @pytest.mark.parametrize("name", ["fedex", "flora"])
@@ -430,13 +532,22 @@ def test_secure_aggregation_is_refused_for_methods_that_need_each_clients_factor
         check_supported(sim_config(method={"name": "ffa"}, server={"aggregation": "median"}), secagg=0.66)
 
 
+@pytest.mark.parametrize("variant", ["dense", "sketch"])
+def test_fedsb_set_ups_that_send_gradient_sums_are_refused_under_secure_aggregation(sim_config, variant):
+    with pytest.raises(ConfigError, match=f"fedsb.init = '{variant}' sends the clients' gradient sums"):
+        check_supported(sim_config(method={"name": "fedsb"}, fedsb={"init": variant}), secagg=0.66)
+    public = {"init": variant, "init_data": "public", "public_data": {"name": "sst2"}}
+    check_supported(sim_config(method={"name": "fedsb"}, fedsb=public), secagg=0.66)  # nothing sent: nothing refused
+
+
 def test_live_secure_aggregation_on_loopback_matches_the_simulator(loopback_config, tmp_path):
     """fedsb and ffa on a live loopback federation with SecAgg+ (`--run-config secagg-threshold=1.0`): the
     exported adapter is the simulator's within SecAgg+'s quantisation, every round is logged as secure."""
     federation = LoopbackFederation(tmp_path / "federation", num_nodes=2)
     try:
         for name in ("fedsb", "ffa"):
-            cfg = loopback_config(name, federation={"rounds": 1})
+            # Fed-SB's set-up votes go through SecAgg+ too, as integers: the set-up is the plain one
+            cfg = loopback_config(name, federation={"rounds": 1}, fedsb={"init": "signs"})
             out = tmp_path / f"flower-{name}"
             app = write_app(tmp_path / f"app-{name}", cfg, out, round_timeout=120, node_wait=60).parent
             done = subprocess.run([str(BIN / "fedlora"), "flower", "run", str(app), "loopback", "--run-config",

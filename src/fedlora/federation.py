@@ -115,6 +115,26 @@ class FederationPlan:
     def init_noise_multiplier(self, sigma: float) -> float:
         return self.cfg.fedsb.init_noise_multiplier or sigma
 
+    def check_client_privacy(self, client: int, sigma: float, delta: float, init_releases: int) -> None:
+        """A client's own check of the noise multiplier and delta a server asks it to train with (on Flower, the
+        server calibrates them from every node's size, which no node knows): refused unless this client's own
+        planned releases, at its own size, stay within privacy.epsilon at a delta of at most 1 / (10 n)."""
+        p, n = self.cfg.privacy, self.client_sizes[client]
+        most = p.delta or min(1e-5, 1 / (10 * n))
+        if delta > most * (1 + 1e-9):
+            raise ConfigError(f"privacy: the server asks client {client} for delta {delta:g}, more than the "
+                              f"{most:g} its {n} examples allow")
+        if p.epsilon is None:
+            if sigma < p.noise_multiplier * (1 - 1e-9):
+                raise ConfigError(f"privacy: the server asks client {client} for noise multiplier {sigma:.4g}, "
+                                  f"below privacy.noise_multiplier = {p.noise_multiplier:g}")
+            return
+        spent = planned_epsilon(p.accountant, sigma, [self.privacy_segments(init_releases)[client]], delta)
+        if spent > p.epsilon * (1 + 1e-6):
+            raise ConfigError(f"privacy: at the server's noise multiplier {sigma:.4g} client {client}'s planned "
+                              f"training on its {n} examples would spend epsilon {spent:.3f} > privacy.epsilon "
+                              f"{p.epsilon:g}")
+
 
 def aggregation_error(adapted: AdaptedModel, client_states: list[dict], weights: list[float],
                       global_state: dict, base_change: dict) -> float:
@@ -228,12 +248,15 @@ class FederationServer:
                                f"({resume_hint})")
 
     # -- the set-up exchange ------------------------------------------------------------------
-    def initialise(self, send, clients: list[int] | None = None) -> dict:
+    def initialise(self, send, clients: list[int] | None = None, secure_sum=None) -> dict:
         """Round 0: the method's set-up exchange and the initial evaluation; the round's log record.
         `send(request, clients)` is the runtime's: the clients compute their replies to a methods.Request and
         it returns {client: reply}, or an error message (str) for a client that sent none. Every reply is
         checked like a round's update (validation.check_set_up_replies) and dropped, logged, when it fails;
-        the bytes of every request and reply are counted; each new private release is charged."""
+        the bytes of every request and reply are counted; each new private release is charged.
+        `secure_sum(request, clients)`, when the runtime has secure aggregation, serves the method's sums
+        instead: it returns the sum of the replies, the clients in it and {client: why} for those left out;
+        no reply is seen, so none is checked (the protocol's clipping range bounds each)."""
         t0 = time.time()
         cfg = self.cfg
         traffic = {"up": 0, "down": 0}
@@ -249,12 +272,10 @@ class FederationServer:
                 if c not in replies:
                     dropped.append({"client": c, "reason": f"set-up phase '{request.phase}': "
                                                           f"{got.get(c) or 'sent no reply'}"})
-            for c, reply in replies.items():
+            for reply in replies.values():
                 if isinstance(reply, dict):
                     traffic["up"] += payload_bytes(reply)
-                if private and (c, request.release) not in charged:  # released, whatever its checks say
-                    charged.add((c, request.release))
-                    self.charge_init(c)
+            charge(list(replies), request.release)
             reasons = check_set_up_replies(
                 cfg, request, list(replies.values()), [self.init_examples[c] for c in replies],
                 self.plan.init_noise_multiplier(self.ledger.noise_multiplier) if private else None,
@@ -265,8 +286,24 @@ class FederationServer:
                     del replies[c]
             return replies
 
+        def charge(clients: list[int], release: int) -> None:
+            for c in clients:
+                if private and (c, release) not in charged:  # released, whatever its checks say
+                    charged.add((c, release))
+                    self.charge_init(c)
+
+        def ask_secure_sum(request, asked: list[int]) -> tuple[dict, list[int]]:
+            traffic["down"] += payload_bytes(request.arrays) * len(asked)
+            total, summed, left_out = secure_sum(request, asked)
+            dropped.extend({"client": c, "reason": f"set-up phase '{request.phase}': {why}"}
+                           for c, why in left_out.items())
+            traffic["up"] += payload_bytes(total) * len(summed)
+            charge(summed, request.release)
+            return total, summed
+
         ctx = InitContext(sorted(self.init_examples) if clients is None else clients, generator(cfg.seed, "init"),
-                          ask=ask, ask_public=self.public_reply)
+                          ask=ask, ask_sum=ask_secure_sum if secure_sum is not None else None,
+                          ask_public=self.public_reply)
         try:
             exchange = self.method.initialise(ctx)
         except RoundFailed:

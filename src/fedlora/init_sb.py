@@ -162,6 +162,24 @@ def reply_from_gradients(adapted: AdaptedModel, grads: dict[str, torch.Tensor], 
     return out
 
 
+def reply_bound(adapted: AdaptedModel, request) -> float | None:
+    """The largest magnitude an entry of any client's reply to `request` can take, whatever its data: a sign
+    vote is at most 1; sign(G) Omega at most the largest column sum of |Omega|; Q^T sign(G) at most that of
+    |Q|. None for the replies that carry gradient sums themselves, which nothing bounds."""
+    if request.phase == "signs":
+        return 1.0
+    if not request.signs:
+        return None
+    bound = 0.0
+    for i, (name, layer) in enumerate(adapted.layers.items()):
+        if request.phase == "range":
+            columns = sketch_matrix(layer, request.sketch_size, request.sketch_seed, i)
+        else:
+            columns = request.arrays[f"{name}.basis"]
+        bound = max(bound, columns.float().abs().sum(0).max().item())
+    return bound
+
+
 def client_reply(adapted: AdaptedModel, request, batches: Iterable[dict], example_losses: Losses,
                  private: PrivateRelease | None = None) -> dict[str, torch.Tensor]:
     """What a client sends for one phase of the set-up exchange, computed over `batches` (its set-up

@@ -48,12 +48,28 @@ class ClientRuntime:
         shards = client_shards(cfg, task)
         plan = FederationPlan(cfg, [len(s) for s in shards])
         method = METHODS[cfg.method.name](adapted, cfg, plan.client_sizes)
-        # the same noise multiplier as the server's, from the same plan
+        # the noise multiplier of the config's partition; each message under DP brings the server's (take_privacy)
         sigma = plan.noise_multiplier(method.init_releases()) if cfg.privacy.enabled else None
         self.trainer = ClientTrainer(cfg, task, adapted, method, plan, dict(enumerate(shards)), sigma)
         method.global_state = method.seed_state(generator(cfg.seed, "init"))
         self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
         self.pristine_base = adapted.base_weights() if method.changes_base else None
+
+    def take_privacy(self, client: int, settings) -> None:
+        """Under DP, the noise multiplier, delta and set-up examples the server sends with a message (it
+        calibrates them from every node's size), checked against this client's own plan before they are used."""
+        if "noise-multiplier" not in settings:
+            return
+        trainer, plan = self.trainer, self.trainer.plan
+        init_examples = int(settings["init-examples"])
+        if init_examples > plan.client_sizes[client]:
+            raise ConfigError(f"privacy: the server asks client {client} for {init_examples} set-up examples, "
+                              f"more than its {plan.client_sizes[client]}")
+        if client in plan.init_examples and init_examples:
+            plan.init_examples[client] = init_examples
+        sigma = float(settings["noise-multiplier"])
+        plan.check_client_privacy(client, sigma, float(settings["delta"]), trainer.method.init_releases())
+        trainer.enable_privacy(sigma)
 
     def restore(self, context: Context) -> None:
         """This client's state as the last message it answered left it."""
@@ -117,6 +133,15 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+def set_up_reply(runtime, context: Context, client: int, request: dict, arrays: dict) -> dict:
+    """This client's reply to a phase of the method's set-up exchange (methods.Request.settings() and the
+    request's arrays)."""
+    trainer = runtime.trainer
+    runtime.restore(context)
+    trainer.adapted.load_state(trainer.method.global_state)  # the gradient is taken through the seed's head
+    return trainer.set_up_reply(client, Request(expected={}, arrays=arrays, **request))
+
+
 def client_app(defaults: dict | None = None) -> ClientApp:
     """A ClientApp; `defaults` stand in for run-config entries the run does not give (run_simulation has none)."""
     app = ClientApp(mods=[secure_mod])  # Flower's SecAgg+ for the rounds the server runs with it
@@ -147,12 +172,9 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         if phase != "set-up":
             raise ValueError(f"unknown query '{phase}'")
         runtime = _runtime(context, settings(context))
-        trainer = runtime.trainer
-        runtime.restore(context)
-        trainer.adapted.load_state(trainer.method.global_state)  # the gradient is taken through the seed's head
-        fields = json.loads(msg.content["config"]["request"])
-        arrays = from_record(msg.content["arrays"], trainer.device) if "arrays" in msg.content else {}
-        reply = trainer.set_up_reply(client, Request(expected={}, arrays=arrays, **fields))
+        arrays = from_record(msg.content["arrays"], runtime.trainer.device) if "arrays" in msg.content else {}
+        runtime.take_privacy(client, msg.content["config"])
+        reply = set_up_reply(runtime, context, client, json.loads(msg.content["config"]["request"]), arrays)
         return Message(RecordDict({"arrays": to_record(reply)}), reply_to=msg)
 
     @app.train()
@@ -165,9 +187,14 @@ def client_app(defaults: dict | None = None) -> ClientApp:
             from .secure import download_of, fitres_content
 
             download, secure_settings = download_of(msg.content, trainer.device)
+            runtime.take_privacy(client, secure_settings)
+            if "request" in secure_settings:  # a phase of the set-up exchange, its sum carried by SecAgg+
+                reply = set_up_reply(runtime, context, client, json.loads(secure_settings["request"]), download)
+                return Message(fitres_content(reply, secure_settings, client), reply_to=msg)
             r = int(secure_settings["round"])
         else:
             download, r = from_record(msg.content["arrays"], trainer.device), int(msg.content["config"]["round"])
+            runtime.take_privacy(client, msg.content["config"])
         _inject_fault(r)
         runtime.restore(context)
         trainer.method.take_download(client, download)

@@ -1,7 +1,8 @@
 """Secure aggregation of a round's uploads with Flower's SecAgg+: SecAggPlusWorkflow on the server,
 secaggplus_mod on the nodes; nothing of the protocol is written here. The server learns only the weighted
 mean of the uploads (weights: the clients' examples, or 1 each), which is what the method's rule needs for
-the methods whose server rule is a weighted mean of the payloads.
+the methods whose server rule is a weighted mean of the payloads; the phases of Fed-SB's set-up exchange
+go through it as well, each client weighing 1, and the server learns only each phase's sum.
 
 Flower's SecAgg+ runs in its legacy workflow: it asks a legacy Strategy (configure_fit) for each sampled
 node's FitIns and gives the strategy's aggregate_fit the unmasked mean as a FitRes. `RoundStrategy` is
@@ -28,7 +29,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from ..errors import ConfigError
 
 SUMMED = ("fedit", "ffa", "fedsb", "fedsa", "full", "fedsvd", "rolora")
-CLIP = 8.0  # SecAgg+'s clipping range: each uploaded value, times its weight share, must lie within +-CLIP
+CLIP = 8.0  # SecAgg+'s clipping range for a round: each uploaded value, times its weight share, within +-CLIP
 QUANTIZATION = 2 ** 22
 
 
@@ -42,6 +43,10 @@ def check_secure(cfg) -> None:
                           "secure aggregation gives only their weighted mean (use 'mean')")
     if cfg.federation.clients_per_round < 2:
         raise ConfigError("secagg: federation.clients_per_round must be at least 2 for secure aggregation")
+    if cfg.method.name == "fedsb" and cfg.fedsb.init_data == "clients" and cfg.fedsb.init in ("dense", "sketch"):
+        raise ConfigError(f"secagg: fedsb.init = '{cfg.fedsb.init}' sends the clients' gradient sums, which no "
+                          "clipping range of SecAgg+ bounds; use 'sign_sketch' (the default) or 'signs', whose "
+                          "sums it carries, or fedsb.init_data = 'public'")
     if cfg.adapter.client_ranks is not None:
         raise ConfigError("secagg: adapter.client_ranks gives the clients' uploads different shapes, which "
                           "secure aggregation cannot sum; leave one of the two out")
@@ -90,14 +95,20 @@ class RoundStrategy(LegacyStrategy):
         return None
 
 
-def fitins(download: dict[str, torch.Tensor], r: int, weight: int, max_weight: int) -> FitIns:
+def fitins(download: dict[str, torch.Tensor], r: int, weight: int, max_weight: int, clip: float = CLIP,
+           request: dict | None = None, settings: dict | None = None) -> FitIns:
+    """What a node gets: the arrays it needs, its weight, the clipping range, for a set-up phase the request
+    (methods.Request.settings()), and any other `settings` (the round's privacy settings)."""
     keys = sorted(download)
-    return FitIns(ndarrays_to_parameters([download[k].detach().cpu().float().numpy() for k in keys]),
-                  {"round": r, "keys": json.dumps(keys), "weight": weight, "max-weight": max_weight})
+    settings = {"round": r, "keys": json.dumps(keys), "weight": weight, "max-weight": max_weight,
+                "clip": clip} | (settings or {})
+    if request is not None:
+        settings["request"] = json.dumps(request)
+    return FitIns(ndarrays_to_parameters([download[k].detach().cpu().float().numpy() for k in keys]), settings)
 
 
 def secure_mean(grid, fitins_of: dict[int, FitIns], r: int, threshold: float, timeout: float,
-                max_weight: int) -> RoundStrategy:
+                max_weight: int, clip: float = CLIP) -> RoundStrategy:
     """One round of SecAgg+ over the nodes in `fitins_of`; the strategy holds the mean and who is in it."""
     strategy = RoundStrategy(fitins_of)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -107,7 +118,7 @@ def secure_mean(grid, fitins_of: dict[int, FitIns], r: int, threshold: float, ti
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters([]), True)
     SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=threshold, max_weight=float(max_weight),
-                       clipping_range=CLIP, quantization_range=QUANTIZATION, timeout=timeout)(grid, context)
+                       clipping_range=clip, quantization_range=QUANTIZATION, timeout=timeout)(grid, context)
     return strategy
 
 
@@ -115,6 +126,17 @@ def mean_state(strategy: RoundStrategy, reference: dict[str, torch.Tensor]) -> d
     keys = sorted(reference)
     return {k: torch.as_tensor(v, dtype=reference[k].dtype, device=reference[k].device).reshape(reference[k].shape)
             for k, v in zip(keys, strategy.mean)}
+
+
+def sum_state(strategy: RoundStrategy, expected: dict[str, torch.Tensor], clients: int,
+              device) -> dict[str, torch.Tensor]:
+    """A set-up phase's sum (each client weighs 1, so the sum is the mean times the clients), in float32 with
+    `expected`'s shapes; sums of integer votes are integers and are rounded to them."""
+    total = {}
+    for k, v in zip(sorted(expected), strategy.mean):
+        value = torch.as_tensor(v * clients, dtype=torch.float32, device=device).reshape(expected[k].shape)
+        total[k] = value.round() if not expected[k].dtype.is_floating_point else value
+    return total
 
 
 # -- the node's side ---------------------------------------------------------------------------------------
@@ -129,11 +151,11 @@ def download_of(content: RecordDict, device) -> tuple[dict[str, torch.Tensor], d
 def fitres_content(payload: dict[str, torch.Tensor], settings: dict, client: int) -> RecordDict:
     """The FitRes secaggplus_mod masks: the payload's values in key order, and the client's weight. A value
     beyond SecAgg+'s clipping range would be clipped silently: it is refused here instead."""
-    share = int(settings["weight"]) / int(settings["max-weight"])
+    share, clip = int(settings["weight"]) / int(settings["max-weight"]), float(settings["clip"])
     arrays = [payload[k].detach().cpu().float().numpy() for k in sorted(payload)]
     worst = max(float(np.abs(a).max()) for a in arrays if a.size) * share
-    if worst > CLIP:
+    if worst > clip:
         raise ValueError(f"secure aggregation: client {client}'s upload reaches {worst:.3g} (times its weight "
-                         f"share), beyond SecAgg+'s clipping range of +-{CLIP:g}")
+                         f"share), beyond SecAgg+'s clipping range of +-{clip:g}")
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), int(settings["weight"]), {})
     return compat.fitres_to_recorddict(res, keep_input=True)

@@ -83,6 +83,15 @@ class FedloraStrategy(Strategy):
             content["arrays"] = record
         return Message(content, dst_node_id=self.nodes[client], message_type=kind, group_id=str(r))
 
+    def _privacy(self, client: int) -> dict:
+        """Under DP, what a node trains with: the noise multiplier and delta calibrated from every node's size,
+        and its set-up examples; the node checks them against its own plan (FederationPlan.check_client_privacy)."""
+        server = self.server
+        if server.ledger is None:
+            return {}
+        return {"noise-multiplier": float(server.ledger.noise_multiplier), "delta": float(server.ledger.delta),
+                "init-examples": int(server.plan.init_examples.get(client, 0))}
+
     # -- who is who -----------------------------------------------------------------------------
     def connect(self, grid: Grid) -> None:
         """Wait up to node-wait seconds for a SuperNode per fedlora client: ask every node that connects which
@@ -134,7 +143,8 @@ class FedloraStrategy(Strategy):
 
         def send(request, clients: list[int]) -> dict:
             messages = [self._message(c, MessageType.QUERY, "set-up", 0, request.arrays or None,
-                                      {"request": json.dumps(request.settings())}) for c in clients if c in self.nodes]
+                                      {"request": json.dumps(request.settings())} | self._privacy(c))
+                        for c in clients if c in self.nodes]
             by_client = self._by_client(messages, grid.send_and_receive(messages, timeout=self.round_timeout))
             replies = {}
             for c in clients:
@@ -155,9 +165,31 @@ class FedloraStrategy(Strategy):
                     self._count(0, "up", record)
             return replies
 
-        record = server.initialise(send)
+        record = server.initialise(send, secure_sum=self._secure_set_up(grid) if self.secagg is not None else None)
         self._log_dropped(0, record["dropped"])
         return record
+
+    def _secure_set_up(self, grid: Grid):
+        """The set-up phases' sums through SecAgg+ (Fed-SB's replies are sums the server only adds up): each
+        client weighs 1, the clipping range is the largest value any reply to the phase can hold."""
+        from ..init_sb import reply_bound
+        from .secure import fitins, secure_mean, sum_state
+
+        server = self.server
+
+        def secure_sum(request, clients: list[int]) -> tuple[dict, list[int], dict[int, str]]:
+            clip = reply_bound(server.adapted, request)
+            asked = {self.nodes[c]: fitins(request.arrays, 0, 1, 1, clip, request.settings(), self._privacy(c))
+                     for c in clients if c in self.nodes}
+            outcome = secure_mean(grid, asked, 0, self.secagg, self.round_timeout, 1, clip)
+            summed = sorted(self.clients[n] for n in outcome.summed)
+            left_out = {c: "has no SuperNode" if c not in self.nodes else "left the secure aggregation (failed, "
+                        f"or no answer within {self.round_timeout:g} s)" for c in clients if c not in summed}
+            if outcome.mean is None:
+                return {}, [], left_out
+            return sum_state(outcome, request.expected, len(summed), server.device), summed, left_out
+
+        return secure_sum
 
     # -- a round ----------------------------------------------------------------------------------
     def _downloads(self, clients: list[int]) -> tuple[dict[int, dict], list[dict], int]:
@@ -177,7 +209,8 @@ class FedloraStrategy(Strategy):
         server, r = self.server, server_round
         clients = server.sample_clients(r)
         downloads, dropped, bytes_down = self._downloads(clients)
-        messages = [self._message(c, MessageType.TRAIN, "train", r, download) for c, download in downloads.items()]
+        messages = [self._message(c, MessageType.TRAIN, "train", r, download, self._privacy(c))
+                    for c, download in downloads.items()]
         self._sent[r] = (clients, messages, bytes_down, time.time(), dropped)
         return messages
 
@@ -241,7 +274,8 @@ class FedloraStrategy(Strategy):
         weight = {c: server.client_sizes[c] if examples else 1 for c in clients}
         downloads, dropped, bytes_down = self._downloads(clients)
         heaviest = max(weight.values())
-        asked = {self.nodes[c]: fitins(download, r, weight[c], heaviest) for c, download in downloads.items()}
+        asked = {self.nodes[c]: fitins(download, r, weight[c], heaviest, settings=self._privacy(c))
+                 for c, download in downloads.items()}
         outcome = secure_mean(grid, asked, r, self.secagg, self.round_timeout, max(weight.values()))
         summed = sorted(self.clients[n] for n in outcome.summed)
         dropped += [{"client": self.clients[n], "reason": "left the secure aggregation (failed, or no answer "

@@ -45,8 +45,19 @@ class InitContext:
     # sends a request to the given clients; returns the replies that passed the server's checks, by client
     # (the runtime counts the bytes, charges private releases and logs what it dropped)
     ask: Callable[[Request, list[int]], dict[int, State]] | None = None
+    # the same request when only the sum of the replies is needed: returns that sum (float32, the keys of
+    # request.expected) and the clients in it; under secure aggregation the server never sees a reply
+    ask_sum: Callable[[Request, list[int]], tuple[State, list[int]]] | None = None
     # the reply the server computes itself on fedsb.public_data: nothing is sent, no privacy is spent
     ask_public: Callable[[Request], State] | None = None
+
+    def __post_init__(self):
+        if self.ask_sum is None and self.ask is not None:
+            self.ask_sum = self._sum_of_replies
+
+    def _sum_of_replies(self, request: Request, clients: list[int]) -> tuple[State, list[int]]:
+        replies = self.ask(request, clients)
+        return {k: sum(reply[k].float() for reply in replies.values()) for k in request.expected}, list(replies)
 
 
 @dataclass

@@ -33,14 +33,16 @@ class FedSB(Method):
         head = self.seed_state(ctx.generator)
         self.adapted.load_state(head)  # the gradient is taken through the head every client starts from
         if self.init_reads_client_data():
-            ask, clients = ctx.ask, list(ctx.clients)
+            ask_sum, clients = ctx.ask_sum, list(ctx.clients)
         else:
-            ask, clients = (lambda request, _: {-1: ctx.ask_public(request)}), [-1]
+            def ask_sum(request, _):
+                return {k: v.float() for k, v in ctx.ask_public(request).items()}, [-1]
+            clients = [-1]
         variant = self.cfg.fedsb.init
         if variant in ("sketch", "sign_sketch"):
-            factors, answered = self._sketched(ask, clients, signs=variant == "sign_sketch")
+            factors, answered = self._sketched(ask_sum, clients, signs=variant == "sign_sketch")
         else:
-            factors, answered = self._summed(ask, clients, variant)
+            factors, answered = self._summed(ask_sum, clients, variant)
         state, broadcast = {}, {}
         for layer, (B, R, A) in factors.items():
             state |= {f"{layer}.lora_B": B, f"{layer}.lora_R": R, f"{layer}.lora_A": A}
@@ -48,40 +50,37 @@ class FedSB(Method):
         self.global_state = state | head
         return Exchange(broadcast=broadcast, clients=sorted(answered) if self.init_reads_client_data() else [])
 
-    def _summed(self, ask, clients, variant):
+    def _summed(self, ask_sum, clients, variant):
         """dense / signs: one phase; the server adds the uploads and takes the SVD of -eta sign(sum)."""
         key = "grad_sum" if variant == "dense" else "signs"
-        replies = self._ask(ask, self._request("gradient-sum" if variant == "dense" else "signs"), clients)
+        total, answered = self._sum(ask_sum, self._request("gradient-sum" if variant == "dense" else "signs"),
+                                    clients)
         eta = self.cfg.fedsb.init_lr or self.cfg.train.lr
-        factors = {}
-        for i, layer in enumerate(self.adapted.layers):
-            total = sum(reply[f"{layer}.{key}"].float() for reply in replies.values())
-            factors[layer] = lora_sb_factors(total, self.adapted.rank, eta, self.cfg.fedsb.svd_niter,
-                                             derive_seed(self.cfg.seed, "svd", i))
-        return factors, list(replies)
+        factors = {layer: lora_sb_factors(total[f"{layer}.{key}"], self.adapted.rank, eta, self.cfg.fedsb.svd_niter,
+                                          derive_seed(self.cfg.seed, "svd", i))
+                   for i, layer in enumerate(self.adapted.layers)}
+        return factors, answered
 
-    def _sketched(self, ask, clients, signs):
+    def _sketched(self, ask_sum, clients, signs):
         """sketch / sign_sketch: the randomized SVD in two phases, each reply summed by the server."""
-        ranges = self._ask(ask, self._request("range", signs=signs), clients)
-        bases = {f"{layer}.basis": orthonormal_basis(sum(r[f"{layer}.range"] for r in ranges.values()))
-                 for layer in self.adapted.layers}
+        ranges, answered = self._sum(ask_sum, self._request("range", signs=signs), clients)
+        bases = {f"{layer}.basis": orthonormal_basis(ranges[f"{layer}.range"]) for layer in self.adapted.layers}
         # the sign variant sends the signs of the same private release twice; the sketch releases anew
-        projections = self._ask(ask, self._request("project", bases, signs=signs, release=0 if signs else 1),
-                                list(ranges))
+        projections, answered = self._sum(ask_sum, self._request("project", bases, signs=signs,
+                                                                 release=0 if signs else 1), answered)
         eta = self.cfg.fedsb.init_lr or self.cfg.train.lr
-        scale = -eta / (len(projections) if signs else self.cfg.fedsb.init_examples)
-        factors = {layer: factors_from_projection(bases[f"{layer}.basis"],
-                                                  sum(p[f"{layer}.projection"] for p in projections.values()),
+        scale = -eta / (len(answered) if signs else self.cfg.fedsb.init_examples)
+        factors = {layer: factors_from_projection(bases[f"{layer}.basis"], projections[f"{layer}.projection"],
                                                   self.adapted.rank, scale)
                    for layer in self.adapted.layers}
-        return factors, list(projections)
+        return factors, answered
 
     @staticmethod
-    def _ask(ask, request, clients):
-        replies = ask(request, clients)
-        if not replies:
+    def _sum(ask_sum, request, clients):
+        total, answered = ask_sum(request, clients)
+        if not answered:
             raise RoundFailed(f"round 0: no client sent a valid reply to Fed-SB's set-up phase '{request.phase}'")
-        return replies
+        return total, answered
 
     def _request(self, phase, arrays=None, signs=False, release=0) -> Request:
         """The request of one phase, with the keys, shapes and dtypes a valid reply has."""
