@@ -47,3 +47,22 @@ def test_a_decoder_is_refused():
                          num_key_value_heads=2, intermediate_size=32, num_labels=2, pad_token_id=0)
     with pytest.raises(ConfigError, match="model.pooling"):
         pool_by_mean(LlamaForSequenceClassification(config))
+
+
+def test_a_decoder_is_refused_before_its_data_or_weights_are_loaded(tmp_path, monkeypatch):
+    import fedlora.experiment as experiment
+    from fedlora.config import build_config
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, num_labels=2, pad_token_id=0)
+    config.save_pretrained(tmp_path / "decoder")  # a config and no weights: loading them would fail
+
+    def never(*args, **kwargs):
+        raise AssertionError("data or weights were loaded")
+
+    monkeypatch.setattr(experiment, "load_task_data", never)
+    monkeypatch.setattr(experiment, "load_classifier", never)
+    cfg = build_config({"model": {"path": str(tmp_path / "decoder"), "pooling": "mean"},
+                        "data": {"name": "sst2"}})
+    with pytest.raises(ConfigError, match="model.pooling = 'mean' needs an encoder classifier"):
+        experiment.build_task(cfg, torch.device("cpu"))

@@ -13,7 +13,7 @@ from .methods import METHODS
 from .models import PRESETS as MODEL_PRESETS
 from .models import (check_quantization, default_target_modules, head_modules, load_causal_lm, load_classifier,
                      resolve_model_source)
-from .pooling import pool_by_mean
+from .pooling import check_before_loading, pool_by_mean
 from .tasks import ClassificationTask, Task
 
 
@@ -41,6 +41,8 @@ def build_task(cfg: Config, device: torch.device, progress: bool = False, data=N
     quantization = cfg.model.quantization if model is None else "none"  # a model object is used as it is
     check_quantization(quantization, method, device)
     kind = task_kind(cfg.data, cfg.model.name)
+    if kind == "classification" and cfg.model.pooling == "mean" and model is None:
+        check_before_loading(resolve_model_source(cfg.model.name, cfg.model.path))
     if data is None:
         data = load_task_data(cfg.data, kind)
     if model is not None:

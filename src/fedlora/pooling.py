@@ -14,12 +14,32 @@ from torch import nn
 from .errors import ConfigError
 
 
-def pool_by_mean(model: nn.Module) -> None:
-    """Make `model`'s head read the masked mean of the last hidden states instead of the first token's."""
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The encoder whose output the hook changes; a model without one is refused."""
     encoder = getattr(model.base_model, "encoder", None)
     if encoder is None or model.base_model is model:
         raise ConfigError(f"model.pooling = 'mean' needs an encoder classifier (BERT, RoBERTa, ...), not a "
                           f"{type(model).__name__}; use model.pooling = 'cls'")
+    return encoder
+
+
+def check_before_loading(source: str) -> None:
+    """The same refusal from the model's config alone (its architecture built on the meta device, with no
+    weights), so that it comes before the data and the weights are loaded."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return  # loading the model will say what is wrong with its source
+    encoder_of(model)
+
+
+def pool_by_mean(model: nn.Module) -> None:
+    """Make `model`'s head read the masked mean of the last hidden states instead of the first token's."""
+    encoder = encoder_of(model)
     masks = []
 
     def keep_mask(module, args, kwargs):
