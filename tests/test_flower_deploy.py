@@ -260,9 +260,52 @@ def test_a_run_that_stopped_resumes_on_new_nodes_to_the_uninterrupted_result(sim
         assert (c["up"], c["down"]) == (rec["bytes_up"], rec["bytes_down"]), rec["round"]
 
 
-def test_fedsa_cannot_resume_on_flower(sim_config):
-    with pytest.raises(ConfigError, match="not available for fedsa on Flower"):
-        check_supported(sim_config(method={"name": "fedsa"}), resume=True)
+def test_fedsa_resumes_on_nodes_that_keep_their_own_b_in_a_state_dir(sim_config, tmp_path):
+    """FedSA-LoRA's clients keep their own B, which the server never sees: each node writes it to its
+    `state-dir` after every round it trains in. The run stops in round 3; the resumed run starts on new
+    nodes (empty node state) with the same state-dirs and ends with the uninterrupted simulator's global
+    state and every client's own B. Nodes without a state-dir are refused for the resume, with the setting."""
+    from fedlora.flower.records import from_record
+
+    cfg = sim_config(method={"name": "fedsa"}, eval={"every": 0}, federation={"rounds": 4})
+    sim = Simulator(cfg, tmp_path / "sim", progress=False)
+    sim.run()
+    out = tmp_path / "flower"
+
+    def grid_with_state_dirs():
+        grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
+        for context in grid.contexts.values():
+            context.node_config["state-dir"] = str(tmp_path / f"node{context.node_config['partition-id']}")
+        return grid
+
+    grid = grid_with_state_dirs()
+    real_send = grid.send_and_receive
+
+    def crash_in_round_3(messages, *, timeout=None):
+        if any(m.metadata.message_type == "train" and m.metadata.group_id == "3" for m in messages):
+            real_send(messages, timeout=timeout)  # the clients trained round 3 (and wrote its B)
+            raise ConnectionError("the SuperLink is gone")
+        return real_send(messages, timeout=timeout)
+
+    grid.send_and_receive = crash_in_round_3
+    with pytest.raises(ConnectionError):
+        strategy_for(cfg, out).start(grid)
+    assert [r["round"] for r in read_log(out)] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="keeps no state of its own.*state-dir"):
+        strategy_for(cfg, out, resume=True).start(
+            InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients))
+
+    strategy = strategy_for(cfg, out, resume=True)
+    grid = grid_with_state_dirs()
+    strategy.start(grid)
+    assert [r["round"] for r in read_log(out)] == [0, 1, 2, 3, 4]
+    assert_same_tensors(strategy.server.method.global_state, sim.method.global_state)
+    kept = {c.node_config["partition-id"]: c.state for c in grid.contexts.values()}
+    assert sorted(sim.method.own_B) == list(range(cfg.federation.num_clients))
+    for client, own in sim.method.own_B.items():
+        kept_B = {k.split("/", 2)[2]: v for k, v in from_record(kept[client]["fedlora.method"]).items()
+                  if k.startswith(f"own_B/{client}/")}
+        assert_same_tensors(kept_B, own)
 
 
 def test_the_superlink_killed_mid_run_and_restarted_resumes_to_the_uninterrupted_adapter(sim_config, tmp_path):

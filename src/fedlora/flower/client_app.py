@@ -10,15 +10,18 @@ for tests of dropped clients.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..client import ClientTrainer
 from ..errors import ConfigError
@@ -70,6 +73,37 @@ class ClientRuntime:
         sigma = float(settings["noise-multiplier"])
         plan.check_client_privacy(client, sigma, float(settings["delta"]), trainer.method.init_releases())
         trainer.enable_privacy(sigma)
+
+    def _own_state_folder(self, context: Context) -> Path | None:
+        folder = context.node_config.get("state-dir")
+        if not folder:
+            return None
+        run = hashlib.sha256(self.trainer.cfg.model_dump_json().encode()).hexdigest()[:16]  # one folder a config
+        return Path(folder) / run
+
+    def save_own_state(self, context: Context, client: int, r: int) -> None:
+        """What this client keeps that the server never sees (FedSA-LoRA's own B), written after round r to the
+        node's `state-dir` for a resumed run to find; the last two rounds' are kept (a crash during round r + 1
+        resumes from round r)."""
+        folder, own = self._own_state_folder(context), self.trainer.method.own_state(client)
+        if folder is None or not own:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in own.items()},
+                  folder / f"client{client}.round{r}.safetensors")
+        saved = sorted(folder.glob(f"client{client}.round*.safetensors"),
+                       key=lambda f: int(f.stem.rpartition("round")[2]))
+        for old in saved[:-2]:
+            old.unlink()
+
+    def load_own_state(self, context: Context, client: int, r: int) -> None:
+        """A resumed run: this client's own state as it was after round r, the last it trained in."""
+        folder = self._own_state_folder(context)
+        path = folder / f"client{client}.round{r}.safetensors" if folder else None
+        if path is None or not path.is_file():
+            raise ConfigError(f"client {client}: its own state after round {r} is not in this node's state-dir "
+                              f"({folder}); a resumed run needs the folder the stopped run wrote")
+        self.trainer.method.load_own_state(client, load_file(path, device=str(self.trainer.device)))
 
     def restore(self, context: Context) -> None:
         """This client's state as the last message it answered left it."""
@@ -157,7 +191,8 @@ def client_app(defaults: dict | None = None) -> ClientApp:
             runtime = _runtime(context, settings(context))
             return Message(RecordDict({"config": ConfigRecord({
                 "client": client, "examples": len(runtime.trainer.shards[client]),
-                "own-data": bool(context.node_config.get("data-path"))})}), reply_to=msg)
+                "own-data": bool(context.node_config.get("data-path")),
+                "keeps-state": bool(context.node_config.get("state-dir"))})}), reply_to=msg)
         if phase == "resync":  # a resumed run: the server's whole state replaces what this node kept
             runtime = _runtime(context, settings(context))
             state = from_record(msg.content["arrays"], runtime.trainer.device)
@@ -168,6 +203,11 @@ def client_app(defaults: dict | None = None) -> ClientApp:
             context.state[METHOD_STATE] = to_record(parts["method"])
             if parts["base"]:
                 context.state[BASE_WEIGHTS] = to_record(parts["base"])
+            last_trained = int(msg.content["config"].get("last-trained", 0))
+            if last_trained:  # the client's own state (FedSA-LoRA's B), which the server never had
+                runtime.restore(context)
+                runtime.load_own_state(context, client, last_trained)
+                runtime.keep(context)
             return Message(RecordDict({"config": ConfigRecord({"applied": 1})}), reply_to=msg)
         if phase != "set-up":
             raise ValueError(f"unknown query '{phase}'")
@@ -202,6 +242,7 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         update = trainer.update(client, r, trainer.method.client_state(client, r),
                                     time.monotonic() + timeout if timeout else None)
         runtime.keep(context)  # FedSA-LoRA's upload keeps the client's own B
+        runtime.save_own_state(context, client, r)
         if secure:
             return Message(fitres_content(update.payload, secure_settings, client), reply_to=msg)
         metrics = {"num-examples": trainer.plan.client_sizes[client]}

@@ -37,9 +37,6 @@ def check_supported(cfg, resume: bool = False, secagg: float | None = None) -> N
         from .secure import check_secure
 
         check_secure(cfg)
-    if resume and cfg.method.name == "fedsa":
-        raise ConfigError("resume: not available for fedsa on Flower (each client's own B lives only in its "
-                          "node's state of the run that stopped); start the run again in another folder")
     if cfg.train.keep_optimizer_state:
         raise ConfigError("train.keep_optimizer_state: not supported on Flower (a ClientApp process answers "
                           "one message and keeps no optimizer between rounds)")
@@ -124,6 +121,11 @@ class FedloraStrategy(Strategy):
                                       " its data file or config differs from the server's")
                 if examples < 1:
                     raise ConfigError(f"SuperNode {node} (client {client}) has no training examples")
+                if self.resume and server.method.keeps_own_state and not answer["keeps-state"]:
+                    raise ConfigError(f"resume: SuperNode {node} (client {client}) keeps no state of its own, and "
+                                      f"{server.cfg.method.name}'s clients keep what the server never had: start "
+                                      "each SuperNode with the state-dir of the stopped run (flower-supernode "
+                                      "--node-config '... state-dir=\"/path\"')")
                 self.nodes[client], self.clients[node], sizes[client] = node, client, examples
             missing = sorted(set(range(fed.num_clients)) - set(self.nodes))
             if not missing:
@@ -397,7 +399,12 @@ class FedloraStrategy(Strategy):
         state = {f"method/{k}": v for k, v in flatten(server.method.state_dict()).items()}
         if server.method.changes_base:
             state |= {f"base/{k}": v for k, v in server.adapted.base_weights().items()}
-        messages = [self._message(c, MessageType.QUERY, "resync", r, None) for c in sorted(self.nodes)]
+        trained = {}  # for a method whose clients keep their own state: each one's last round (up to r)
+        for row in run_folder.read_log(server.out / run_folder.ROUNDS_LOG) if server.method.keeps_own_state else []:
+            if 0 < row["round"] <= r:
+                trained |= {c: row["round"] for c in row.get("clients") or []}
+        messages = [self._message(c, MessageType.QUERY, "resync", r, None, {"last-trained": trained.get(c, 0)})
+                    for c in sorted(self.nodes)]
         record = to_record(state)
         for m in messages:
             m.content["arrays"] = record

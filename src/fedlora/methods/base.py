@@ -221,6 +221,15 @@ class Method:
         return mask
 
     # -- checkpoints --------------------------------------------------------------------------
+    keeps_own_state = False  # its clients keep state the server never receives (own_state)
+
+    def own_state(self, client: int) -> State:
+        """What a client keeps that the server never receives (FedSA-LoRA's own B); nothing by default."""
+        return {}
+
+    def load_own_state(self, client: int, state: State) -> None:
+        """Give the client back what own_state returned."""
+
     def state_dict(self) -> dict:
         return {"global": self.global_state}
 

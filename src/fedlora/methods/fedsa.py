@@ -10,6 +10,7 @@ class FedSALoRA(Method):
     name = "fedsa"
     trains = ("lora_A", "lora_B")
     uploads = downloads = ("lora_A",)
+    keeps_own_state = True
 
     def __init__(self, adapted, cfg, client_sizes):
         super().__init__(adapted, cfg, client_sizes)
@@ -30,6 +31,13 @@ class FedSALoRA(Method):
         total = sum(sizes)
         B = [self.own_B[c] for c in clients]
         return self.global_state | {k: weighted_sum(B, [n / total for n in sizes], k) for k in B[0]}
+
+    def own_state(self, client):
+        return self.own_B.get(client, {})
+
+    def load_own_state(self, client, state):
+        if state:
+            self.own_B[client] = state
 
     def state_dict(self):
         return {"global": self.global_state, "own_B": self.own_B}
