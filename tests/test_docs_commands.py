@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, read_log
 from fedlora.plots import figure, read_run
 from fedlora.simulator import Simulator
 from test_fedsb_init import README_COMM
@@ -18,7 +18,13 @@ FLOWER_INIT = ('FEDLORA_DATA_DIR=$PWD/../shared/data .venv/bin/fedlora flower in
                '--out "$PWD/runs/flower-quickstart"')
 QUICKSTART = "FEDLORA_DATA_DIR=../shared/data .venv/bin/fedlora run examples/quickstart.toml --out runs/quickstart"
 PRIVATE_RECIPE = "FEDLORA_DATA_DIR=../shared/data .venv/bin/fedlora run examples/sst2_dp.toml --out runs/sst2-dp"
-SHOWN = {"running.md": [PLOT], "flower.md": [FLOWER_INIT], "privacy.md": [PRIVATE_RECIPE],
+SIM_ENGINE = """cat >> ~/.flwr/config.toml <<'TOML'
+[superlink.local-sim]
+address = ":local:"
+options.num-supernodes = 10
+TOML
+.venv/bin/fedlora flower run my-app local-sim --run-config 'fedlora.federation.rounds=2'"""
+SHOWN = {"running.md": [PLOT], "flower.md": [FLOWER_INIT, SIM_ENGINE], "privacy.md": [PRIVATE_RECIPE],
          "../README.md": [QUICKSTART, PRIVATE_RECIPE]}
 # the recipe's FFA-LoRA runs ended at 0.7534 to 0.7695 (docs/privacy.md); the majority class is at 0.5092
 PRIVATE_RECIPE_FLOOR = 0.70
@@ -46,7 +52,7 @@ def shell(command: str, folder, timeout: float = 600) -> subprocess.CompletedPro
 def test_the_commands_are_the_documented_ones():
     for page, commands in SHOWN.items():
         text = (ROOT / "docs" / page).read_text()
-        missing = [c for c in commands if f"    {c}\n" not in text]
+        missing = [c for c in commands if "".join(f"    {line}\n" for line in c.splitlines()) not in text]
         assert not missing, f"not in docs/{page}: {missing}"
     # test_fedsb_init runs these `fedlora comm` commands: the page must show them and their output as run
     shown = "".join(f"    {line}\n" for line in README_COMM.splitlines())
@@ -102,3 +108,42 @@ def test_the_private_recipe_as_documented(checkout):
     assert 2.9 < summary["privacy"]["epsilon_max"] <= 3.0
     assert summary["final_eval"]["accuracy"] > PRIVATE_RECIPE_FLOOR, final_line(done)
     assert (summary["bytes_up_total"], summary["bytes_down_total"]) == (7_114_816, 7_114_816)
+
+
+@needs_shared
+def test_flowers_simulation_engine_as_documented(checkout, tmp_path):
+    """docs/flower.md (a): the app of `fedlora flower init`, run on Flower's simulation engine (10 virtual
+    SuperNodes as Ray actors) through a `:local:` connection in ~/.flwr, exactly as written."""
+    pytest.importorskip("ray", reason="Flower's simulation engine (the 'flower' extra) is not installed")
+    home = tmp_path / "home"
+    (home / ".flwr").mkdir(parents=True)
+    env = dict(os.environ, HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("FLWR_HOME", None)
+    try:
+        for command in (FLOWER_INIT, SIM_ENGINE):
+            done = subprocess.run(["bash", "-c", command], cwd=checkout, env=env, capture_output=True, text=True,
+                                  timeout=3600)
+            assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    finally:
+        stop_processes_of(home)
+    assert "fedlora round 2/2: 10 clients" in done.stdout and "completed" in done.stdout
+    run = checkout / "runs" / "flower-quickstart"
+    assert [row["round"] for row in read_log(run)] == [0, 1, 2]
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 2
+
+
+def stop_processes_of(home) -> None:
+    """Stop what the run left behind (the local SuperLink flwr keeps for later runs): every process whose
+    environment has this HOME."""
+    import signal
+    from pathlib import Path
+
+    marker = f"HOME={home}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGTERM)
+        except (OSError, ProcessLookupError):
+            continue

@@ -5,6 +5,7 @@ continues the run when its output folder holds one."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,10 +23,16 @@ def flwr() -> str:
     return str(here) if here.exists() else shutil.which("flwr") or "flwr"
 
 
+def environment() -> dict:
+    """The environment for flwr: this Python's bin first on PATH, so that what flwr starts by name (a local
+    simulation's `flower-superlink`, its `flower-superexec`) is this environment's."""
+    return os.environ | {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
 def run_status(run_id: int, connection: str) -> tuple[str, str]:
     """(status, details) of a run, as the SuperLink's Control API reports it."""
     done = subprocess.run([flwr(), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=environment())
     try:
         answer = json.loads(done.stdout)
         run = answer["runs"][0]
@@ -40,7 +47,8 @@ def flower_run(app: str, connection: str, resume: bool = False, run_config: list
     for entry in (run_config or []) + (["resume=true"] if resume else []):
         cmd += ["--run-config", entry]
     run_id = None
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env=environment()) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
