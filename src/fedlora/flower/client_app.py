@@ -57,6 +57,7 @@ class ClientRuntime:
         method.global_state = method.seed_state(generator(cfg.seed, "init"))
         self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
         self.pristine_base = adapted.base_weights() if method.changes_base else None
+        self.privacy_checked: tuple | None = None  # the last DP settings a server sent that passed the check
 
     def take_privacy(self, client: int, settings) -> None:
         """Under DP, the noise multiplier, delta and set-up examples the server sends with a message (it
@@ -70,8 +71,10 @@ class ClientRuntime:
                               f"more than its {plan.client_sizes[client]}")
         if client in plan.init_examples and init_examples:
             plan.init_examples[client] = init_examples
-        sigma = float(settings["noise-multiplier"])
-        plan.check_client_privacy(client, sigma, float(settings["delta"]), trainer.method.init_releases())
+        sigma, delta = float(settings["noise-multiplier"]), float(settings["delta"])
+        if (client, sigma, delta, init_examples) != self.privacy_checked:  # the accountant takes seconds: once a run
+            plan.check_client_privacy(client, sigma, delta, trainer.method.init_releases())
+            self.privacy_checked = (client, sigma, delta, init_examples)
         trainer.enable_privacy(sigma)
 
     def _own_state_folder(self, context: Context) -> Path | None:
