@@ -2,11 +2,14 @@
 Fed-SB and FedEx-LoRA (and the newer methods) on SST-2 at epsilon 1, 3 and 8 and without DP, over seeds; mean
 and spread of the final dev accuracy, and for each paper claim whether this run confirms it:
   FFA-LoRA beats LoRA (FedIT) under DP (FFA-LoRA paper); Fed-SB beats FFA-LoRA and FedEx-LoRA under DP (Fed-SB).
+With --client-ranks the methods that take clients of different ranks (FlexLoRA, HetLoRA, FLoRA, FedIT
+zero-padded) run with those ranks, one per client (adapter.client_ranks; adapter.rank is the largest).
 Every run is a `fedlora run` into OUT/<name>; finished runs are skipped when the script runs again, so it can
-be stopped and continued, and the tables show every finished run in OUT. Writes results/dp_comparison.json and
-results/dp_comparison.md.
+be stopped and continued, and the tables show every finished run in OUT with its accuracy and the megabytes
+all clients exchanged. Writes results/dp_comparison.json and results/dp_comparison.md.
 
     FEDLORA_DATA_DIR=../shared/data python experiments/dp_comparison.py [--seeds 0 1 2] [--epsilons 1 3 8 none]
+        [--methods ...] [--client-ranks 4 16]
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ RECIPE = HERE.parent / "examples" / "sst2_dp.toml"
 RESULTS = HERE.parent / "results"
 # Fed-SB's r^2 trainable values match FFA-LoRA's and FedIT's budgets at a larger rank (as in its paper).
 METHODS = {"fedit": ("FedIT (LoRA)", 8), "ffa": ("FFA-LoRA", 8), "fedsb": ("Fed-SB", 32), "fedex": ("FedEx-LoRA", 8),
-           "fedsvd": ("FedSVD", 8), "rolora": ("RoLoRA", 8), "flexlora": ("FlexLoRA", 8), "hetlora": ("HetLoRA", 8)}
+           "fedsvd": ("FedSVD", 8), "rolora": ("RoLoRA", 8), "flexlora": ("FlexLoRA", 8), "hetlora": ("HetLoRA", 8),
+           "flora": ("FLoRA", 8)}
 CLAIMS = [("ffa", "fedit", "FFA-LoRA beats LoRA (FedIT) under DP"), ("fedsb", "ffa", "Fed-SB beats FFA-LoRA under DP"),
           ("fedsb", "fedex", "Fed-SB beats FedEx-LoRA under DP")]
 NO_DP = math.inf  # the recipe without DP (--set privacy.epsilon=none)
@@ -35,12 +39,16 @@ def epsilon_name(epsilon: float) -> str:
     return "none" if epsilon == NO_DP else f"{epsilon:g}"
 
 
-def run(out: Path, method: str, epsilon: float, seed: int) -> dict:
-    name = f"{method}_eps{epsilon_name(epsilon)}_seed{seed}"
+def run(out: Path, method: str, epsilon: float, seed: int, client_ranks: list[int] | None = None) -> dict:
+    """One run of the recipe; with client_ranks, the clients hold those ranks (named e.g. flexlora-r4-16)."""
+    variant = method if client_ranks is None else f"{method}-r{'-'.join(map(str, client_ranks))}"
+    name = f"{variant}_eps{epsilon_name(epsilon)}_seed{seed}"
     folder = out / name
+    ranks = ["--set", f"adapter.rank={METHODS[method][1]}"] if client_ranks is None else [
+        "--set", f"adapter.rank={max(client_ranks)}", "--set", f"adapter.client_ranks={client_ranks}"]
     if not (folder / "summary.json").is_file():
         args = [sys.executable, "-m", "fedlora.cli", "run", str(RECIPE), "--quiet", "--out", str(folder), "--resume",
-                "--set", f"method.name='{method}'", "--set", f"adapter.rank={METHODS[method][1]}",
+                "--set", f"method.name='{method}'", *ranks,
                 "--set", f"privacy.epsilon={epsilon_name(epsilon)}", "--set", f"seed={seed}", "--set", "eval.every=0"]
         started = time.time()
         done = subprocess.run(args, capture_output=True, text=True)
@@ -61,6 +69,7 @@ def finished(out: Path) -> list[dict]:
         runs.append({"name": path.parent.name, "method": method, "seed": int(seed),
                      "epsilon": NO_DP if epsilon == "none" else float(epsilon),
                      "accuracy": summary["final_eval"]["accuracy"],
+                     "megabytes": (summary["bytes_up_total"] + summary["bytes_down_total"]) / 1e6,
                      "epsilon_spent": (summary["privacy"] or {}).get("epsilon_max")})
     return runs
 
@@ -83,14 +92,22 @@ def verdict(better: dict | None, worse: dict | None) -> str:
     return f"{outcome} ({better['mean']:.4f} vs {worse['mean']:.4f}, difference {difference:+.4f} ± {error:.4f})"
 
 
+def variant_label(method: str) -> tuple[str, str]:
+    """("FlexLoRA", "r = 4/16") for flexlora-r4-16, ("FedIT (LoRA)", "r = 8") for fedit."""
+    name, _, ranks = method.partition("-r")
+    label, rank = METHODS[name]
+    return label, f"r = {ranks.replace('-', '/')}" if ranks else f"r = {rank}"
+
+
 def table(results: list[dict]) -> tuple[list[dict], str]:
     epsilons = sorted({r["epsilon"] for r in results})
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
-    rows, lines = [], ["| method | " + " | ".join(f"epsilon {epsilon_name(e)}" for e in epsilons) + " |",
-                       "|---|" + "---|" * len(epsilons)]
+    methods += sorted({r["method"] for r in results} - set(methods))  # clients of different ranks, last
+    rows, lines = [], ["| method | MB | " + " | ".join(f"epsilon {epsilon_name(e)}" for e in epsilons) + " |",
+                       "|---|---|" + "---|" * len(epsilons)]
     for method in methods:
-        label, rank = METHODS[method]
-        cells = []
+        label, rank = variant_label(method)
+        cells, megabytes = [], {round(r["megabytes"], 1) for r in results if r["method"] == method}
         for e in epsilons:
             accs = [r["accuracy"] for r in results if r["method"] == method and r["epsilon"] == e]
             row = {"method": method, "rank": rank, "epsilon": epsilon_name(e), "seeds": len(accs),
@@ -99,7 +116,8 @@ def table(results: list[dict]) -> tuple[list[dict], str]:
             rows.append(row)
             cells.append("-" if not accs else f"{row['mean']:.4f}" + (f" ± {row['std']:.4f}" if row["std"] else "")
                          + f" (n={len(accs)})")
-        lines.append(f"| {label}, r = {rank} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label}, {rank} | {' or '.join(f'{mb:g}' for mb in sorted(megabytes))} | "
+                     + " | ".join(cells) + " |")
     by_key = {(r["method"], r["epsilon"]): r for r in rows}
     lines.append("")
     for better, worse, claim in CLAIMS:
@@ -116,13 +134,15 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", default=["1", "3", "8", "none"],
                         help="target epsilons; none: the recipe without DP")
     parser.add_argument("--methods", nargs="+", default=["fedit", "ffa", "fedsb", "fedex"], choices=list(METHODS))
+    parser.add_argument("--client-ranks", type=int, nargs="+",
+                        help="one rank per client (the recipe has 2), for FlexLoRA, HetLoRA, FLoRA or FedIT")
     parser.add_argument("--out", default="runs/dp_comparison")
     args = parser.parse_args()
     epsilons = [NO_DP if e == "none" else float(e) for e in args.epsilons]
     out = Path(args.out)
     started = time.time()
     failed = [r["name"] for seed in args.seeds for e in epsilons for m in args.methods
-              for r in [run(out, m, e, seed)] if "error" in r]
+              for r in [run(out, m, e, seed, args.client_ranks)] if "error" in r]
     wall = time.time() - started
     results = finished(out)
     rows, markdown = table(results)
