@@ -15,8 +15,8 @@ import argparse
 import copy
 
 import torch
-from harness import (causal_lm_losses, classification_losses, device_arguments, load_base, make_batch, median_times,
-                     write_results)
+from harness import (causal_lm_losses, classification_losses, load_base, make_batch, median_times,
+                     parse_step_arguments, step_arguments, write_results)
 
 from fedlora.adapters import AdaptedModel
 from fedlora.methods import METHODS
@@ -114,16 +114,9 @@ def bench_model(preset: str, args) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--models", nargs="+", default=["minilm-l6"], choices=list(NAMES))
-    parser.add_argument("--out", default="results/dp_overhead.json")
-    device_arguments(parser)
-    args = parser.parse_args()
-    if args.dry_run:
-        args.device, args.repeats, args.batch, args.tokens = "cpu", 1, 2, 16
+    step_arguments(parser, models=["minilm-l6"], batch=32, tokens=128, repeats=7, out="results/dp_overhead.json",
+                   choices=list(NAMES))
+    args = parse_step_arguments(parser)
 
     rows = [row for preset in args.models for row in bench_model(preset, args)]
     print(f"\nbatch {args.batch} x {args.tokens} tokens, rank {args.rank}, {args.device} "

@@ -68,6 +68,26 @@ def device_arguments(parser) -> None:
                         help="tiny random models of the same architectures, tiny sizes, CPU (checks the script)")
 
 
+def step_arguments(parser, models: list[str], batch: int, tokens: int, repeats: int, out: str,
+                   choices: list[str] | None = None) -> None:
+    """The arguments of a benchmark that times training steps of models at batch x tokens and a LoRA rank."""
+    parser.add_argument("--models", nargs="+", default=models, choices=choices)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", default=out)
+    device_arguments(parser)
+
+
+def parse_step_arguments(parser):
+    """step_arguments' values; a dry run takes one repeat of 2 x 16 tokens on the CPU."""
+    args = parser.parse_args()
+    if args.dry_run:
+        args.device, args.repeats, args.batch, args.tokens = "cpu", 1, 2, 16
+    return args
+
+
 # Small enough for a dry run in seconds, the preset's architecture otherwise (attention, MLP, norms, heads).
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             head_dim=16, vocab_size=1024, max_position_embeddings=256)

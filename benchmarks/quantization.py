@@ -16,7 +16,8 @@ import argparse
 import importlib.util
 
 import torch
-from harness import causal_lm_losses, load_base, make_batch, median_times, write_results
+from harness import (causal_lm_losses, load_base, make_batch, median_times, parse_step_arguments, step_arguments,
+                     write_results)
 
 from fedlora.adapters import AdaptedModel
 from fedlora.client import local_train
@@ -99,17 +100,9 @@ def bench_model(preset: str, args) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dry-run", action="store_true", help="the bf16 variant on a tiny random model, CPU")
-    parser.add_argument("--out", default="results/quantization.json")
-    args = parser.parse_args()
-    if args.dry_run:
-        args.device, args.repeats, args.batch, args.tokens = "cpu", 1, 2, 16
+    step_arguments(parser, models=["smollm2-135m", "gemma3-270m"], batch=8, tokens=256, repeats=5,
+                   out="results/quantization.json")
+    args = parse_step_arguments(parser)
 
     rows = [row for preset in args.models for row in bench_model(preset, args)]
     print(f"\nFedIT rank {args.rank}, AdamW, bf16 autocast, batch {args.batch} x {args.tokens}, {args.device}, "

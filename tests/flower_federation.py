@@ -30,7 +30,8 @@ def _executable(name: str) -> str:
 
 
 class LoopbackFederation:
-    def __init__(self, folder: Path, num_nodes: int, node_env: dict[int, dict] | None = None):
+    def __init__(self, folder: Path, num_nodes: int, node_env: dict[int, dict] | None = None,
+                 connection: str = "loopback"):
         self.folder = Path(folder)
         self.home = self.folder / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,7 @@ class LoopbackFederation:
         link, *node_ports = free_ports(1 + num_nodes)  # the SuperLink serves all its APIs on one HTTP port
         self.link = link
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
+            f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\naddress = "127.0.0.1:{link}"\n'
             'insecure = true\n')
         self.processes: dict[str, subprocess.Popen] = {}
         self.link_command = [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),

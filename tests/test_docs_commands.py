@@ -59,6 +59,16 @@ def test_the_commands_are_the_documented_ones():
     assert shown in (ROOT / "docs" / "running.md").read_text()
 
 
+def test_ci_sets_up_and_tests_exactly_as_the_readme_says():
+    """The README's set-up and test commands are the ones CI (.ci/run, on a fresh clone) runs, and only they."""
+    readme = (ROOT / "README.md").read_text()
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci == ["bash setup.sh", ".venv/bin/python -m pytest -q"]
+    for command in ci:
+        assert f"\n    {command}\n" in readme, command
+
+
 def test_fedlora_plot_as_documented(checkout, sim_config):
     pytest.importorskip("matplotlib")
     for method in ("fedsb", "ffa"):

@@ -309,19 +309,36 @@ def test_fedsa_resumes_on_nodes_that_keep_their_own_b_in_a_state_dir(sim_config,
         assert_same_tensors(kept_B, own)
 
 
+# docs/flower.md's commands after the deployment block's exports (PATH, FLWR_HOME), in the folder of my-app
+DEPLOYED_RUN = "fedlora flower run my-app fedlora-link"
+RESUME = "fedlora flower run my-app fedlora-link --resume"
+SECURE_RUN = "fedlora flower run my-app fedlora-link --run-config secagg-threshold=0.66"
+
+
+def test_the_documented_run_commands_are_the_ones_run_here():
+    docs = (ROOT / "docs" / "flower.md").read_text()
+    assert f"\n{DEPLOYED_RUN}\n```" in docs
+    for command in (RESUME, SECURE_RUN):
+        assert f"\n    {command}\n" in docs, command
+
+
+def documented(command: str, folder: Path, federation: LoopbackFederation, timeout: float = 600):
+    return subprocess.run(["bash", "-c", command], cwd=folder, env=federation.env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def test_the_superlink_killed_mid_run_and_restarted_resumes_to_the_uninterrupted_adapter(sim_config, tmp_path):
     """Live: kill the SuperLink (and the ServerApp it runs) after round 1's checkpoint, start it again on the
     same database; `fedlora flower run` without --resume is refused (exit 1, the reason and the command),
-    with --resume the run ends with the simulator's adapter, its stream one line per round."""
+    with --resume the run ends with the simulator's adapter, its stream one line per round. The commands
+    are docs/flower.md's, as written."""
     cfg = sim_config(method={"name": "ffa"}, eval={"every": 0}, train={"local_steps": 2},
                      federation={"num_clients": 2, "clients_per_round": 2, "rounds": 3})
     out = tmp_path / "flower"
-    app = write_app(tmp_path / "app", cfg, out, round_timeout=120, node_wait=120).parent
-    federation = LoopbackFederation(tmp_path / "federation", num_nodes=2)
-    command = [str(BIN / "fedlora"), "flower", "run", str(app), "loopback"]
+    write_app(tmp_path / "my-app", cfg, out, round_timeout=120, node_wait=120)
+    federation = LoopbackFederation(tmp_path / "federation", num_nodes=2, connection="fedlora-link")
     try:
-        first = threading.Thread(target=subprocess.run, args=(command,),
-                                 kwargs={"env": federation.env, "capture_output": True, "timeout": 600})
+        first = threading.Thread(target=documented, args=(DEPLOYED_RUN, tmp_path, federation))
         first.start()
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and not any(r["round"] == 1 for r in _log(out)):
@@ -333,13 +350,12 @@ def test_the_superlink_killed_mid_run_and_restarted_resumes_to_the_uninterrupted
         assert not (out / "summary.json").exists()
         federation.restart_superlink()
 
-        refused = subprocess.run(command, env=federation.env, capture_output=True, text=True, timeout=300)
+        refused = documented(DEPLOYED_RUN, tmp_path, federation, timeout=300)
         assert refused.returncode == 1, refused.stdout + refused.stderr
         assert "already holds a run" in refused.stderr
-        assert f"continue it: fedlora flower run {app} loopback --resume" in refused.stderr
+        assert f"continue it: {RESUME}" in refused.stderr
 
-        resumed = subprocess.run(command + ["--resume"], env=federation.env, capture_output=True, text=True,
-                                 timeout=600)
+        resumed = documented(RESUME, tmp_path, federation)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:] + federation.logs()
     finally:
         federation.stop()
@@ -585,18 +601,17 @@ def test_fedsb_set_ups_that_send_gradient_sums_are_refused_under_secure_aggregat
 
 
 def test_live_secure_aggregation_on_loopback_matches_the_simulator(loopback_config, tmp_path):
-    """fedsb and ffa on a live loopback federation with SecAgg+ (`--run-config secagg-threshold=1.0`): the
-    exported adapter is the simulator's within SecAgg+'s quantisation, every round is logged as secure."""
-    federation = LoopbackFederation(tmp_path / "federation", num_nodes=2)
+    """fedsb and ffa on a live loopback federation with SecAgg+, docs/flower.md's command as written (with 2
+    clients a threshold of 0.66 needs both): the exported adapter is the simulator's within SecAgg+'s
+    quantisation, every round is logged as secure."""
+    federation = LoopbackFederation(tmp_path / "federation", num_nodes=2, connection="fedlora-link")
     try:
         for name in ("fedsb", "ffa"):
             # Fed-SB's set-up votes go through SecAgg+ too, as integers: the set-up is the plain one
             cfg = loopback_config(name, federation={"rounds": 1}, fedsb={"init": "signs"})
             out = tmp_path / f"flower-{name}"
-            app = write_app(tmp_path / f"app-{name}", cfg, out, round_timeout=120, node_wait=60).parent
-            done = subprocess.run([str(BIN / "fedlora"), "flower", "run", str(app), "loopback", "--run-config",
-                                   "secagg-threshold=1.0"], env=federation.env, capture_output=True, text=True,
-                                  timeout=400)
+            write_app(tmp_path / name / "my-app", cfg, out, round_timeout=120, node_wait=60)
+            done = documented(SECURE_RUN, tmp_path / name, federation, timeout=400)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + federation.logs()
             assert "Secure aggregation completed" in done.stdout
             assert read_log(out)[1]["secure_aggregation"] is True and read_log(out)[1]["clients"] == [0, 1]

@@ -1,0 +1,152 @@
+"""The benchmark and experiment commands the docs show, run exactly as written in a folder laid out like the
+checkout (its benchmarks/, experiments/, examples/, results/ and tests/ copied, the environment linked).
+
+Their whole runs take from minutes to hours on 2 CPU cores, so each command runs until it has shown that it
+works: a benchmark until it prints its first measurement, an experiment until its first run has trained a
+round; then it is stopped. The short ones run to the end. Every such command in the docs is listed here,
+and a command the docs show that is not listed fails the first test."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA
+from flower_federation import descendants
+
+DATA = "FEDLORA_DATA_DIR=../shared/data "
+PY = ".venv/bin/python "
+
+
+@dataclass
+class Shown:
+    page: str
+    works: str  # a regular expression its output matches, or "rounds:GLOB": a run folder there trained round 1
+    to_the_end: bool = False
+    needs: str = ""  # a module it needs, else skipped
+
+
+SCRIPTS = {
+    PY + "benchmarks/throughput.py --repeats 5": Shown("performance.md", r"'peft_s': [\d.]+"),
+    DATA + PY + "benchmarks/clients_memory.py": Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
+    PY + "benchmarks/communication.py": Shown("performance.md", r"Mistral-7B: Fed-SB r=200 sends 8,960,000 parameters",
+                                              to_the_end=True),
+    PY + "benchmarks/dp_overhead.py": Shown("performance.md", r"minilm-l6 fedit: \{.*'dp_s'"),
+    DATA + PY + "benchmarks/parallel_clients.py": Shown("performance.md", r"clients, batch \d+: sequential [\d.]+ s"),
+    DATA + PY + "experiments/reproduce.py --jobs 2": Shown("performance.md", "rounds:runs/reproduce/tune/*"),
+    DATA + PY + "benchmarks/dp_memory.py": Shown("privacy.md", r"ffa: step memory \d+ MiB"),
+    DATA + PY + "experiments/dp_comparison.py": Shown("privacy.md", "rounds:runs/dp_comparison/*"),
+    DATA + PY + "experiments/dp_comparison.py --methods fedsvd rolora flexlora hetlora --epsilons 3 none":
+        Shown("privacy.md", "rounds:runs/dp_comparison/*"),
+    DATA + PY + "experiments/dp_comparison.py --methods flexlora hetlora --client-ranks 4 16 --epsilons 3 none":
+        Shown("privacy.md", "rounds:runs/dp_comparison/*"),
+    DATA + PY + "benchmarks/flower_secagg.py --clients 3 --rounds 2": Shown("flower.md", r"plain \{", needs="flwr"),
+    DATA + PY + "benchmarks/flower_vs_inprocess.py --repeats 3": Shown("flower.md", r"repeat 1: in-process round",
+                                                                       needs="ray"),
+    DATA + PY + "experiments/fedsb_init.py --seeds 0 1 2": Shown("methods.md", "rounds:runs/fedsb_init/*"),
+    DATA + PY + "experiments/gsm8k_smollm2.py --scale cpu": Shown("language-models.md",
+                                                                  "rounds:runs/gsm8k_smollm2/*"),
+}
+
+
+def shown_commands() -> set[str]:
+    """Every line of a code block in docs/ and the README that runs a script of benchmarks/ or experiments/."""
+    found = set()
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in page.read_text().splitlines():
+            if line.startswith("    ") and re.search(r"\b(benchmarks|experiments)/\w+\.py", line):
+                found.add(line.strip())
+            for inline in re.findall(r"`([^`]*python[^`]*(?:benchmarks|experiments)/[^`]*)`", line):
+                found.add(inline)  # a command written in the text: it must become a code block
+    return found
+
+
+def test_every_script_command_in_the_docs_is_run_here():
+    assert shown_commands() == set(SCRIPTS)
+    for command, shown in SCRIPTS.items():
+        page = (ROOT / "docs" / shown.page).read_text()
+        assert re.search(r"\n {4,}" + re.escape(command) + "\n", page), (shown.page, command)
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    for part in ("benchmarks", "experiments", "examples", "results", "tests"):
+        shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / ".venv").symlink_to(ROOT / ".venv")
+    (tmp_path / "shared").symlink_to(SHARED_DATA.parent)
+    return folder
+
+
+def trained_a_round(folder: Path, pattern: str) -> bool:
+    for log in folder.glob(pattern + "/rounds.jsonl"):
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if any(row.get("round", 0) >= 1 for row in rows):
+            return True
+    return False
+
+
+def run_until_it_works(command: str, folder: Path, shown: Shown, timeout: float) -> str:
+    """Run `command` in bash in `folder` until `shown.works` holds (or to its end); stop it and all it started."""
+    log = folder / "command.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["bash", "-c", command], cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+
+    def works() -> bool:
+        if shown.works.startswith("rounds:"):
+            return trained_a_round(folder, shown.works.removeprefix("rounds:"))
+        return re.search(shown.works, log.read_text(errors="replace")) is not None
+
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if not shown.to_the_end and works():
+                break
+            time.sleep(1)
+        output = log.read_text(errors="replace")
+        if process.poll() is not None:
+            assert process.returncode == 0, f"{command}\n{output[-4000:]}"
+        assert works(), f"{command}: nothing shows that it works within {timeout:.0f} s\n{output[-4000:]}"
+        return output
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Interrupt the command as Ctrl-C would, so that it stops what it started (a benchmark's Flower federation
+    runs in sessions of its own); then kill whatever of it is left."""
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in tree | ({process.pid} if process.poll() is None else set()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} not found")
+@pytest.mark.parametrize("command", list(SCRIPTS), ids=lambda command: re.search(r"\w+\.py.*", command).group(0))
+def test_the_documented_script_command_runs(checkout, command):
+    shown = SCRIPTS[command]
+    if shown.needs:
+        pytest.importorskip(shown.needs)
+    started = time.monotonic()
+    run_until_it_works(command, checkout, shown, timeout=1800)
+    print(f"{command}: {time.monotonic() - started:.0f} s")
