@@ -112,7 +112,7 @@ def table(results: list[dict]) -> tuple[list[dict], str]:
             accs = [r["accuracy"] for r in results if r["method"] == method and r["epsilon"] == e]
             row = {"method": method, "rank": rank, "epsilon": epsilon_name(e), "seeds": len(accs),
                    "mean": statistics.mean(accs) if accs else None,
-                   "std": statistics.pstdev(accs) if len(accs) > 1 else None}
+                   "std": statistics.stdev(accs) if len(accs) > 1 else None}
             rows.append(row)
             cells.append("-" if not accs else f"{row['mean']:.4f}" + (f" ± {row['std']:.4f}" if row["std"] else "")
                          + f" (n={len(accs)})")
