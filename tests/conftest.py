@@ -96,7 +96,7 @@ def toy_instructions(tmp_path_factory) -> dict:
 
 def config_with(raw: dict, sections: dict):
     """A Config from default sections, each overridden key by key (or replaced when not a table)."""
-    from fedlora.config import build_config
+    from fedlora.api import make_config as build_config
 
     for section, values in sections.items():
         if isinstance(values, dict):

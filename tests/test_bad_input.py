@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from fedlora.config import (Config, DataConfig, MethodConfig, apply_overrides, build_config, load_config,
-                            parse_override)
+from fedlora.api import load_config, make_config as build_config
+from fedlora.config import Config, DataConfig, MethodConfig, apply_overrides, parse_override
 from fedlora.methods import METHODS
 from fedlora.data import load_classification, read_classification_files, read_table
 from fedlora.errors import ConfigError, DataError

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
+from fedlora.api import load_config, make_config as build_config
 from fedlora.cli import main
-from fedlora.config import apply_overrides, build_config, load_config
+from fedlora.config import apply_overrides
 from fedlora.errors import ConfigError
 
 
@@ -142,7 +143,6 @@ label_column = 'label'
 
 def test_comm_fedsb_setup_on_public_data_uploads_nothing():
     from fedlora.comm import communication_report
-    from fedlora.config import build_config
 
     d, r, layers = 384, 8, 12
     public = build_config({"fedsb": {"init_data": "public", "public_data": {"name": "imdb"}}})

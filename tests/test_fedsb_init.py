@@ -344,9 +344,8 @@ def test_private_set_up_is_charged_as_planned(sim_config, tmp_path, monkeypatch,
                      privacy={"noise_multiplier": 1.1, "clip_norm": 0.5, "accountant": "rdp"})
     sim = Simulator(cfg, tmp_path, progress=False)
     assert sim.server.begin(False) == 0
-    sim.setup_privacy()
     record = sim.initialise()
-    assert sim.method.init_releases() == releases
+    assert sim.server.plan.init_releases == releases
     for c in sorted(sim.server.init_examples):
         acc = RDPAccountant()
         for _ in range(releases):
@@ -354,11 +353,11 @@ def test_private_set_up_is_charged_as_planned(sim_config, tmp_path, monkeypatch,
         assert sim.ledger.epsilon(c) == pytest.approx(acc.get_epsilon(sim.ledger.delta), rel=1e-6)
     assert record["epsilon"] == pytest.approx(max(sim.ledger.epsilon(c) for c in sim.server.init_examples))
     # the calibration plans the same releases
-    plan = sim.server.plan.privacy_segments(sim.method.init_releases())
+    plan = sim.server.plan.privacy_segments()
     c = sorted(sim.server.init_examples)[0]
     assert plan[c][0] == (sim.server.init_examples[c] / sim.client_sizes[c], releases, None)
     if variant == "sign_sketch":  # both phases sent from the one release the client kept (and then let go)
-        assert len(released) == len(sim.server.init_examples) and sim.clients.releases[(c, 0)] is None
+        assert len(released) == len(sim.server.init_examples) and sim.trainer.releases[(c, 0)] is None
         kept = released[sorted(sim.server.init_examples).index(c)]
         (_, first, ranges), (_, second, projections) = [s for s in sent if s[0] == c]
         for i, (name, layer) in enumerate(sim.adapted.layers.items()):

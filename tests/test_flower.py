@@ -114,15 +114,13 @@ def test_every_method_on_flower_matches_the_simulator_and_its_byte_counts(sim_co
         for state in kept.values():
             assert_same_tensors(from_record(state["fedlora.base"]), sim.adapted.base_weights())
     if name == "fedsa":  # every client's own B, which never leaves it, as the simulator's
-        for client, own in sim.method.own_B.items():
-            kept_B = {k.split("/", 2)[2]: v for k, v in from_record(kept[client]["fedlora.method"]).items()
-                      if k.startswith(f"own_B/{client}/")}
-            assert_same_tensors(kept_B, own)
+        for client, own in sim.trainer.own_states.items():
+            assert_same_tensors(from_record(kept[client]["fedlora.own"]), own)
     sim_log, flower_log = read_log(tmp_path / "sim"), read_log(tmp_path / "flower")
     for ours, theirs in zip(sim_log, flower_log, strict=True):
         assert ours["clients"] == theirs["clients"] and ours["bytes_up"] == theirs["bytes_up"]
         assert ours["bytes_down"] == theirs["bytes_down"]
-        if ours["eval"] and name != "fedsa":  # FedSA's server never sees a B: its global view differs
+        if ours["eval"]:
             assert ours["eval"] == pytest.approx(theirs["eval"], abs=1e-5)
     flower = json.loads((tmp_path / "flower" / FLOWER_BYTES).read_text())
     for rec in sim_log:
@@ -325,7 +323,7 @@ def test_malformed_replies_are_checked_like_the_simulator_checks_updates(sim_con
         for reply in replies:
             if reply.metadata.message_type != "train":
                 continue
-            client = strategy.clients[reply.metadata.src_node_id]
+            client = strategy.nodes.client_of[reply.metadata.src_node_id]
             if client in (wrong_shape, garbage):
                 arrays = reply.content["arrays"]
                 key = next(iter(arrays))
@@ -357,7 +355,7 @@ def test_a_node_the_superlink_reports_gone_is_dropped(sim_config, tmp_path):
     def superlink(messages, *, timeout=None):
         replies = real_send(messages, timeout=timeout)
         for i, (message, reply) in enumerate(zip(messages, replies)):
-            if reply.metadata.message_type == "train" and strategy.clients[message.metadata.dst_node_id] == gone:
+            if reply.metadata.message_type == "train" and strategy.nodes.client_of[message.metadata.dst_node_id] == gone:
                 replies[i] = create_message_error_unavailable_res_message(message.metadata, "node_unavail")
         return replies
 
@@ -391,7 +389,7 @@ def test_a_huge_update_is_dropped_on_flower_with_the_default_checks(sim_config, 
     def tamper(messages, *, timeout=None):
         replies = real_send(messages, timeout=timeout)
         for reply in replies:
-            if reply.metadata.message_type == "train" and strategy.clients[reply.metadata.src_node_id] == hostile:
+            if reply.metadata.message_type == "train" and strategy.nodes.client_of[reply.metadata.src_node_id] == hostile:
                 arrays = reply.content["arrays"]
                 reply.content["arrays"] = to_record({k: torch.full_like(v, 3e38) for k, v in from_record(arrays).items()})
         return replies

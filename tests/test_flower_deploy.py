@@ -107,7 +107,7 @@ def test_nodes_that_connect_late_are_asked_until_every_client_has_one(sim_config
     grid = LateGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients, ready=1)
     strategy = strategy_for(cfg, tmp_path, node_wait=60)
     strategy.start(grid)
-    assert sorted(strategy.nodes) == list(range(cfg.federation.num_clients))
+    assert sorted(strategy.nodes.node_of) == list(range(cfg.federation.num_clients))
 
 
 def test_a_duplicate_client_id_is_refused_whenever_its_node_connects(sim_config, tmp_path):
@@ -176,7 +176,7 @@ def test_under_dp_every_node_trains_with_the_noise_calibrated_from_the_nodes_siz
     """Node 0 trains on its own file of 30 rows under DP, fewer than the config's partition gives it: the
     server calibrates sigma from the nodes' sizes, and each node checks it against its own plan and trains with
     it, not with the sigma of the config's partition (which would spend more than epsilon on 30 rows)."""
-    from fedlora.federation import FederationPlan
+    from fedlora.plan import FederationPlan
     from fedlora.flower.client_app import ClientRuntime
 
     cfg = sim_config(method={"name": "ffa"}, eval={"every": 0}, privacy={"epsilon": 3.0},
@@ -188,8 +188,9 @@ def test_under_dp_every_node_trains_with_the_noise_calibrated_from_the_nodes_siz
     real_take = ClientRuntime.take_privacy
 
     def spy(runtime, client, settings):
-        real_take(runtime, client, settings)
-        trained_with.setdefault(client, set()).add(runtime.trainer.noise_multiplier)
+        privacy = real_take(runtime, client, settings)
+        trained_with.setdefault(client, set()).add(privacy.noise_multiplier)
+        return privacy
 
     monkeypatch.setattr(ClientRuntime, "take_privacy", spy)
     grid = InMemoryGrid(client_app(), to_run_config(cfg), 2)
@@ -201,7 +202,7 @@ def test_under_dp_every_node_trains_with_the_noise_calibrated_from_the_nodes_siz
     assert sizes[0] < partition[0]
     sigma = strategy.server.ledger.noise_multiplier
     assert trained_with == {0: {sigma}, 1: {sigma}}
-    from_partition = FederationPlan(cfg, partition).noise_multiplier(0)
+    from_partition = FederationPlan(cfg, partition).noise_multiplier()
     assert sigma > from_partition * 1.01  # the small node needs more noise than the partition's sizes suggest
     assert strategy.server.ledger.max_epsilon() <= 3.0 * (1 + 1e-6)
 
@@ -302,11 +303,9 @@ def test_fedsa_resumes_on_nodes_that_keep_their_own_b_in_a_state_dir(sim_config,
     assert [r["round"] for r in read_log(out)] == [0, 1, 2, 3, 4]
     assert_same_tensors(strategy.server.method.global_state, sim.method.global_state)
     kept = {c.node_config["partition-id"]: c.state for c in grid.contexts.values()}
-    assert sorted(sim.method.own_B) == list(range(cfg.federation.num_clients))
-    for client, own in sim.method.own_B.items():
-        kept_B = {k.split("/", 2)[2]: v for k, v in from_record(kept[client]["fedlora.method"]).items()
-                  if k.startswith(f"own_B/{client}/")}
-        assert_same_tensors(kept_B, own)
+    assert sorted(sim.trainer.own_states) == list(range(cfg.federation.num_clients))
+    for client, own in sim.trainer.own_states.items():
+        assert_same_tensors(from_record(kept[client]["fedlora.own"]), own)
 
 
 # docs/flower.md's commands after the deployment block's exports (PATH, FLWR_HOME), in the folder of my-app

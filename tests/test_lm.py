@@ -143,7 +143,7 @@ def test_dp_training_on_llama_matches_per_example_reference(lm_sim, grad_norm):
     from torch.func import functional_call, grad
 
     sim = lm_sim(method={"name": "ffa"}, privacy={"noise_multiplier": 1.0, "grad_norm": grad_norm})
-    sim.setup_privacy()
+    sim.server.setup_privacy()
     keys = sim.method.trainable_keys(1)
     params = sim.adapted.parameters_by_key()
     batch = sim.task.batch([0, 1, 2, 3])
@@ -152,7 +152,7 @@ def test_dp_training_on_llama_matches_per_example_reference(lm_sim, grad_norm):
             params[k].normal_(0, 0.1)
     for p in sim.adapted.set_trainable(keys):
         p.grad = None
-    recorder = sim.clients.recorder(keys)
+    recorder = sim.trainer.recorder(keys)
     with recorder.recording(batch["attention_mask"]):
         sim.task.example_losses(sim.model, batch).sum().backward()
     ours, _ = recorder.clipped_sum(0.5)

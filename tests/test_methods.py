@@ -177,8 +177,10 @@ def test_fedsa_keeps_B_on_the_client_and_averages_A():
     assert all(not k.endswith("lora_B") for p in payloads for k in p)
     method.aggregate(payloads, WEIGHTS, [0, 1, 2], 1)
     layer = next(iter(adapted.layers))
-    for c in range(3):
-        assert torch.equal(method.client_state(c, 2)[f"{layer}.lora_B"], states[c][f"{layer}.lora_B"])
+    for c in range(3):  # the client's own B, kept by its runtime, is what it trains from next
+        own = method.own_part(states[c])
+        assert torch.equal(method.client_state(c, 2, own)[f"{layer}.lora_B"], states[c][f"{layer}.lora_B"])
+    assert torch.equal(method.eval_state()[f"{layer}.lora_B"], method.global_state[f"{layer}.lora_B"])
     A = sum(w * s[f"{layer}.lora_A"] for s, w in zip(states, WEIGHTS))
     assert torch.allclose(method.global_state[f"{layer}.lora_A"], A, atol=1e-6)
 

@@ -13,9 +13,9 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedlora.adapters import AdaptedModel
+from fedlora.api import make_config as build_config
 from fedlora.cli import main
 from fedlora.comm import communication_report
-from fedlora.config import build_config
 from fedlora.errors import ConfigError
 from fedlora.federation import aggregation_error
 from fedlora.methods import METHODS, InitContext

@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
+from fedlora.api import make_config as build_config
 from fedlora.cli import main
-from fedlora.config import build_config
 from fedlora.errors import ConfigError
 from fedlora.federation import aggregation_error
 from fedlora.simulator import Simulator
@@ -122,9 +122,9 @@ def test_a_run_sends_each_rounds_factor_and_logs_zero_agg_error(sim_config, tmp_
 def test_rolora_trains_and_records_per_example_gradients_of_the_rounds_factor(sim_config, tmp_path):
     sim = Simulator(sim_config(method={"name": "rolora"}, privacy={"noise_multiplier": 1.0}), tmp_path,
                     progress=False)
-    sim.setup_privacy()
+    sim.server.setup_privacy()
     for r, factor in ((1, "lora_B"), (2, "lora_A"), (3, "lora_B")):
-        dp = sim.clients.dp(0, r)
+        dp = sim.trainer.dp(0, r, sim.server.privacy_for(0))
         keys = set(sim.adapted.keys_of((factor,)))
         assert set(dp.params) == keys
         assert set(dp.recorder.factors) | set(dp.recorder.linears) == keys

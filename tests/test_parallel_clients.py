@@ -72,8 +72,8 @@ def joint_groups(monkeypatch) -> list[list[int]]:
     trained = []
     real = parallel.train_together
 
-    def recording(sim, clients, r, starts):
-        updates = real(sim, clients, r, starts)
+    def recording(sim, clients, r, starts, privacy=None):
+        updates = real(sim, clients, r, starts, privacy)
         if updates is not None:
             trained.append(sorted(updates))
         return updates
@@ -133,11 +133,11 @@ def test_optimizer_state_clipping_and_uneven_shards(cfg_parallel, tmp_path, join
     alone, joint = assert_runs_match(cfg_parallel, tmp_path, tolerance, method={"name": "fedit"}, train=train,
                                      federation={"num_clients": 4, "clients_per_round": 3, "rounds": 3})
     assert joint_groups == [record["clients"] for record in read_log(tmp_path / "together")[1:]]
-    assert min(alone.client_sizes) < 16 and sorted(alone.clients.optimizer_states) == sorted(joint.clients.optimizer_states)
-    for c, state in alone.clients.optimizer_states.items():  # clients sampled a different number of times
+    assert min(alone.client_sizes) < 16 and sorted(alone.trainer.optimizer_states) == sorted(joint.trainer.optimizer_states)
+    for c, state in alone.trainer.optimizer_states.items():  # clients sampled a different number of times
         for i, s in state["state"].items():
             for name, value in s.items():
-                assert relative_difference(joint.clients.optimizer_states[c]["state"][i][name].float(),
+                assert relative_difference(joint.trainer.optimizer_states[c]["state"][i][name].float(),
                                            value.float()) < tolerance, (c, i, name)
 
 

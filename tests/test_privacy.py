@@ -74,7 +74,7 @@ def test_epsilon_composes_every_step_of_every_round(sim_config, tmp_path, accoun
     for c in range(4):
         segments = []
         if c in log[0]["clients"]:  # the private LoRA-SB initialisation: Poisson-sampled releases
-            segments.append((1.1, sim.server.init_examples[c] / sim.client_sizes[c], sim.method.init_releases()))
+            segments.append((1.1, sim.server.init_examples[c] / sim.client_sizes[c], sim.server.plan.init_releases))
         segments.append((1.1, min(1.0, 8 / sim.client_sizes[c]), rounds_of[c] * cfg.train.local_steps))
         opacus = {kind: opacus_epsilon(kind, segments, delta) for kind in ("rdp", "prv")}
         google = {kind: google_epsilon(kind, segments, delta) for kind in ("rdp", "prv")}
@@ -128,7 +128,7 @@ def test_init_noise_of_its_own_is_charged_and_calibrated_around(sim_config, tmp_
     sim = Simulator(cfg, tmp_path, progress=False)
     summary = sim.run()
     first = sim.ledger.history[sorted(sim.server.init_examples)[0]][0]
-    assert first[0] == 8.0 and first[2] == sim.method.init_releases()
+    assert first[0] == 8.0 and first[2] == sim.server.plan.init_releases
     assert 0.95 * 3.0 <= summary["privacy"]["epsilon_max"] <= 3.0
     assert summary["privacy"]["noise_multiplier"] != 8.0
 
@@ -137,10 +137,11 @@ def test_private_fedsb_init_is_noised_and_charged(sim_config, tmp_path):
     plain = Simulator(sim_config(method={"name": "fedsb"}), tmp_path / "plain", progress=False)
     private = Simulator(sim_config(method={"name": "fedsb"}, privacy={"noise_multiplier": 1.0}),
                          tmp_path / "private", progress=False)
-    private.setup_privacy()
+    private.server.setup_privacy()
     client = sorted(private.server.init_examples)[0]
     request = private.method._request("range")  # the sketch's first phase (charging: tests/test_fedsb_init.py)
-    g_plain, g_private = plain.clients.set_up_reply(client, request), private.clients.set_up_reply(client, request)
+    g_plain = plain.trainer.set_up_reply(client, request)
+    g_private = private.trainer.set_up_reply(client, request, private.server.privacy_for(client))
     for key in g_plain:
         assert not torch.allclose(g_plain[key], g_private[key])
 

@@ -41,8 +41,8 @@ def spy_on(trainer, monkeypatch) -> dict:
     seen = {"noise": [], "draws": []}
     real_dp, real_indices = trainer.dp, trainer.task.client_batch_indices
 
-    def dp(client, r, params=None):
-        made = real_dp(client, r, params)
+    def dp(client, r, privacy, params=None):
+        made = real_dp(client, r, privacy, params)
         replay = torch.Generator(made.generator.device)
         replay.set_state(made.generator.get_state())
         seen["noise"].append([torch.randn(p.shape, generator=replay) for p in made.params.values()])
@@ -79,17 +79,18 @@ def test_a_server_holding_the_run_config_cannot_regenerate_a_deployed_clients_no
                      privacy={"noise_multiplier": 1.0, "randomness": randomness})
     client, r = 1, 1
     if randomness == "secret":  # the deployment: the Flower ClientApp's own client object
-        trainer = ClientRuntime(to_run_config(cfg)).trainer
+        runtime = ClientRuntime(to_run_config(cfg))
+        trainer, privacy = runtime.trainer, runtime.take_privacy(client, {})
     else:  # only the in-process simulator may seed DP randomness from the config
         with pytest.raises(ConfigError, match=r"privacy.randomness = 'seeded' is refused on Flower"):
             ClientRuntime(to_run_config(cfg))
         with pytest.raises(ConfigError, match=r"privacy.randomness = 'seeded' is refused on Flower"):
             check_supported(cfg)  # what the ServerApp checks before it loads anything
         sim = Simulator(cfg, tmp_path, progress=False)
-        sim.setup_privacy()
-        trainer = sim.clients
+        sim.server.setup_privacy()
+        trainer, privacy = sim.trainer, sim.server.privacy_for(client)
     seen = spy_on(trainer, monkeypatch)
-    trainer.update(client, r, trainer.method.client_state(client, r))
+    trainer.update(client, r, trainer.method.client_state(client, r), privacy=privacy)
     noise, draws = attack(cfg, trainer, client, r)
     assert len(seen["noise"]) == 1 and len(seen["draws"]) == 1
     assert sum(len(d) for d in draws) > 0
@@ -214,7 +215,7 @@ def test_physical_batch_size_leaves_a_run_unchanged(sim_config, bert_without_dro
                          privacy={"noise_multiplier": 0.5, "randomness": "seeded"})
         sim = Simulator(cfg, tmp_path / out, progress=False)
         sim.run()
-        assert sim.clients.max_rows == physical
+        assert sim.trainer.max_rows == physical
         return sim.method.eval_state()
 
     whole, split = final(1000, "whole"), final(2, "split")

@@ -22,34 +22,34 @@ from conftest import Killed, read_log, run_until_killed, without_seconds
 
 def inject(sim, faults: dict, monkeypatch):
     """faults: (round, client) -> "raise" | "none" | callable(payload) -> hostile payload | "slow"."""
-    real = sim.clients.update
+    real = sim.trainer.update
     uploads = {}
 
-    def client_update(c, r, start, deadline):
+    def client_update(c, r, start, deadline, privacy=None):
         fault = faults.get((r, c))
         if fault == "raise":
             raise RuntimeError(f"disk full on client {c}")
         if fault == "none":
             return None
         if fault == "slow":
-            real_losses = sim.clients.losses
+            real_losses = sim.trainer.losses
 
             def slow(batch):
                 time.sleep(0.4)
                 return real_losses(batch)
-            monkeypatch.setattr(sim.clients, "losses", slow)
+            monkeypatch.setattr(sim.trainer, "losses", slow)
             try:
-                return real(c, r, start, deadline)
+                return real(c, r, start, deadline, privacy)
             finally:
-                monkeypatch.setattr(sim.clients, "losses", real_losses)
-        update = real(c, r, start, deadline)
+                monkeypatch.setattr(sim.trainer, "losses", real_losses)
+        update = real(c, r, start, deadline, privacy)
         if callable(fault):
             update.payload = fault(dict(update.payload))
         else:
             uploads[(r, c)] = {k: v.clone() for k, v in update.payload.items()}
         return update
 
-    monkeypatch.setattr(sim.clients, "update", client_update)
+    monkeypatch.setattr(sim.trainer, "update", client_update)
     return uploads
 
 
@@ -184,15 +184,15 @@ def test_retry_after_a_transient_fault_gives_the_clean_result(sim_config, tmp_pa
     clean.run()
     sim = Simulator(cfg, tmp_path / "faulty", progress=False)
     calls = {"n": 0}
-    real = sim.clients.update
+    real = sim.trainer.update
 
-    def flaky(c, r, start, deadline):  # client 2 fails its first try in round 1
+    def flaky(c, r, start, deadline, privacy=None):  # client 2 fails its first try in round 1
         if (r, c) == (1, 2):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise ConnectionError("link reset")
-        return real(c, r, start, deadline)
-    monkeypatch.setattr(sim.clients, "update", flaky)
+        return real(c, r, start, deadline, privacy)
+    monkeypatch.setattr(sim.trainer, "update", flaky)
     sim.run()
     record = read_log(tmp_path / "faulty")[1]
     assert record["retries"] == 1 and record["dropped"] == []
@@ -216,15 +216,15 @@ def test_a_failed_attempt_leaves_a_clients_kept_optimizer_state_as_it_was(sim_co
     cfg = sim_config(method={"name": "ffa"}, train={"keep_optimizer_state": True, "optimizer": "adamw"})
     sim = Simulator(cfg, tmp_path, progress=False)
     params = sim.adapted.set_trainable(sim.method.trainable_keys(1))
-    first = sim.clients.optimizer(0, params)
+    first = sim.trainer.optimizer(0, params)
     sum(p.sum() for p in params).backward()
     first.step()
-    sim.clients.optimizer_states[0] = first.state_dict()
-    saved = copy.deepcopy(sim.clients.optimizer_states[0])
-    attempt = sim.clients.optimizer(0, params)  # an attempt that steps, then fails before it reports back
+    sim.trainer.optimizer_states[0] = first.state_dict()
+    saved = copy.deepcopy(sim.trainer.optimizer_states[0])
+    attempt = sim.trainer.optimizer(0, params)  # an attempt that steps, then fails before it reports back
     attempt.step()
     assert saved["state"] and all(torch.equal(saved["state"][i][k], v) for i, state in
-                                  sim.clients.optimizer_states[0]["state"].items() for k, v in state.items())
+                                  sim.trainer.optimizer_states[0]["state"].items() for k, v in state.items())
 
 
 class _TornWrite(Exception):

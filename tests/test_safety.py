@@ -368,16 +368,16 @@ def _same_state(a, b):
 
 
 def _hostile_updates(sim, monkeypatch, client, hostile):
-    real = sim.clients.update
+    real = sim.trainer.update
 
-    def update(c, r, start, deadline=None):
-        u = real(c, r, start, deadline)
+    def update(c, r, start, deadline=None, privacy=None):
+        u = real(c, r, start, deadline, privacy)
         if c == client and u is not None:
             u.payload = hostile(dict(u.payload)) if hostile else None
             if u.payload is None:
                 return None
         return u
-    monkeypatch.setattr(sim.clients, "update", update)
+    monkeypatch.setattr(sim.trainer, "update", update)
 
 
 def _huge(payload):
@@ -413,12 +413,12 @@ def test_switched_off_the_size_check_lets_the_hostile_update_through(sim_config,
 
 
 def _hostile_set_up(sim, monkeypatch, client, hostile):
-    real = sim.clients.set_up_reply
+    real = sim.trainer.set_up_reply
 
     def reply(c, request):
         out = real(c, request)
         return hostile(dict(out)) if c == client and hostile else out if c != client else None
-    monkeypatch.setattr(sim.clients, "set_up_reply", reply)
+    monkeypatch.setattr(sim.trainer, "set_up_reply", reply)
 
 
 def _nan_sum(p):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import Config, build_config, load_config
+from . import config as config_module
+from .config import Config, apply_overrides, build_config
 from .errors import ConfigError, DataError
 from .run_folder import ROUNDS_LOG, read_log, read_summary
 
@@ -42,16 +43,26 @@ class Run:
 
 def make_config(config: ConfigLike = None, overrides: list[str] | None = None) -> Config:
     """A validated Config from a Config, a nested dict of sections, a TOML file's path, or None (defaults);
-    `overrides` are `section.key=value` strings as `fedlora run --set` takes them."""
+    `overrides` are `section.key=value` strings as `fedlora run --set` takes them. The method checks it too
+    (`methods.check_method`)."""
+    from .methods import check_method
+
     if isinstance(config, (str, Path)) or config is None:
-        return load_config(config, overrides)
-    if isinstance(config, Config):
-        config = config.to_dict()
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"config: expected a Config, a dict of sections or a TOML file's path, "
-                          f"got {type(config).__name__}")
-    from .config import apply_overrides
-    return build_config(apply_overrides(json.loads(json.dumps(dict(config))), overrides or []))
+        cfg = config_module.load_config(config, overrides)
+    else:
+        if isinstance(config, Config):
+            config = config.to_dict()
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"config: expected a Config, a dict of sections or a TOML file's path, "
+                              f"got {type(config).__name__}")
+        cfg = build_config(apply_overrides(json.loads(json.dumps(dict(config))), overrides or []))
+    check_method(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """A validated Config from a TOML file (None: the defaults) and `section.key=value` overrides."""
+    return make_config(path, overrides)
 
 
 def run(config: ConfigLike = None, *, out: str | Path, train_data=None, eval_data=None, model=None,
@@ -88,7 +99,7 @@ def load_run(out: str | Path) -> Run:
     """Read a run folder written by `fedlora run` or `run()`."""
     out = Path(out)
     summary = read_summary(out)
-    return Run(out=out, config=build_config(summary["config"]), rounds=read_log(out / ROUNDS_LOG), summary=summary)
+    return Run(out=out, config=make_config(summary["config"]), rounds=read_log(out / ROUNDS_LOG), summary=summary)
 
 
 # -- data held in memory --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import FedloraError
-from .run_folder import atomic_write
+from .files import atomic_write
 
 FORMAT = "fedlora-checkpoint/1"
 _META_KEY = "fedlora"

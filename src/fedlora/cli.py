@@ -12,7 +12,7 @@ from .errors import FedloraError
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
+    from .api import load_config
     from .simulator import Simulator
 
     cfg = load_config(args.config, args.set)
@@ -63,7 +63,7 @@ def cmd_config(args) -> int:
 
 def cmd_comm(args) -> int:
     from .comm import communication_report
-    from .config import load_config
+    from .api import load_config
 
     report = communication_report(args.model, args.method, args.rank, args.clients, args.dtype,
                                   args.target_modules.split(",") if args.target_modules else None,
@@ -105,7 +105,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_flower_init(args) -> int:
-    from .config import load_config
+    from .api import load_config
     from .errors import ConfigError
 
     cfg = load_config(args.config, args.set)

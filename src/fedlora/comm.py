@@ -43,6 +43,9 @@ def communication_report(model: str, method: str, rank: int, clients: int = 1, d
 
     if method not in METHODS:
         raise ConfigError(f"--method: unknown method '{method}' (known: {', '.join(METHODS)})")
+    method_cls = METHODS[method]
+    settings = settings or Config()
+    method_cls.check_config(settings)
     if clients < 1 or rank < 1:
         raise ConfigError("--clients and --rank must be positive")
     if model in PRESETS:
@@ -56,11 +59,10 @@ def communication_report(model: str, method: str, rank: int, clients: int = 1, d
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
         net = auto.from_config(config)
-    method_cls = METHODS[method]
     adapted = AdaptedModel(net, parameterisation=method_cls.parameterisation, rank=rank, scaling=1.0,
                            target_modules=target_modules or default_target_modules(config.model_type),
                            head_modules=head_modules(net) if task == "classification" else [])
-    m = method_cls(adapted, settings or Config(), [1] * clients)
+    m = method_cls(adapted, settings, [1] * clients)
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
 
     def with_bytes(up: int, down: int) -> dict:

@@ -19,8 +19,8 @@ from .data import PRESETS as CLASSIFICATION_PRESETS
 from .data.presets import load_evaluation
 from .errors import ConfigError, DataError, FedloraError
 from .experiment import build_task, task_kind
-from .federation import CHECKPOINT
-from .methods import METHODS
+from .run_folder import CHECKPOINT
+from .methods import check_method
 from .models import pick_device
 from .run_folder import ROUNDS_LOG, read_log, read_summary
 from .tasks import ClassificationTask, Task
@@ -68,6 +68,7 @@ def load_trained(folder: str | Path, overrides: Iterable[str] = (), data: str | 
     if data is not None:
         raw["data"] = evaluation_data(raw["data"], data)
     cfg = build_config(apply_overrides(raw, overrides))
+    method_class = check_method(cfg)
     source = summary.get("model_source")
     if cfg.model.path and not Path(cfg.model.path).is_dir() and source and Path(source).is_dir():
         cfg.model.path = source  # the run named a folder relative to where it was started
@@ -88,7 +89,7 @@ def load_trained(folder: str | Path, overrides: Iterable[str] = (), data: str | 
     if names is not None and isinstance(task, ClassificationTask) and task.data.label_names != names:
         raise DataError(f"the run's classes ({', '.join(names)}) differ from its data's now "
                         f"({', '.join(task.data.label_names)}): was {task.data.train.source} changed?")
-    method = METHODS[cfg.method.name](adapted, cfg, summary["client_sizes"])
+    method = method_class(adapted, cfg, summary["client_sizes"])
     method.load_state_dict(state["method"])
     if state.get("base_weights") is not None:
         adapted.load_base_weights(state["base_weights"])

@@ -72,15 +72,8 @@ def _recorded_sums(adapted: AdaptedModel, batches: Iterable[dict], example_losse
                    path: NormPath, project=None) -> dict[str, torch.Tensor]:
     """The sum over examples of every example's dL/dW0 (all layers together) clipped to clip_norm, from the
     recorded layer inputs and output gradients, in each weight's own layout (see private_gradient_sum)."""
-    recorder = for_base_weights(adapted, path)
-    total: dict[str, torch.Tensor] = {}
     with _base_weights_trainable(adapted):
-        for batch in batches:
-            with recorder.recording(batch.get("attention_mask")):
-                example_losses(batch).sum().backward()
-            sums, _ = recorder.clipped_sum(clip_norm, project=project)
-            for name, g in sums.items():
-                total[name] = total[name] + g if name in total else g
+        total, _ = for_base_weights(adapted, path).clipped_sums(batches, example_losses, clip_norm, project=project)
     return total
 
 

@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from .batching import default_part_cost, length_parts, physical_rows
+from .client import ClientTrainer, ClientUpdate, take_step
 from .lm_task import CausalLMTask
+from .plan import PrivacySettings
 from .seeding import derive_seed
 
 STACKABLE_HEADS = (nn.Linear,)
@@ -137,8 +139,6 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
     losses."""
     count = len(optimizers)
     losses: list[list[float]] = [[] for _ in optimizers]
-    params = [list(leaves.values()) for leaves in stack.leaves]
-    recorder = dps[0].recorder if dps else None
     cost = part_cost or default_part_cost(task.device)
     model.train()
     for step in itertools.count(1):
@@ -150,41 +150,38 @@ def train_steps(model: nn.Module, task, stack: ClientStack, optimizers: list[tor
         owners = np.repeat(np.arange(count), sizes)
         sums: dict[str, torch.Tensor] = {}
         loss_sums = torch.zeros(count, device=task.device)
-        if len(owners):
-            batch = task.batch(np.concatenate([chosen[k] for k in active]))
-            per_row = torch.as_tensor(sizes[owners], dtype=torch.float32, device=task.device)
-            for rows, part in length_parts(batch, cost, max_rows):
+
+        def parts():
+            for rows, part in length_parts(task.batch(np.concatenate([chosen[k] for k in active])), cost, max_rows):
                 stack.begin_step(Slots(owners[rows], count, task.device))
-                if recorder is not None:
-                    with recorder.recording(part.get("attention_mask")):
-                        example = task.example_losses(model, part)
-                        example.sum().backward()
-                    part_sums, _ = recorder.clipped_sum(dps[0].clip_norm, stack.slots)
-                    sums = {key: sums[key] + v if key in sums else v for key, v in part_sums.items()}
-                else:
-                    example = task.example_losses(model, part)
-                    (example / per_row[rows]).sum().backward()  # each client's mean loss
-                loss_sums.index_add_(0, stack.slots.owners, example.detach().float())
+                yield part
+
+        def example_losses(part):
+            example = task.example_losses(model, part)
+            loss_sums.index_add_(0, stack.slots.owners, example.detach().float())
+            return example
+
+        if len(owners) and dps:
+            sums, _ = dps[0].recorder.clipped_sums(parts(), example_losses, dps[0].clip_norm, lambda: stack.slots)
+        elif len(owners):
+            client_rows = torch.as_tensor(sizes, dtype=torch.float32, device=task.device)
+            for part in parts():  # each client's mean loss
+                (example_losses(part) / client_rows.index_select(0, stack.slots.owners)).sum().backward()
         means = (loss_sums / torch.as_tensor(sizes, device=task.device).clamp(min=1)).tolist()
         for k in range(count):
             if k in active:
                 if dps:
                     dps[k].set_noised({key: s[k] for key, s in sums.items()} if sizes[k] else {})
-                elif max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params[k], max_grad_norm)
-                if before_steps and before_steps[k] is not None:
-                    before_steps[k]()
-                if lr_at is not None:
-                    for group in optimizers[k].param_groups:
-                        group["lr"] = lr_at(step)
-                optimizers[k].step()
+                take_step(optimizers[k], step, lr_at, None if dps else max_grad_norm,
+                          before_steps[k] if before_steps else None)
                 if sizes[k]:
                     losses[k].append(means[k])
-            optimizers[k].zero_grad(set_to_none=True)
+            else:
+                optimizers[k].zero_grad(set_to_none=True)
 
 
 # -- which clients train together ------------------------------------------------------------
-def sequential_reason(trainer, auto: bool) -> str | None:
+def sequential_reason(trainer: ClientTrainer, auto: bool) -> str | None:
     """Why this run's clients cannot train together (None: they can)."""
     adapted = trainer.adapted
     if adapted.parameterisation == "full":
@@ -208,14 +205,14 @@ def dropout_active(model: nn.Module) -> bool:
     return any("dropout" in k and isinstance(v, float) and v > 0 for k, v in settings.items())
 
 
-def clients_that_fit(trainer) -> int:
+def clients_that_fit(trainer: ClientTrainer) -> int:
     """How many clients' batches fit in half the free memory (see batching.row_bytes)."""
     cfg = trainer.cfg
     return physical_rows("auto", trainer.model.config, cfg.data.max_length, isinstance(trainer.task, CausalLMTask),
                          trainer.device) // cfg.train.batch_size
 
 
-def client_groups(trainer, clients: list[int]) -> list[list[int]]:
+def client_groups(trainer: ClientTrainer, clients: list[int]) -> list[list[int]]:
     """The round's clients in consecutive groups trained together (groups of one: one after another)."""
     setting = trainer.cfg.federation.parallel_clients
     size = 1
@@ -225,11 +222,13 @@ def client_groups(trainer, clients: list[int]) -> list[list[int]]:
     return [clients[i:i + size] for i in range(0, len(clients), size)]
 
 
-def train_together(trainer, clients: list[int], r: int, starts: dict[int, dict]) -> dict | None:
-    """Every client's ClientUpdate from one joint training, exactly as ClientTrainer.update would
-    give them; None when the joint training failed (the caller trains them one by one, so that only a
-    failing client is dropped) or the clients do not share their untrained state. A client whose update
-    cannot be made (its upload raises) is left out, and so trained again alone."""
+def train_together(trainer: ClientTrainer, clients: list[int], r: int, starts: dict[int, dict],
+                   privacy: dict[int, PrivacySettings] | None = None) -> dict[int, ClientUpdate] | None:
+    """Every client's ClientUpdate from one joint training, exactly as ClientTrainer.update would give them
+    (`privacy`: each client's DP settings, None without DP); None when the joint training failed (the caller
+    trains them one by one, so that only a failing client is dropped) or the clients do not share their
+    untrained state. A client whose update cannot be made (its upload raises) is left out, and so trained again
+    alone."""
     cfg, adapted, task = trainer.cfg, trainer.adapted, trainer.task
     trainable = set(trainer.method.trainable_keys(r))
     keys = [k for k in adapted.parameters_by_key() if k in trainable]
@@ -242,16 +241,11 @@ def train_together(trainer, clients: list[int], r: int, starts: dict[int, dict])
         adapted.set_trainable([])
         with ClientStack(adapted, keys, [starts[c] for c in clients]) as stack:
             optimizers = [trainer.optimizer(c, list(leaves.values())) for c, leaves in zip(clients, stack.leaves)]
-            dps = [trainer.dp(c, r, leaves) for c, leaves in zip(clients, stack.leaves)]
-            private = dps[0] is not None
-            draws = [task.client_batch_indices(trainer.shards[c], cfg.train.batch_size, cfg.train.local_steps,
-                                               trainer.draws(c, r),
-                                               sample_rate=trainer.sample_rate(c) if private else None)
-                     for c in clients]
+            dps = [trainer.dp(c, r, privacy[c], leaves) for c, leaves in zip(clients, stack.leaves)] if privacy else None
+            draws = [trainer.batch_indices(c, r, dps is not None) for c in clients]
             torch.manual_seed(derive_seed(cfg.seed, "client", r, clients[0]))  # dropout, if any
-            losses = train_steps(trainer.model, task, stack, optimizers, draws, cfg.train.max_grad_norm,
-                                 dps if private else None, max_rows=trainer.max_rows,
-                                 lr_at=trainer.lr_schedule(r),
+            losses = train_steps(trainer.model, task, stack, optimizers, draws, cfg.train.max_grad_norm, dps,
+                                 max_rows=trainer.max_rows, lr_at=trainer.lr_schedule(r),
                                  before_steps=[trainer.method.gradient_step(c, leaves)
                                                for c, leaves in zip(clients, stack.leaves)])
     except Exception as err:  # noqa: BLE001 - retried client by client, where the failure is attributed
@@ -267,4 +261,3 @@ def train_together(trainer, clients: list[int], r: int, starts: dict[int, dict])
         except Exception:  # noqa: BLE001 - left out: trained again alone, where its failure drops it alone
             pass
     return results
-

@@ -8,7 +8,9 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import checkpoint
 from .errors import FedloraError
+from .files import append_line, atomic_write, write_error
 
 try:
     import fcntl
@@ -16,10 +18,6 @@ except ImportError:  # not POSIX: no lock
     fcntl = None
 
 LOCK, SUMMARY, ROUNDS_LOG = ".lock", "summary.json", "rounds.jsonl"
-
-
-def write_error(path: Path, err: OSError) -> FedloraError:
-    return FedloraError(f"{path}: cannot write ({err.strerror or err}); what was written before is kept")
 
 
 def prepare(folder: Path) -> None:
@@ -57,40 +55,6 @@ def locked(folder: Path):
         yield
     finally:
         os.close(fd)  # closing releases the lock
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Replace `path` with `data` in one step: a crash or a failed write leaves the old file as it was."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise write_error(path, err) from None
-
-
-def append_line(path: Path, record: dict) -> None:
-    """Append one JSON line; a failed write is cut back off, so the file never ends in half a line
-    written by this call."""
-    line = (json.dumps(record) + "\n").encode()
-    try:
-        with open(path, "ab") as f:
-            start = f.seek(0, os.SEEK_END)
-            try:
-                f.write(line)
-                f.flush()
-            except OSError:
-                f.truncate(start)
-                raise
-    except OSError as err:
-        raise write_error(path, err) from None
 
 
 def read_log(path: Path) -> list[dict]:
@@ -144,3 +108,81 @@ def repair_log(path: Path, last_round: int, last_record: dict | None) -> None:
     if last_record is not None:
         rows.append(last_record)
     atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # older versions' pickle: never loaded (unpickling can run code)
+
+
+class RunFolder:
+    """A run's folder through the run: the log of rounds, the checkpoint after each round (with the round's
+    log row, to repair a log torn by a crash), summary.json at the end, and the checks of a folder a run
+    starts or resumes in."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.logged: dict | None = None  # the last row written to the log
+
+    @contextmanager
+    def held(self):
+        """Hold the folder (its lock) for the block."""
+        with locked(self.out):
+            yield
+
+    def refuse_existing_run(self, resume_hint: str) -> None:
+        held = [name for name in (ROUNDS_LOG, CHECKPOINT, LEGACY_CHECKPOINT) if (self.out / name).exists()]
+        if held:
+            raise FedloraError(f"{self.out} already holds a run ({held[0]}): choose another output folder "
+                               f"({resume_hint})")
+
+    def start(self, resume: bool, resume_hint: str) -> bool:
+        """Prepare the folder for a run; whether it holds a checkpoint to resume from. Resuming a run that died
+        before its first checkpoint starts it again."""
+        prepare(self.out)
+        if resume and (self.out / CHECKPOINT).exists():
+            return True
+        legacy = self.out / LEGACY_CHECKPOINT
+        if resume and legacy.exists():
+            raise FedloraError(f"{legacy}: a checkpoint of an older fedlora, stored as a pickle, which is never "
+                               "loaded (loading it could run code); start the run again in another folder")
+        if resume:  # killed before its first checkpoint: round 0 runs again
+            logged = max((row["round"] for row in read_log(self.out / ROUNDS_LOG)), default=0)
+            if logged > 0:
+                raise FedloraError(f"{self.out / ROUNDS_LOG} logs rounds up to {logged}, but there is no "
+                                   f"{CHECKPOINT} to resume from: choose another output folder")
+            atomic_write(self.out / ROUNDS_LOG, "")
+        else:
+            self.refuse_existing_run(resume_hint)
+        return False
+
+    def log(self, record: dict) -> None:
+        append_line(self.out / ROUNDS_LOG, record)
+        self.logged = record
+
+    def rows(self) -> list[dict]:
+        return read_log(self.out / ROUNDS_LOG)
+
+    def save_checkpoint(self, r: int, state: dict) -> None:
+        """The state after round r, with round r's log row."""
+        record = self.logged if self.logged is not None and self.logged.get("round") == r else None
+        checkpoint.save(state | {"round": r, "record": record}, self.out / CHECKPOINT)
+
+    def load_checkpoint(self, device, keys: tuple[str, ...]) -> dict:
+        """The last checkpoint's state; refused, naming the file, when it lacks one of `keys`."""
+        path = self.out / CHECKPOINT
+        state = checkpoint.load(path, device)
+        checkpoint.require(state, keys, path)
+        return state
+
+    def resume_log(self, state: dict) -> None:
+        """Cut the log back to the checkpoint's round: rows logged after it, or torn by the crash, go, and its
+        round's row is the checkpoint's."""
+        repair_log(self.out / ROUNDS_LOG, state["round"], state["record"])
+        self.logged = state["record"]
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def write_json(self, name: str, content) -> None:
+        atomic_write(self.out / name, json.dumps(content, indent=2))

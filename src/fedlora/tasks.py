@@ -55,14 +55,6 @@ class Task(ABC):
         return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
                               enabled=self.autocast is not None)
 
-    def client_batches(self, shard: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator,
-                       sample_rate: float | None = None,
-                       max_rows: int | None = None) -> Iterator[list[dict[str, torch.Tensor]] | None]:
-        """The batches of `client_batch_indices`, each as its micro-batches (see micro_batches); None for an
-        empty Poisson draw."""
-        for chosen in self.client_batch_indices(shard, batch_size, steps, rng, sample_rate):
-            yield self.micro_batches(chosen, max_rows) if len(chosen) else None
-
     def micro_batches(self, indices: Sequence[int], max_rows: int | None = None,
                       part_cost: int | None = None) -> list[dict[str, torch.Tensor]]:
         """These training examples as micro-batches of similar lengths, each of at most `max_rows` rows and cut

@@ -26,15 +26,15 @@ from safetensors.torch import load_file, save_file
 from ..client import ClientTrainer
 from ..errors import ConfigError
 from ..experiment import build_task
-from ..federation import FederationPlan, client_shards
-from ..methods import METHODS, Request
+from ..methods import Request, check_method
 from ..models import pick_device
+from ..plan import FederationPlan, PrivacySettings, client_shards
 from ..seeding import generator
 from .project import from_run_config
-from .records import flatten, from_record, nest, to_record
+from .records import flatten, from_record, nest, privacy_from, to_record
 from .strategy import check_supported
 
-METHOD_STATE, BASE_WEIGHTS = "fedlora.method", "fedlora.base"
+METHOD_STATE, BASE_WEIGHTS, OWN_STATE = "fedlora.method", "fedlora.base", "fedlora.own"
 
 
 class ClientRuntime:
@@ -50,32 +50,29 @@ class ClientRuntime:
         task, adapted, _ = build_task(cfg, device)
         shards = client_shards(cfg, task)
         plan = FederationPlan(cfg, [len(s) for s in shards])
-        method = METHODS[cfg.method.name](adapted, cfg, plan.client_sizes)
+        method = check_method(cfg)(adapted, cfg, plan.client_sizes)
         # the noise multiplier of the config's partition; each message under DP brings the server's (take_privacy)
-        sigma = plan.noise_multiplier(method.init_releases()) if cfg.privacy.enabled else None
-        self.trainer = ClientTrainer(cfg, task, adapted, method, plan, dict(enumerate(shards)), sigma)
+        self.own_sigma = plan.noise_multiplier() if cfg.privacy.enabled else None
+        self.trainer = ClientTrainer(cfg, task, adapted, method, plan, dict(enumerate(shards)))
         method.global_state = method.seed_state(generator(cfg.seed, "init"))
         self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
         self.pristine_base = adapted.base_weights() if method.changes_base else None
         self.privacy_checked: tuple | None = None  # the last DP settings a server sent that passed the check
 
-    def take_privacy(self, client: int, settings) -> None:
-        """Under DP, the noise multiplier, delta and set-up examples the server sends with a message (it
-        calibrates them from every node's size), checked against this client's own plan before they are used."""
-        if "noise-multiplier" not in settings:
-            return
-        trainer, plan = self.trainer, self.trainer.plan
-        init_examples = int(settings["init-examples"])
-        if init_examples > plan.client_sizes[client]:
-            raise ConfigError(f"privacy: the server asks client {client} for {init_examples} set-up examples, "
-                              f"more than its {plan.client_sizes[client]}")
-        if client in plan.init_examples and init_examples:
-            plan.init_examples[client] = init_examples
-        sigma, delta = float(settings["noise-multiplier"]), float(settings["delta"])
-        if (client, sigma, delta, init_examples) != self.privacy_checked:  # the accountant takes seconds: once a run
-            plan.check_client_privacy(client, sigma, delta, trainer.method.init_releases())
-            self.privacy_checked = (client, sigma, delta, init_examples)
-        trainer.enable_privacy(sigma)
+    def take_privacy(self, client: int, settings) -> PrivacySettings | None:
+        """What this client trains with: under DP the noise multiplier, delta and set-up examples the server
+        sends with a message (it calibrates them from every node's size), checked against this client's own plan
+        before they are used; a message without them, this client's own plan's."""
+        plan = self.trainer.plan
+        privacy = privacy_from(settings)
+        if privacy is None:
+            return None if self.own_sigma is None else plan.privacy(client, self.own_sigma, plan.delta())
+        if (client, privacy) != self.privacy_checked:  # the accountant takes seconds: once a run
+            plan.check_client_privacy(client, privacy)
+            self.privacy_checked = (client, privacy)
+        if not privacy.init_examples and client in plan.init_examples:
+            privacy = PrivacySettings(privacy.noise_multiplier, privacy.delta, plan.init_examples[client])
+        return privacy
 
     def _own_state_folder(self, context: Context) -> Path | None:
         folder = context.node_config.get("state-dir")
@@ -88,7 +85,7 @@ class ClientRuntime:
         """What this client keeps that the server never sees (FedSA-LoRA's own B), written after round r to the
         node's `state-dir` for a resumed run to find; the last two rounds' are kept (a crash during round r + 1
         resumes from round r)."""
-        folder, own = self._own_state_folder(context), self.trainer.method.own_state(client)
+        folder, own = self._own_state_folder(context), self.trainer.own_states.get(client)
         if folder is None or not own:
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -106,19 +103,23 @@ class ClientRuntime:
         if path is None or not path.is_file():
             raise ConfigError(f"client {client}: its own state after round {r} is not in this node's state-dir "
                               f"({folder}); a resumed run needs the folder the stopped run wrote")
-        self.trainer.method.load_own_state(client, load_file(path, device=str(self.trainer.device)))
+        self.trainer.own_states[client] = load_file(path, device=str(self.trainer.device))
 
-    def restore(self, context: Context) -> None:
+    def restore(self, context: Context, client: int) -> None:
         """This client's state as the last message it answered left it."""
         method, state = self.trainer.method, context.state
         kept = from_record(state[METHOD_STATE], self.trainer.device) if METHOD_STATE in state else self.initial_state
         method.load_state_dict(nest(kept))
+        self.trainer.own_states = {client: from_record(state[OWN_STATE], self.trainer.device)} \
+            if OWN_STATE in state else {}
         if method.changes_base:
             base = state[BASE_WEIGHTS] if BASE_WEIGHTS in state else None
             self.trainer.adapted.load_base_weights(from_record(base, self.trainer.device) if base else self.pristine_base)
 
-    def keep(self, context: Context) -> None:
+    def keep(self, context: Context, client: int) -> None:
         context.state[METHOD_STATE] = to_record(flatten(self.trainer.method.state_dict()))
+        if client in self.trainer.own_states:
+            context.state[OWN_STATE] = to_record(self.trainer.own_states[client])
         if self.trainer.method.changes_base:
             context.state[BASE_WEIGHTS] = to_record(self.trainer.adapted.base_weights())
 
@@ -170,13 +171,14 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-def set_up_reply(runtime, context: Context, client: int, request: dict, arrays: dict) -> dict:
+def set_up_reply(runtime, context: Context, client: int, request: dict, arrays: dict,
+                 privacy: PrivacySettings | None) -> dict:
     """This client's reply to a phase of the method's set-up exchange (methods.Request.settings() and the
     request's arrays)."""
     trainer = runtime.trainer
-    runtime.restore(context)
+    runtime.restore(context, client)
     trainer.adapted.load_state(trainer.method.global_state)  # the gradient is taken through the seed's head
-    return trainer.set_up_reply(client, Request(expected={}, arrays=arrays, **request))
+    return trainer.set_up_reply(client, Request(expected={}, arrays=arrays, **request), privacy)
 
 
 def client_app(defaults: dict | None = None) -> ClientApp:
@@ -208,16 +210,16 @@ def client_app(defaults: dict | None = None) -> ClientApp:
                 context.state[BASE_WEIGHTS] = to_record(parts["base"])
             last_trained = int(msg.content["config"].get("last-trained", 0))
             if last_trained:  # the client's own state (FedSA-LoRA's B), which the server never had
-                runtime.restore(context)
+                runtime.restore(context, client)
                 runtime.load_own_state(context, client, last_trained)
-                runtime.keep(context)
+                runtime.keep(context, client)
             return Message(RecordDict({"config": ConfigRecord({"applied": 1})}), reply_to=msg)
         if phase != "set-up":
             raise ValueError(f"unknown query '{phase}'")
         runtime = _runtime(context, settings(context))
         arrays = from_record(msg.content["arrays"], runtime.trainer.device) if "arrays" in msg.content else {}
-        runtime.take_privacy(client, msg.content["config"])
-        reply = set_up_reply(runtime, context, client, json.loads(msg.content["config"]["request"]), arrays)
+        privacy = runtime.take_privacy(client, msg.content["config"])
+        reply = set_up_reply(runtime, context, client, json.loads(msg.content["config"]["request"]), arrays, privacy)
         return Message(RecordDict({"arrays": to_record(reply)}), reply_to=msg)
 
     @app.train()
@@ -230,37 +232,39 @@ def client_app(defaults: dict | None = None) -> ClientApp:
             from .secure import download_of, fitres_content
 
             download, secure_settings = download_of(msg.content, trainer.device)
-            runtime.take_privacy(client, secure_settings)
+            privacy = runtime.take_privacy(client, secure_settings)
             if "request" in secure_settings:  # a phase of the set-up exchange, its sum carried by SecAgg+
-                reply = set_up_reply(runtime, context, client, json.loads(secure_settings["request"]), download)
+                reply = set_up_reply(runtime, context, client, json.loads(secure_settings["request"]), download,
+                                     privacy)
                 return Message(fitres_content(reply, secure_settings, client), reply_to=msg)
             r = int(secure_settings["round"])
         else:
             download, r = from_record(msg.content["arrays"], trainer.device), int(msg.content["config"]["round"])
-            runtime.take_privacy(client, msg.content["config"])
+            privacy = runtime.take_privacy(client, msg.content["config"])
         _inject_fault(r)
-        runtime.restore(context)
+        runtime.restore(context, client)
         trainer.method.take_download(client, download)
         timeout = trainer.cfg.federation.client_timeout
-        update = trainer.update(client, r, trainer.method.client_state(client, r),
-                                    time.monotonic() + timeout if timeout else None)
-        runtime.keep(context)  # FedSA-LoRA's upload keeps the client's own B
+        update = trainer.update(client, r, trainer.start(client, r), time.monotonic() + timeout if timeout else None,
+                                privacy)
+        runtime.keep(context, client)  # what the client keeps of its training (FedSA-LoRA's own B)
         runtime.save_own_state(context, client, r)
         if secure:
             return Message(fitres_content(update.payload, secure_settings, client), reply_to=msg)
         metrics = {"num-examples": trainer.plan.client_sizes[client]}
-        if trainer.noise_multiplier is None and update.loss == update.loss:  # under DP the loss is not released
+        if privacy is None and update.loss == update.loss:  # under DP the loss is not released
             metrics["loss"] = update.loss
         return Message(RecordDict({"arrays": to_record(update.payload), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
 
     @app.evaluate()
     def apply_broadcast(msg: Message, context: Context) -> Message:
-        _client_id(context, settings(context))
+        """Flower's evaluate message carries the round's broadcast; the node applies it and evaluates nothing."""
+        client = _client_id(context, settings(context))
         runtime = _runtime(context, settings(context))
-        runtime.restore(context)
+        runtime.restore(context, client)
         runtime.trainer.method.receive(from_record(msg.content["arrays"], runtime.trainer.device))
-        runtime.keep(context)
+        runtime.keep(context, client)
         return Message(RecordDict({"metrics": MetricRecord({"applied": 1})}), reply_to=msg)
 
     return app

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import Config, build_config
 from ..errors import ConfigError
+from ..methods import check_method
 
 PREFIX = "fedlora."
 RUN_KEYS = {
@@ -73,7 +74,9 @@ def from_run_config(run_config: dict[str, Any]) -> Config:
         if isinstance(table.get(name), dict) and not isinstance(value, dict):
             raise ConfigError(f"run config '{key}': is a section, not a value")
         table[name] = value
-    return build_config(raw)
+    cfg = build_config(raw)
+    check_method(cfg)
+    return cfg
 
 
 def absolute_paths(cfg: Config) -> Config:

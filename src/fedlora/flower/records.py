@@ -7,6 +7,7 @@ import math
 import torch
 from flwr.app import Array, ArrayRecord
 
+from ..plan import PrivacySettings
 from ..validation import payload_dtype
 
 RAW = "torch.raw"
@@ -46,7 +47,7 @@ def flower_bytes(record: ArrayRecord) -> int:
 
 
 def nest(flat: dict[str, torch.Tensor]) -> dict:
-    """{'global/x': t, 'own_B/3/y': u} -> {'global': {'x': t}, 'own_B': {3: {'y': u}}}."""
+    """{'global/x': t, 'ranks/3/y': u} -> {'global': {'x': t}, 'ranks': {3: {'y': u}}}."""
     out: dict = {}
     for key, value in flat.items():
         *parts, last = key.split("/")
@@ -65,3 +66,19 @@ def flatten(nested: dict, prefix: str = "") -> dict[str, torch.Tensor]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def privacy_settings(privacy: PrivacySettings | None) -> dict:
+    """A client's DP settings as a message's config entries ({} without DP)."""
+    if privacy is None:
+        return {}
+    return {"noise-multiplier": float(privacy.noise_multiplier), "delta": float(privacy.delta),
+            "init-examples": int(privacy.init_examples)}
+
+
+def privacy_from(settings) -> PrivacySettings | None:
+    """The DP settings a message carries (None: it carries none)."""
+    if "noise-multiplier" not in settings:
+        return None
+    return PrivacySettings(float(settings["noise-multiplier"]), float(settings["delta"]),
+                           int(settings["init-examples"]))

@@ -27,26 +27,21 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from ..errors import ConfigError
+from ..methods import check_method
 
-SUMMED = ("fedit", "ffa", "fedsb", "fedsa", "full", "fedsvd", "rolora")
 CLIP = 8.0  # SecAgg+'s clipping range for a round: each uploaded value, times its weight share, within +-CLIP
 QUANTIZATION = 2 ** 22
 
 
 def check_secure(cfg) -> None:
-    """Refuse what secure aggregation cannot serve; before any weights or data are loaded."""
-    if cfg.method.name not in SUMMED:
-        raise ConfigError(f"secagg: method '{cfg.method.name}' cannot use secure aggregation: its server needs "
-                          f"each client's factors, not their sum (it serves {', '.join(SUMMED)})")
+    """Refuse what secure aggregation cannot serve (the method's own rules: `Method.check_secure`); before any
+    weights or data are loaded."""
+    check_method(cfg).check_secure(cfg)
     if cfg.server.aggregation != "mean":
         raise ConfigError(f"secagg: server.aggregation = '{cfg.server.aggregation}' needs each client's upload; "
                           "secure aggregation gives only their weighted mean (use 'mean')")
     if cfg.federation.clients_per_round < 2:
         raise ConfigError("secagg: federation.clients_per_round must be at least 2 for secure aggregation")
-    if cfg.method.name == "fedsb" and cfg.fedsb.init_data == "clients" and cfg.fedsb.init in ("dense", "sketch"):
-        raise ConfigError(f"secagg: fedsb.init = '{cfg.fedsb.init}' sends the clients' gradient sums, which no "
-                          "clipping range of SecAgg+ bounds; use 'sign_sketch' (the default) or 'signs', whose "
-                          "sums it carries, or fedsb.init_data = 'public'")
     if cfg.adapter.client_ranks is not None:
         raise ConfigError("secagg: adapter.client_ranks gives the clients' uploads different shapes, which "
                           "secure aggregation cannot sum; leave one of the two out")
@@ -159,3 +154,47 @@ def fitres_content(payload: dict[str, torch.Tensor], settings: dict, client: int
                          f"share), beyond SecAgg+'s clipping range of +-{clip:g}")
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), int(settings["weight"]), {})
     return compat.fitres_to_recorddict(res, keep_input=True)
+
+
+# -- the server's rounds through SecAgg+ -------------------------------------------------------------------
+
+def secure_round(grid, server, nodes, downloads: dict[int, dict], r: int, threshold: float, timeout: float,
+                 settings: dict[int, dict]) -> tuple[list, dict[str, torch.Tensor] | None]:
+    """Round r's uploads through SecAgg+: each client of `downloads` trains and its upload enters the masked
+    sum with its weight (server.client_weight). Returns each asked client's federation.Outcome (in the sum,
+    or why not) and the weighted mean of the uploads in the sum (None when there is none)."""
+    from ..federation import Outcome
+
+    weight = {c: server.client_weight(c) for c in downloads}
+    heaviest = max(weight.values(), default=1)
+    asked = {nodes.node_of[c]: fitins(download, r, weight[c], heaviest, settings=settings[c])
+             for c, download in downloads.items()}
+    result = secure_mean(grid, asked, r, threshold, timeout, heaviest)
+    summed = {nodes.client_of[n] for n in result.summed}
+    outcomes = [Outcome(c, released=True) if c in summed else
+                Outcome(c, reason=f"left the secure aggregation (failed, or no answer within {timeout:g} s)")
+                for c in downloads]
+    if result.mean is None:
+        return outcomes, None
+    return outcomes, mean_state(result, server.reference(min(summed), r))
+
+
+def set_up_sums(grid, server, nodes, threshold: float, timeout: float, settings_of):
+    """The set-up phases' sums through SecAgg+ (Fed-SB's replies are sums the server only adds up): each
+    client weighs 1, the clipping range is the largest value any reply to the phase can hold. The function
+    FederationServer.initialise takes as `secure_sum`."""
+    from ..init_sb import reply_bound
+
+    def secure_sum(request, clients: list[int]) -> tuple[dict, list[int], dict[int, str]]:
+        clip = reply_bound(server.adapted, request)
+        asked = {nodes.node_of[c]: fitins(request.arrays, 0, 1, 1, clip, request.settings(), settings_of(c))
+                 for c in clients if c in nodes.node_of}
+        result = secure_mean(grid, asked, 0, threshold, timeout, 1, clip)
+        summed = sorted(nodes.client_of[n] for n in result.summed)
+        left_out = {c: nodes.absence(c) or "left the secure aggregation (failed, or no answer within "
+                    f"{timeout:g} s)" for c in clients if c not in summed}
+        if result.mean is None:
+            return {}, [], left_out
+        return sum_state(result, request.expected, len(summed), server.device), summed, left_out
+
+    return secure_sum

@@ -1,5 +1,7 @@
 """The federated methods, one file each, by config name."""
-from .base import Aggregate, Exchange, InitContext, Method, Request
+from ..config import Config
+from ..errors import ConfigError
+from .base import METHODS, Aggregate, Exchange, InitContext, Method, Request, SetUpPlan
 from .fedex import FedExLoRA
 from .fedit import FedIT
 from .fedsa import FedSALoRA
@@ -12,8 +14,19 @@ from .full import FullFedAvg
 from .hetlora import HetLoRA
 from .rolora import RoLoRA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FedSB, FedExLoRA, FLoRA, FedSALoRA, FullFedAvg,
-                                                        FedSVD, RoLoRA, FlexLoRA, HetLoRA)}
+METHODS.update({m.name: m for m in (FedIT, FFALoRA, FedSB, FedExLoRA, FLoRA, FedSALoRA, FullFedAvg, FedSVD, RoLoRA,
+                                     FlexLoRA, HetLoRA)})
+
+
+def check_method(cfg: Config) -> type[Method]:
+    """The class of the config's method, once it has checked the config (`Method.check_config`): every built
+    config goes through it before it is used."""
+    method = METHODS.get(cfg.method.name)
+    if method is None:
+        raise ConfigError(f"config key 'method.name': unknown method {cfg.method.name!r}; choose one of "
+                          f"{', '.join(METHODS)}")
+    method.check_config(cfg)
+    return method
 
 
 def register_method(method: type[Method]) -> type[Method]:
@@ -31,4 +44,5 @@ def register_method(method: type[Method]) -> type[Method]:
     return method
 
 
-__all__ = ["METHODS", "Method", "Aggregate", "Exchange", "InitContext", "Request", "register_method"]
+__all__ = ["METHODS", "Method", "check_method", "Aggregate", "Exchange", "InitContext", "Request", "SetUpPlan",
+           "register_method"]

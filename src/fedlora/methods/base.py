@@ -17,6 +17,7 @@ from ..config import Config
 from ..errors import ConfigError
 
 State = dict[str, torch.Tensor]
+METHODS: dict[str, type[Method]] = {}  # by config name (method.name): the built-in methods and register_method's
 
 
 @dataclass
@@ -35,6 +36,16 @@ class Request:
         """The request's scalar fields (what a runtime sends beside its arrays)."""
         return {"phase": self.phase, "release": self.release, "signs": self.signs,
                 "sketch_seed": self.sketch_seed, "sketch_size": self.sketch_size}
+
+
+@dataclass(frozen=True)
+class SetUpPlan:
+    """A set-up exchange that computes on the clients' data: the examples it reads over all its clients (each
+    client's share is proportional to its size), the private releases each client makes from them under DP
+    (each charged to its budget), and their own noise multiplier (None: the training's)."""
+    examples: int
+    releases: int = 1
+    noise_multiplier: float | None = None
 
 
 @dataclass
@@ -77,6 +88,11 @@ def weighted_sum(payloads: list[State], weights: list[float], key: str) -> torch
     return combine([p[key] for p in payloads], weights)
 
 
+def methods_where(flag: str) -> str:
+    """The registered methods whose class attribute `flag` is true, as a list for a message."""
+    return ", ".join(name for name, method in METHODS.items() if getattr(method, flag))
+
+
 class Method:
     name: ClassVar[str]
     parameterisation: ClassVar[str] = "lora"
@@ -84,8 +100,9 @@ class Method:
     uploads: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")  # factor kinds a client sends (+ the head)
     downloads: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")  # factor kinds a client receives (+ the head)
     changes_base: ClassVar[bool] = False  # whether aggregation writes into W0 (FedEx-LoRA, FLoRA)
-    # whether the server rule is a weighted sum of the payloads, so a robust rule may stand in for it
-    linear_aggregation: ClassVar[bool] = True
+    # whether the server rule is a weighted sum of the payloads, so that a robust rule, secure aggregation or
+    # client-level DP may stand in for the sum
+    summed: ClassVar[bool] = True
     # whether clients may hold different ranks (adapter.client_ranks): each trains, sends and receives the first
     # r_i components of the global rank-adapter.rank factors, which the server zero-pads back (see `cut`, `pad`)
     heterogeneous_ranks: ClassVar[bool] = False
@@ -93,15 +110,34 @@ class Method:
     # the trained tensors change meaning between rounds (RoLoRA trains another factor, FedSVD re-factorises)
     carries_optimizer_state: ClassVar[bool] = True
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse, with a ConfigError naming the key, a config this method cannot run; a method with rules of
+        its own extends it. `methods.check_method` calls it once a config is built."""
+        if cfg.train.keep_optimizer_state and not cls.carries_optimizer_state:
+            raise ConfigError(f"train.keep_optimizer_state: method '{cls.name}' changes what a client trains "
+                              "between rounds, so its optimizer state cannot be carried over")
+        if cfg.adapter.client_ranks is not None and not cls.heterogeneous_ranks:
+            raise ConfigError(f"adapter.client_ranks: method '{cls.name}' cannot aggregate clients of different "
+                              f"ranks (methods that can: {methods_where('heterogeneous_ranks')})")
+        if cfg.server.aggregation != "mean" and not cls.summed:
+            raise ConfigError(f"server.aggregation = '{cfg.server.aggregation}' needs a method whose server rule "
+                              f"is a weighted sum ({methods_where('summed')}), not '{cls.name}'")
+
+    @classmethod
+    def check_secure(cls, cfg: Config) -> None:
+        """Refuse, with a ConfigError, this method's settings that secure aggregation cannot serve: it gives the
+        server only the weighted sum of the uploads (flower/secure.py checks what holds for every method)."""
+        if not cls.summed:
+            raise ConfigError(f"secagg: method '{cls.name}' cannot use secure aggregation: its server needs "
+                              f"each client's factors, not their sum (it serves {methods_where('summed')})")
+
     def __init__(self, adapted: AdaptedModel, cfg: Config, client_sizes: list[int]):
         self.adapted = adapted
         self.cfg = cfg
         self.client_sizes = client_sizes
         self.global_state: State = {}
         self.ranks = list(cfg.adapter.client_ranks) if cfg.adapter.client_ranks else None
-        if cfg.server.aggregation != "mean" and not self.linear_aggregation:
-            raise ConfigError(f"server.aggregation = '{cfg.server.aggregation}' needs a method whose server rule "
-                              f"is a weighted sum (fedit, ffa, fedsb, fedsa, full, fedsvd, rolora), not '{self.name}'")
 
     # -- set-up -------------------------------------------------------------------------------
     def initialise(self, ctx: InitContext) -> Exchange:
@@ -113,13 +149,11 @@ class Method:
         """The part of the initial global state that the server and every client derive from the seed alone."""
         return self.adapted.lora_init(generator) | self.adapted.head_init(generator)
 
-    def init_reads_client_data(self) -> bool:
-        """Whether the set-up exchange computes on the clients' data (and so, under DP, costs privacy)."""
-        return False
-
-    def init_releases(self) -> int:
-        """Private releases each set-up client makes under DP (each charged to its budget, planned alike)."""
-        return 0
+    @classmethod
+    def set_up_plan(cls, cfg: Config) -> "SetUpPlan | None":
+        """The set-up exchange's use of the clients' data before round 1 (None: it reads none, and costs no
+        privacy); every party plans it alike from the config."""
+        return None
 
     def init_traffic(self) -> tuple[State, State]:
         """What one set-up client sends and receives in the set-up exchange, before round 1, all phases
@@ -127,9 +161,15 @@ class Method:
         return {}, {}
 
     # -- one round ----------------------------------------------------------------------------
-    def client_state(self, client: int, round_: int) -> State:
-        """The state a client trains from (the global state, plus anything it keeps itself)."""
-        return self.at_rank(self.global_state, client)
+    def client_state(self, client: int, round_: int, own: State | None = None) -> State:
+        """The state a client trains from: the global state as it holds it, with `own`, what it kept of its
+        last training (own_part), over it."""
+        return self.at_rank(self.global_state, client) | (own or {})
+
+    def own_part(self, trained: State) -> State:
+        """What a client keeps of its trained state and never sends (FedSA-LoRA's own B); nothing by default.
+        The runtime keeps it for the client and hands it back to client_state."""
+        return {}
 
     def download(self, client: int) -> State:
         return self.cut({k: self.global_state[k] for k in self.adapted.keys_of(self.downloads)}, client)
@@ -221,14 +261,7 @@ class Method:
         return mask
 
     # -- checkpoints --------------------------------------------------------------------------
-    keeps_own_state = False  # its clients keep state the server never receives (own_state)
-
-    def own_state(self, client: int) -> State:
-        """What a client keeps that the server never receives (FedSA-LoRA's own B); nothing by default."""
-        return {}
-
-    def load_own_state(self, client: int, state: State) -> None:
-        """Give the client back what own_state returned."""
+    keeps_own_state = False  # its clients keep state the server never receives (own_part)
 
     def state_dict(self) -> dict:
         return {"global": self.global_state}

@@ -10,7 +10,7 @@ from .base import Aggregate, Method, weighted_sum
 
 class FedExLoRA(Method):
     name = "fedex"
-    linear_aggregation = False
+    summed = False
     trains = uploads = downloads = ("lora_A", "lora_B")
     changes_base = True
 

@@ -18,16 +18,24 @@ the signs of a clipped, noised dense sum); each release is charged to the client
 """
 import torch
 
-from ..errors import RoundFailed
+from ..errors import ConfigError, RoundFailed
 from ..init_sb import factors_from_projection, lora_sb_factors, orthonormal_basis, sketch_columns
 from ..seeding import derive_seed
-from .base import Exchange, Method, Request
+from .base import Exchange, Method, Request, SetUpPlan
 
 
 class FedSB(Method):
     name = "fedsb"
     parameterisation = "lorasb"
     trains = uploads = downloads = ("lora_R",)
+
+    @classmethod
+    def check_secure(cls, cfg):
+        super().check_secure(cfg)
+        if cfg.fedsb.init_data == "clients" and cfg.fedsb.init in ("dense", "sketch"):
+            raise ConfigError(f"secagg: fedsb.init = '{cfg.fedsb.init}' sends the clients' gradient sums, which no "
+                              "clipping range of SecAgg+ bounds; use 'sign_sketch' (the default) or 'signs', whose "
+                              "sums it carries, or fedsb.init_data = 'public'")
 
     def initialise(self, ctx):
         head = self.seed_state(ctx.generator)
@@ -104,10 +112,13 @@ class FedSB(Method):
     def init_reads_client_data(self):
         return self.cfg.fedsb.init_data == "clients"
 
-    def init_releases(self):
-        if not self.init_reads_client_data():
-            return 0
-        return 2 if self.cfg.fedsb.init == "sketch" else 1
+    @classmethod
+    def set_up_plan(cls, cfg):
+        s = cfg.fedsb
+        if s.init_data != "clients":
+            return None
+        # the sketch releases its two phases anew; the sign variants send the signs of one release
+        return SetUpPlan(s.init_examples, 2 if s.init == "sketch" else 1, s.init_noise_multiplier)
 
     def init_traffic(self):
         if not self.init_reads_client_data():

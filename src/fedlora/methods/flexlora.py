@@ -21,7 +21,7 @@ from .base import Aggregate, Method, weighted_sum
 
 class FlexLoRA(Method):
     name = "flexlora"
-    linear_aggregation = False
+    summed = False
     heterogeneous_ranks = True
     trains = uploads = downloads = ("lora_A", "lora_B")
 

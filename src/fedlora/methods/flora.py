@@ -14,13 +14,13 @@ from .base import Aggregate, Method
 
 class FLoRA(Method):
     name = "flora"
-    linear_aggregation = False
+    summed = False
     heterogeneous_ranks = True  # stacking takes factors of any rank: B_s is d_out x sum r_i
     trains = uploads = ("lora_A", "lora_B")
     downloads = ()
     changes_base = True
 
-    def client_state(self, client, round_):
+    def client_state(self, client, round_, own=None):
         fresh = self.adapted.lora_init(generator(self.cfg.seed, "fresh_lora", round_, client))
         return self.at_rank(self.global_state | fresh, client)
 

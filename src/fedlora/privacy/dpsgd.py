@@ -24,16 +24,10 @@ class DPSGD:
         """Fill .grad of every trainable parameter with the private gradient of one logical batch, given as
         its micro-batches (their per-example clipped gradients summed before the one noise draw); returns the
         batch's mean loss. `parts` None is an empty Poisson draw: the step is noise alone."""
-        sums, loss_sum, rows = {}, 0.0, 0
-        for part in parts or []:
-            with self.recorder.recording(part.get("attention_mask")):
-                losses = example_losses(part)
-                losses.sum().backward()
-            part_sums, _ = self.recorder.clipped_sum(self.clip_norm)
-            sums = {k: sums[k] + v if k in sums else v for k, v in part_sums.items()}
-            loss_sum, rows = loss_sum + losses.detach().sum().item(), rows + len(losses)
+        sums, losses = self.recorder.clipped_sums(parts or [], example_losses, self.clip_norm)
         self.set_noised(sums)
-        return loss_sum / rows if rows else None
+        rows = sum(len(part) for part in losses)
+        return sum(part.sum().item() for part in losses) / rows if rows else None
 
     def set_noised(self, sums: dict[str, torch.Tensor]) -> None:
         """.grad = (clipped sum + noise) / expected batch size; a key missing from `sums` gets noise alone."""

@@ -14,7 +14,7 @@ which is cheaper when T (p + q) < p q. The clipped sum is then one einsum with p
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -165,6 +165,25 @@ class PerExampleGradients:
                 total = total.transpose(-1, -2)  # Conv1D stores its weight as d_in x d_out
             sums[key] = total
         return sums, norms
+
+    def clipped_sums(self, parts: Iterable[dict], example_losses: Callable[[dict], torch.Tensor], clip_norm: float,
+                     slots: Callable[[], object] | None = None, project=None
+                     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """The sum, over every example of the micro-batches `parts`, of its whole gradient clipped to clip_norm
+        (see clipped_sum; `slots()` gives the clients of the part being summed), and each part's per-example
+        losses (detached). The one path of DP-SGD, the joint training of several clients and the private
+        set-up's gradient sums."""
+        total: dict[str, torch.Tensor] = {}
+        losses = []
+        for part in parts:
+            with self.recording(part.get("attention_mask")):
+                part_losses = example_losses(part)
+                part_losses.sum().backward()
+            sums, _ = self.clipped_sum(clip_norm, slots() if slots is not None else None, project)
+            for k, v in sums.items():
+                total[k] = total[k] + v if k in total else v
+            losses.append(part_losses.detach())
+        return total, losses
 
     def per_example(self) -> dict[str, torch.Tensor]:
         """Materialised per-example gradients, shaped like the parameters (for tests and inspection)."""
