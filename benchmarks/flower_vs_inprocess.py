@@ -57,7 +57,7 @@ def in_process(cfg, out: Path) -> dict:
     fedlora.client.local_train = timed
     try:
         sim = Simulator(cfg, out, progress=False)
-        sim.setup_privacy()
+        sim.server.begin(resume=False)  # the run folder, and the accountant under DP
         sim.initialise()
         record = sim.round(1)  # round 2 would be the same round again, and the final evaluation
     finally:

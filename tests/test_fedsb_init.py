@@ -234,8 +234,8 @@ def recording_replies(monkeypatch, corrupt=None):
     sent = []
     original = ClientTrainer.set_up_reply
 
-    def set_up_reply(self, client, request):
-        reply = original(self, client, request)
+    def set_up_reply(self, client, request, privacy=None):
+        reply = original(self, client, request, privacy)
         if corrupt is not None:
             reply = corrupt(client, request, reply)
         sent.append((client, request, reply))

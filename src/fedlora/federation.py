@@ -247,19 +247,6 @@ class FederationServer:
         batches = (self.task.batch(chosen[i:i + size], public) for i in range(0, len(chosen), size))
         return client_reply(self.adapted, request, batches, lambda batch: self.task.example_losses(self.model, batch))
 
-    def public_reply(self, request) -> dict[str, torch.Tensor]:
-        """A set-up reply computed by the server on fedsb.public_data's init examples (nothing is sent)."""
-        cfg = self.cfg
-        public_data = load_task_data(cfg.fedsb.public_data, task_kind(cfg.data, cfg.model.name))
-        public = public_data.train
-        if isinstance(self.task, ClassificationTask):  # its labels as the task's class ids
-            public = relabel(public, public_data.label_names, self.task.data.label_names)
-        chosen = rng(cfg.seed, "public").permutation(len(public))[:cfg.fedsb.init_examples]
-        torch.manual_seed(derive_seed(cfg.seed, "public"))
-        size = cfg.train.batch_size
-        batches = (self.task.batch(chosen[i:i + size], public) for i in range(0, len(chosen), size))
-        return client_reply(self.adapted, request, batches, lambda batch: self.task.example_losses(self.model, batch))
-
     # -- a round ------------------------------------------------------------------------------
     def reference(self, client: int, r: int) -> dict[str, torch.Tensor]:
         """What the client would upload untrained in round r: an update is checked against it."""
