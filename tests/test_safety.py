@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedlora import checkpoint, run_folder
+from fedlora import checkpoint, files, run_folder
 from fedlora.client import make_optimizer
 from fedlora.config import build_config
 from fedlora.errors import FedloraError
@@ -307,7 +307,7 @@ class _FullDisk:
 
 def _full_disk(monkeypatch, room: int):
     left = {"n": room}
-    monkeypatch.setattr(run_folder, "open", lambda *a, **k: _FullDisk(open(*a, **k), left), raising=False)
+    monkeypatch.setattr(files, "open", lambda *a, **k: _FullDisk(open(*a, **k), left), raising=False)
 
 
 def test_a_full_disk_loses_nothing_already_written(tmp_path, monkeypatch):
@@ -415,8 +415,8 @@ def test_switched_off_the_size_check_lets_the_hostile_update_through(sim_config,
 def _hostile_set_up(sim, monkeypatch, client, hostile):
     real = sim.trainer.set_up_reply
 
-    def reply(c, request):
-        out = real(c, request)
+    def reply(c, request, privacy=None):
+        out = real(c, request, privacy)
         return hostile(dict(out)) if c == client and hostile else out if c != client else None
     monkeypatch.setattr(sim.trainer, "set_up_reply", reply)
 
@@ -572,7 +572,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(sim_config, t
                          if p.is_file() and p.name != ".lock" and p.suffix != ".tmp"})
             return _FullDisk(f, {"n": 7})
         return f
-    monkeypatch.setattr(run_folder, "open", full_open, raising=False)
+    monkeypatch.setattr(files, "open", full_open, raising=False)
     with pytest.raises(FedloraError) as err:
         cut.run()
     assert str(err.value).startswith(f"{out / target}: cannot write (No space left on device)")
