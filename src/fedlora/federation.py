@@ -18,22 +18,20 @@ from .adapters import AdaptedModel
 from .client import ClientUpdate
 from .comm import payload_bytes
 from .config import Config, differing_keys
-from .data.presets import relabel
 from .data.sources import describe_labels
 from .errors import ConfigError, FedloraError, RoundFailed
-from .experiment import build_task, load_task_data, task_kind
+from .experiment import build_task
 from .export import export_model
-from .init_sb import client_reply
-from .methods import InitContext, check_method
+from .methods import check_method
 from .methods.base import State
 from .models import pick_device
 from .plan import FederationPlan, PrivacySettings, client_shards
 from .privacy.accounting import PrivacyLedger
 from .files import write_error
 from .run_folder import SUMMARY, RunFolder
-from .seeding import derive_seed, generator, rng
 from .tasks import ClassificationTask, Task
-from .validation import check_set_up_replies, check_updates
+from .set_up import SetUpExchange
+from .validation import check_updates
 
 CHECKPOINT_KEYS = ("round", "config", "method", "base_weights", "runtime", "totals", "last_eval", "privacy", "rng",
                    "record")
@@ -167,85 +165,9 @@ class FederationServer:
         self.run.refuse_existing_run(resume_hint)
 
     def initialise(self, send, secure_sum=None) -> tuple[dict, State]:
-        """Round 0: the method's set-up exchange and the initial evaluation, logged; the round's log record and
-        what every client receives (the exchange's broadcast).
-        `send(request, clients)` is the runtime's: the clients compute their replies to a methods.Request and
-        it returns {client: reply}, or an error message (str) for a client that sent none. Every reply is
-        checked like a round's update (validation.check_set_up_replies) and dropped, logged, when it fails;
-        the bytes of every request and reply are counted; each new private release is charged.
-        `secure_sum(request, clients)`, when the runtime has secure aggregation, serves the method's sums
-        instead: it returns the sum of the replies, the clients in it and {client: why} for those left out;
-        no reply is seen, so none is checked (the protocol's clipping range bounds each)."""
-        t0 = time.time()
-        cfg = self.cfg
-        traffic = {"up": 0, "down": 0}
-        dropped: list[dict] = []
-        charged: set[tuple[int, int]] = set()
-        private = self.ledger is not None
-
-        def ask(request, asked: list[int]) -> dict:
-            traffic["down"] += payload_bytes(request.arrays) * len(asked)
-            got = send(request, asked)
-            replies = {c: got[c] for c in asked if c in got and not isinstance(got[c], str)}
-            for c in asked:
-                if c not in replies:
-                    dropped.append({"client": c, "reason": f"set-up phase '{request.phase}': "
-                                                          f"{got.get(c) or 'sent no reply'}"})
-            for reply in replies.values():
-                if isinstance(reply, dict):
-                    traffic["up"] += payload_bytes(reply)
-            charge(list(replies), request.release)
-            reasons = check_set_up_replies(
-                cfg, request, list(replies.values()), [self.init_examples[c] for c in replies],
-                self.plan.init_noise_multiplier(self.ledger.noise_multiplier) if private else None,
-                [self.client_sizes[c] for c in replies])
-            for c, why in zip(list(replies), reasons):
-                if why is not None:
-                    dropped.append({"client": c, "reason": f"set-up phase '{request.phase}': {why}"})
-                    del replies[c]
-            return replies
-
-        def charge(clients: list[int], release: int) -> None:
-            for c in clients:
-                if private and (c, release) not in charged:  # released, whatever its checks say
-                    charged.add((c, release))
-                    self.charge_init(c)
-
-        def ask_secure_sum(request, asked: list[int]) -> tuple[dict, list[int]]:
-            traffic["down"] += payload_bytes(request.arrays) * len(asked)
-            total, summed, left_out = secure_sum(request, asked)
-            dropped.extend({"client": c, "reason": f"set-up phase '{request.phase}': {why}"}
-                           for c, why in left_out.items())
-            traffic["up"] += payload_bytes(total) * len(summed)
-            charge(summed, request.release)
-            return total, summed
-
-        ctx = InitContext(sorted(self.init_examples), generator(cfg.seed, "init"),
-                          ask=ask, ask_sum=ask_secure_sum if secure_sum is not None else None,
-                          ask_public=self.public_reply)
-        try:
-            exchange = self.method.initialise(ctx)
-        except RoundFailed:
-            self.log_failed_round(0, ctx.clients, [dropped], t0)
-            raise
-        bytes_down = traffic["down"] + payload_bytes(exchange.broadcast) * cfg.federation.num_clients
-        record = self.record(0, exchange.clients, None, traffic["up"], bytes_down, 0.0, self.maybe_evaluate(0), t0)
-        record["dropped"] = dropped
-        self.run.log(record)
-        return record, exchange.broadcast
-
-    def public_reply(self, request) -> dict[str, torch.Tensor]:
-        """A set-up reply computed by the server on fedsb.public_data's init examples (nothing is sent)."""
-        cfg = self.cfg
-        public_data = load_task_data(cfg.fedsb.public_data, task_kind(cfg.data, cfg.model.name))
-        public = public_data.train
-        if isinstance(self.task, ClassificationTask):  # its labels as the task's class ids
-            public = relabel(public, public_data.label_names, self.task.data.label_names)
-        chosen = rng(cfg.seed, "public").permutation(len(public))[:cfg.fedsb.init_examples]
-        torch.manual_seed(derive_seed(cfg.seed, "public"))
-        size = cfg.train.batch_size
-        batches = (self.task.batch(chosen[i:i + size], public) for i in range(0, len(chosen), size))
-        return client_reply(self.adapted, request, batches, lambda batch: self.task.example_losses(self.model, batch))
+        """Round 0: the method's set-up exchange (set_up.SetUpExchange, carried by the runtime's `send` or
+        `secure_sum`) and the initial evaluation, logged; the round's record and what every client receives."""
+        return SetUpExchange(self, send, secure_sum).run()
 
     # -- a round ------------------------------------------------------------------------------
     def reference(self, client: int, r: int) -> dict[str, torch.Tensor]:
