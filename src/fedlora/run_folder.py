@@ -156,6 +156,8 @@ class RunFolder:
         return False
 
     def log(self, record: dict) -> None:
+        if self.logged is None:  # a round closed outside a started run (a runtime's parts used alone)
+            prepare(self.out)
         append_line(self.out / ROUNDS_LOG, record)
         self.logged = record
 

@@ -93,6 +93,10 @@ class FedloraStrategy(Strategy):
         for d in dropped:
             log(WARNING, "round %d: dropped client %d: %s", r, d["client"], d["reason"])
 
+    def connect(self, grid: Grid) -> None:
+        """Wait for a SuperNode per client and learn each one's size (NodeMap.connect)."""
+        self.nodes.connect(grid, self.server, self.node_wait, self.round_timeout, self.resume)
+
     # -- the set-up exchange --------------------------------------------------------------------
     def initialise(self, grid: Grid) -> dict:
         """Round 0: the method's set-up exchange, each of its phases one QUERY round to the set-up clients."""
@@ -242,7 +246,7 @@ class FedloraStrategy(Strategy):
         self.summary()
         if not self.resume:  # before the wait for the nodes
             server.refuse_existing_run(f"{RESUME_COMMAND} continues it")
-        self.nodes.connect(grid, server, self.node_wait, self.round_timeout, self.resume)
+        self.connect(grid)
         with server.open_run(self.resume, f"{RESUME_COMMAND} continues it") as start:
             return self._run(grid, start, num_rounds, started)
 
