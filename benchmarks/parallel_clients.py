@@ -47,10 +47,10 @@ def round_seconds(sim: Simulator, parallel_clients: int) -> float:
     if sim.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    accepted, dropped, _ = sim.collect(clients, 1)
+    outcomes, _ = sim.train_round(clients, 1)
     if sim.device.type == "cuda":
         torch.cuda.synchronize()
-    assert not dropped and len(accepted) == len(clients), dropped
+    assert all(o.reason is None for o in outcomes) and len(outcomes) == len(clients), outcomes
     return time.perf_counter() - start
 
 
