@@ -29,6 +29,7 @@ def momentum_method():
     return namespace["FFAMomentum"]
 
 
+@pytest.mark.docs
 @pytest.mark.parametrize("doc", [DOC, DOC.parents[1] / "README.md"], ids=["docs", "README"])
 def test_the_documented_example_runs_as_shown(doc, tmp_path, monkeypatch, capsys):
     minilm_path()  # skips without the model wheel

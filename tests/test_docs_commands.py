@@ -1,10 +1,14 @@
 """Commands the docs show that the other docs tests do not run, run exactly as written in a folder laid out
-like the checkout (examples/ and the environment beside it)."""
+like the checkout (examples/ and the environment beside it). The two whole runs, the quickstart and the
+private recipe, run at the same time, each with one torch thread (OMP_NUM_THREADS=1) in a checkout of its own."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +28,7 @@ address = ":local:"
 options.num-supernodes = 10
 TOML
 .venv/bin/fedlora flower run my-app local-sim --run-config 'fedlora.federation.rounds=2'"""
+FAST_TIER = 'OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -m "not slow and not live and not docs"'
 SHOWN = {"running.md": [PLOT], "flower.md": [FLOWER_INIT, SIM_ENGINE], "privacy.md": [PRIVATE_RECIPE],
          "../README.md": [QUICKSTART, PRIVATE_RECIPE]}
 # the recipe's FFA-LoRA runs ended at 0.7534 to 0.7695 (docs/privacy.md); the majority class is at 0.5092
@@ -31,14 +36,18 @@ PRIVATE_RECIPE_FLOOR = 0.70
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} not found")
 
 
-@pytest.fixture
-def checkout(tmp_path):
-    folder = tmp_path / "work"
+def make_checkout(parent) -> Path:
+    folder = parent / "work"
     folder.mkdir()
     shutil.copytree(ROOT / "examples", folder / "examples")
     (folder / ".venv").symlink_to(ROOT / ".venv")
-    (tmp_path / "shared").symlink_to(SHARED_DATA.parent)
+    (parent / "shared").symlink_to(SHARED_DATA.parent)
     return folder
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    return make_checkout(tmp_path)
 
 
 def shell(command: str, folder, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -69,6 +78,19 @@ def test_ci_sets_up_and_tests_exactly_as_the_readme_says():
         assert f"\n    {command}\n" in readme, command
 
 
+def test_the_readmes_test_tiers_are_the_registered_markers():
+    """The README's fast tier leaves out registered markers, and its list of markers is pyproject.toml's."""
+    readme = (ROOT / "README.md").read_text()
+    assert f"\n    {FAST_TIER}\n" in readme
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    registered = {marker.split(":")[0] for marker in markers}
+    assert set(re.findall(r"not (\w+)", FAST_TIER)) <= registered
+    development = readme.split("\n## Development\n")[1].split("\n## ")[0]
+    assert set(re.findall(r"^- `(\w+)`:", development, re.M)) == registered
+
+
+@pytest.mark.docs
+@pytest.mark.live
 def test_fedlora_plot_as_documented(checkout, sim_config):
     pytest.importorskip("matplotlib")
     for method in ("fedsb", "ffa"):
@@ -84,6 +106,8 @@ def test_fedlora_plot_as_documented(checkout, sim_config):
     assert labels == {"fedsb r=4", "ffa r=4", "chance 0.50", f"majority class {majority:.2f}"}
 
 
+@pytest.mark.docs
+@pytest.mark.live
 def test_fedlora_flower_init_as_documented(checkout):
     pytest.importorskip("flwr")
     shell(FLOWER_INIT, checkout)
@@ -98,28 +122,69 @@ def final_line(done: subprocess.CompletedProcess) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+WHOLE_RUNS = {"test_the_quickstart_as_documented": QUICKSTART, "test_the_private_recipe_as_documented": PRIVATE_RECIPE}
+
+
+@pytest.fixture(scope="module")
+def whole_runs(request, tmp_path_factory):
+    """The whole runs of the tests selected in this session, started together: {command: (process, checkout)}."""
+    started = {}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    for item in request.session.items:
+        command = WHOLE_RUNS.get(getattr(item, "originalname", None))
+        if command and command not in started:
+            folder = make_checkout(tmp_path_factory.mktemp("docs"))
+            with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+                started[command] = (subprocess.Popen(["bash", "-c", command], cwd=folder, env=env, stdout=out,
+                                                     stderr=err, start_new_session=True), folder)
+    yield started
+    for process, _ in started.values():
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def finished(whole_runs, command: str, timeout: float) -> tuple[Path, subprocess.CompletedProcess]:
+    """Wait for a whole run: its checkout and its outcome."""
+    process, folder = whole_runs[command]
+    process.wait(timeout=timeout)
+    done = subprocess.CompletedProcess(command, process.returncode, (folder / "stdout").read_text(),
+                                       (folder / "stderr").read_text())
+    assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+    return folder, done
+
+
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
 @needs_shared
-def test_the_quickstart_as_documented(checkout):
+def test_the_quickstart_as_documented(whole_runs):
     """The README's main command: Fed-SB learns well above the majority class, with the documented bytes
     (byte counts do not depend on the machine; accuracy does, a little)."""
-    done = shell(QUICKSTART, checkout, timeout=3600)
+    checkout, done = finished(whole_runs, QUICKSTART, timeout=3600)
     summary = json.loads((checkout / "runs/quickstart/summary.json").read_text())
     assert summary["final_eval"]["accuracy"] > 0.75, final_line(done)
     assert (summary["bytes_up_total"], summary["bytes_down_total"]) == (98_510_400, 118_785_600)
     assert "bytes up" in final_line(done) and "(chance 0.5000, majority class 0.5092)" in final_line(done)
 
 
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
 @needs_shared
-def test_the_private_recipe_as_documented(checkout):
+def test_the_private_recipe_as_documented(whole_runs):
     """docs/privacy.md's recipe: epsilon 3 spent, not exceeded, and a model clearly off the majority class
     (its noise is secret, so every run differs: the bound is below the lowest of the measured seeds)."""
-    done = shell(PRIVATE_RECIPE, checkout, timeout=3600)
+    checkout, done = finished(whole_runs, PRIVATE_RECIPE, timeout=3600)
     summary = json.loads((checkout / "runs/sst2-dp/summary.json").read_text())
     assert 2.9 < summary["privacy"]["epsilon_max"] <= 3.0
     assert summary["final_eval"]["accuracy"] > PRIVATE_RECIPE_FLOOR, final_line(done)
     assert (summary["bytes_up_total"], summary["bytes_down_total"]) == (7_114_816, 7_114_816)
 
 
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
 @needs_shared
 def test_flowers_simulation_engine_as_documented(checkout, tmp_path):
     """docs/flower.md (a): the app of `fedlora flower init`, run on Flower's simulation engine (10 virtual
@@ -148,9 +213,6 @@ def test_flowers_simulation_engine_as_documented(checkout, tmp_path):
 def stop_processes_of(home) -> None:
     """Stop what the run left behind (the local SuperLink flwr keeps for later runs): every process whose
     environment has this HOME."""
-    import signal
-    from pathlib import Path
-
     marker = f"HOME={home}".encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():

@@ -4,15 +4,21 @@ checkout (its benchmarks/, experiments/, examples/, results/ and tests/ copied, 
 Their whole runs take from minutes to hours on 2 CPU cores, so each command runs until it has shown that it
 works: a benchmark until it prints its first measurement, an experiment until its first run has trained a
 round; then it is stopped. The short ones run to the end. Every such command in the docs is listed here,
-and a command the docs show that is not listed fails the first test."""
+and a command the docs show that is not listed fails the first test.
+
+The commands run two at a time, each with one torch thread (OMP_NUM_THREADS=1) and in a checkout of its
+own; each test waits for its command."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +41,9 @@ class Shown:
     needs: str = ""  # a module it needs, else skipped
 
 
-SCRIPTS = {
+SCRIPTS = {  # the longest first: the commands run two at a time, in this order
+    DATA + PY + "experiments/gsm8k_smollm2.py --scale cpu": Shown("language-models.md",
+                                                                  "rounds:runs/gsm8k_smollm2/*"),
     PY + "benchmarks/throughput.py --repeats 5": Shown("performance.md", r"'peft_s': [\d.]+"),
     DATA + PY + "benchmarks/clients_memory.py": Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
     PY + "benchmarks/communication.py": Shown("performance.md", r"Mistral-7B: Fed-SB r=200 sends 8,960,000 parameters",
@@ -53,9 +61,8 @@ SCRIPTS = {
     DATA + PY + "benchmarks/flower_vs_inprocess.py --repeats 3": Shown("flower.md", r"repeat 1: in-process round",
                                                                        needs="ray"),
     DATA + PY + "experiments/fedsb_init.py --seeds 0 1 2": Shown("methods.md", "rounds:runs/fedsb_init/*"),
-    DATA + PY + "experiments/gsm8k_smollm2.py --scale cpu": Shown("language-models.md",
-                                                                  "rounds:runs/gsm8k_smollm2/*"),
 }
+RUNS_AT_ONCE = 2
 
 
 def shown_commands() -> set[str]:
@@ -77,14 +84,13 @@ def test_every_script_command_in_the_docs_is_run_here():
         assert re.search(r"\n {4,}" + re.escape(command) + "\n", page), (shown.page, command)
 
 
-@pytest.fixture
-def checkout(tmp_path):
-    folder = tmp_path / "work"
+def make_checkout(parent: Path) -> Path:
+    folder = parent / "work"
     folder.mkdir()
     for part in ("benchmarks", "experiments", "examples", "results", "tests"):
         shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__"))
     (folder / ".venv").symlink_to(ROOT / ".venv")
-    (tmp_path / "shared").symlink_to(SHARED_DATA.parent)
+    (parent / "shared").symlink_to(SHARED_DATA.parent)
     return folder
 
 
@@ -93,10 +99,13 @@ def trained_a_round(folder: Path, pattern: str) -> bool:
     return any(row["round"] >= 1 for log in folder.glob(pattern + "/rounds.jsonl") for row in read_log(log))
 
 
-def run_until_it_works(command: str, folder: Path, shown: Shown, timeout: float) -> str:
-    """Run `command` in bash in `folder` until `shown.works` holds (or to its end); stop it and all it started."""
+def run_until_it_works(command: str, folder: Path, shown: Shown, timeout: float,
+                       cancelled: threading.Event | None = None) -> str:
+    """Run `command` in bash in `folder` until `shown.works` holds (or to its end, or `cancelled` is set); stop
+    it and all it started."""
     log = folder / "command.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    cancelled = cancelled or threading.Event()
     with open(log, "wb") as out:
         process = subprocess.Popen(["bash", "-c", command], cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -108,7 +117,7 @@ def run_until_it_works(command: str, folder: Path, shown: Shown, timeout: float)
 
     deadline = time.monotonic() + timeout
     try:
-        while process.poll() is None and time.monotonic() < deadline:
+        while process.poll() is None and time.monotonic() < deadline and not cancelled.is_set():
             if not shown.to_the_end and works():
                 break
             time.sleep(1)
@@ -139,12 +148,34 @@ def stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """The commands of the tests selected in this session, RUNS_AT_ONCE at a time in their order, each in a
+    checkout of its own: {command: the future of its seconds until it worked}."""
+    selected = [item.callspec.params["command"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_the_documented_script_command_runs"]
+    cancelled = threading.Event()
+
+    def run(command: str) -> float:
+        started = time.monotonic()
+        run_until_it_works(command, make_checkout(tmp_path_factory.mktemp("docs")), SCRIPTS[command], 1800, cancelled)
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(RUNS_AT_ONCE) as pool:
+        futures = {command: pool.submit(run, command) for command in selected
+                   if not SCRIPTS[command].needs or importlib.util.find_spec(SCRIPTS[command].needs)}
+        yield futures
+        for future in futures.values():
+            future.cancel()
+        cancelled.set()
+
+
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} not found")
 @pytest.mark.parametrize("command", list(SCRIPTS), ids=lambda command: re.search(r"\w+\.py.*", command).group(0))
-def test_the_documented_script_command_runs(checkout, command):
-    shown = SCRIPTS[command]
-    if shown.needs:
-        pytest.importorskip(shown.needs)
-    started = time.monotonic()
-    run_until_it_works(command, checkout, shown, timeout=1800)
-    print(f"{command}: {time.monotonic() - started:.0f} s")
+def test_the_documented_script_command_runs(runs, command):
+    if SCRIPTS[command].needs:
+        pytest.importorskip(SCRIPTS[command].needs)
+    print(f"{command}: {runs[command].result():.0f} s")

@@ -382,6 +382,7 @@ mistral-7b / fedsb r=200 (224 adapted layers, 1 clients, float32)
 """
 
 
+@pytest.mark.docs
 def test_the_documented_comm_commands_print_as_shown(capsys):
     """The `fedlora comm` commands of the README's set-up section, run exactly as written."""
     import shlex

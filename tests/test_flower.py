@@ -1,5 +1,6 @@
 """fedlora on Flower: the strategy and the ClientApp against the in-process simulator (same config and seed),
-through an in-memory Grid for every method and through a live loopback federation for fedsb and ffa."""
+through an in-memory Grid for every method and through a live loopback federation for fedsb (and ffa in
+test_flower_deploy.py: the deployment script, the SuperLink killed and restarted, SecAgg+)."""
 from __future__ import annotations
 
 import copy
@@ -198,27 +199,31 @@ def loopback_config(sim_config):
     return make
 
 
+@pytest.mark.live
+@pytest.mark.slow
 def test_live_loopback_federation_matches_the_simulator(loopback_config, tmp_path):
+    """Fed-SB, its set-up exchange included, on SuperNode processes: the simulator's adapter and byte counts
+    (FFA-LoRA's live runs, with the same checks, are the deployment script's in test_flower_deploy.py)."""
     federation = LoopbackFederation(tmp_path / "federation", num_nodes=2)
     try:
-        for name in ("fedsb", "ffa"):
-            cfg = loopback_config(name)
-            app = write_app(tmp_path / f"app-{name}", cfg, tmp_path / f"flower-{name}", round_timeout=120,
-                            node_wait=60).parent
-            done = federation.run(app, timeout=300)
-            assert (tmp_path / f"flower-{name}" / "summary.json").exists(), done.stdout + federation.logs()
-            sim = Simulator(cfg, tmp_path / f"sim-{name}", progress=False)
-            sim.run()
-            assert_same_tensors(adapter(tmp_path / f"flower-{name}"), adapter(tmp_path / f"sim-{name}"))
-            flower = json.loads((tmp_path / f"flower-{name}" / FLOWER_BYTES).read_text())
-            for rec in read_log(tmp_path / f"sim-{name}"):
-                counted = flower.get(str(rec["round"]), {"up": 0, "down": 0})
-                assert (counted["up"], counted["down"]) == (rec["bytes_up"], rec["bytes_down"])
+        cfg = loopback_config("fedsb")
+        app = write_app(tmp_path / "app", cfg, tmp_path / "flower", round_timeout=120, node_wait=60).parent
+        done = federation.run(app, timeout=300)
+        assert (tmp_path / "flower" / "summary.json").exists(), done.stdout + federation.logs()
+        sim = Simulator(cfg, tmp_path / "sim", progress=False)
+        sim.run()
+        assert_same_tensors(adapter(tmp_path / "flower"), adapter(tmp_path / "sim"))
+        flower = json.loads((tmp_path / "flower" / FLOWER_BYTES).read_text())
+        for rec in read_log(tmp_path / "sim"):
+            counted = flower.get(str(rec["round"]), {"up": 0, "down": 0})
+            assert (counted["up"], counted["down"]) == (rec["bytes_up"], rec["bytes_down"])
     finally:
         federation.stop()
     assert all(p.poll() is not None for p in federation.processes.values())
 
 
+@pytest.mark.live
+@pytest.mark.slow
 def test_live_federation_survives_a_raising_and_a_killed_client(loopback_config, tmp_path):
     """Client 1 raises in round 1, then hangs in round 2 and its SuperNode is killed: both rounds aggregate
     client 0 alone (min_clients = 1) and the log names the dropped client."""

@@ -3,6 +3,7 @@ commands, who is who among the nodes and their sizes, resume after a crash (in m
 SuperLink killed on loopback), the exit status and the per-round lines of `fedlora flower run`."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -53,6 +54,9 @@ def test_every_command_of_the_documented_deployment_is_in_the_script():
     assert block.group(1).index("[superlink.fedlora-link]") < block.group(1).index("flwr supernode register")
 
 
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
 def test_the_loopback_deployment_script_runs_and_stops_everything(sim_config, tmp_path):
     """examples/deploy/loopback.sh on loopback: TLS, node authentication, a SuperLink with a database, three
     SuperNodes, `fedlora flower run`; the run's adapter is the simulator's, the stream has a line per round,
@@ -76,6 +80,10 @@ def test_the_loopback_deployment_script_runs_and_stops_everything(sim_config, tm
     sim = Simulator(cfg, tmp_path / "sim", progress=False)
     sim.run()
     assert_same_tensors(adapter(work / "run"), adapter(tmp_path / "sim"))
+    flower = json.loads((work / "run" / FLOWER_BYTES).read_text())
+    for rec in read_log(tmp_path / "sim"):
+        counted = flower.get(str(rec["round"]), {"up": 0, "down": 0})
+        assert (counted["up"], counted["down"]) == (rec["bytes_up"], rec["bytes_down"]), rec["round"]
     left = [p for p in Path("/proc").glob("[0-9]*") if str(work) in _cmdline(p)]
     assert left == [], [_cmdline(p) for p in left]
 
@@ -171,6 +179,7 @@ def test_node_sizes_weight_the_updates_and_shared_data_sizes_are_checked(sim_con
         strategy.start(grid)
 
 
+@pytest.mark.slow
 def test_under_dp_every_node_trains_with_the_noise_calibrated_from_the_nodes_sizes(sim_config, toy_data, tmp_path,
                                                                                   monkeypatch):
     """Node 0 trains on its own file of 30 rows under DP, fewer than the config's partition gives it: the
@@ -254,8 +263,6 @@ def test_a_run_that_stopped_resumes_on_new_nodes_to_the_uninterrupted_result(sim
     if sim.method.changes_base:
         assert_same_tensors(strategy.server.adapted.base_weights(), sim.adapted.base_weights())
     assert [r["round"] for r in read_log(out)] == [0, 1, 2, 3]
-    import json
-
     counted = json.loads((out / FLOWER_BYTES).read_text())
     for rec in read_log(tmp_path / "sim"):
         c = counted.get(str(rec["round"]), {"up": 0, "down": 0})
@@ -326,6 +333,9 @@ def documented(command: str, folder: Path, federation: LoopbackFederation, timeo
                           timeout=timeout)
 
 
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
 def test_the_superlink_killed_mid_run_and_restarted_resumes_to_the_uninterrupted_adapter(sim_config, tmp_path):
     """Live: kill the SuperLink (and the ServerApp it runs) after round 1's checkpoint, start it again on the
     same database; `fedlora flower run` without --resume is refused (exit 1, the reason and the command),
@@ -599,6 +609,9 @@ def test_fedsb_set_ups_that_send_gradient_sums_are_refused_under_secure_aggregat
     check_supported(sim_config(method={"name": "fedsb"}, fedsb=public), secagg=0.66)  # nothing sent: nothing refused
 
 
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
 def test_live_secure_aggregation_on_loopback_matches_the_simulator(loopback_config, tmp_path):
     """fedsb and ffa on a live loopback federation with SecAgg+, docs/flower.md's command as written (with 2
     clients a threshold of 0.66 needs both): the exported adapter is the simulator's within SecAgg+'s

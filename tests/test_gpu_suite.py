@@ -33,6 +33,9 @@ def test_the_commands_are_the_documented_ones():
     assert "**No GPU figures have been measured yet.**" in PAGE
 
 
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="the GSM8K data of ../shared/data is missing")
 def test_the_dry_run_runs_every_step_into_a_temporary_folder():
     results = {p: p.stat().st_mtime_ns for p in (ROOT / "results").iterdir()}
@@ -76,6 +79,8 @@ def test_every_cuda_marked_test_is_in_the_file_the_suite_runs():
     assert marked == ["test_cuda.py"]
 
 
+@pytest.mark.docs
+@pytest.mark.live
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_without_cuda_the_gpu_run_refuses_and_names_the_dry_run():
     done = shell(GPU_RUN)

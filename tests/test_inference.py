@@ -186,6 +186,7 @@ def test_run_folder_errors(news_run, tmp_path, capsys):
     assert code == 2 and f"{inputs} line 2: no key 'text'" in err
 
 
+@pytest.mark.slow
 def test_language_model_predict_and_merged_export(lm_config, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     summary = Simulator(lm_config(), out, progress=False).run()

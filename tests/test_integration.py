@@ -56,6 +56,7 @@ def test_peft_export_reproduces_the_federated_model(sst2_config, tmp_path, metho
     assert ours.std() > 0
 
 
+@pytest.mark.slow
 def test_fedsb_learns_sst2(sst2_config, tmp_path):
     """A short Fed-SB run on real data gets well above chance on held-out sentences."""
     cfg = sst2_config("fedsb", local_steps=10, batch_size=16, lr=3e-3)

@@ -13,6 +13,8 @@ from fedlora.simulator import Simulator
 
 from conftest import read_log, without_seconds
 
+pytestmark = pytest.mark.slow
+
 TRIALS = 21
 METHODS = ("fedsb", "fedsa", "fedex")  # Fed-SB's private set-up; FedSA-LoRA's client-kept B; FedEx-LoRA's W0
 

@@ -98,6 +98,7 @@ def test_evaluation_reports_accuracy_per_task_and_both_modes(lm_sim):
     assert 0 <= result["accuracy"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_core_guarantees_hold_on_llama(lm_config, tmp_path, monkeypatch, name):
     """Exact methods aggregate exactly, the export matches PEFT's forward, and a killed run resumes to
@@ -180,6 +181,7 @@ def test_partition_by_task(lm_sim):
     assert sorted(i for s in sim.shards for i in s) == list(range(len(tasks)))
 
 
+@pytest.mark.slow
 def test_smollm2_federated_run_on_cpu(smollm2_dir, toy_instructions, tmp_path):
     """The real SmolLM2-135M-Instruct: 2 clients, 2 rounds of Fed-SB, generation and option scoring."""
     cfg = build_config({

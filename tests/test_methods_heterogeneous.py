@@ -338,6 +338,7 @@ METHODS_MD = (Path(__file__).parent.parent / "docs" / "methods.md").read_text()
 HETEROGENEOUS_SECTION = METHODS_MD.split("## Clients of different ranks")[1].split("\n## ")[0]
 
 
+@pytest.mark.docs
 def test_the_documented_comm_command_prints_as_shown(capsys):
     block = HETEROGENEOUS_SECTION.split("    $ ")[1].split("\n\n")[0]
     command, *expected = [line.removeprefix("    ") for line in block.splitlines()]

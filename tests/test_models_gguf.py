@@ -25,6 +25,7 @@ def converted(smollm2_dir) -> Path:
     return Path(smollm2_dir)
 
 
+@pytest.mark.slow
 def test_cached_folder_holds_the_gguf_model(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

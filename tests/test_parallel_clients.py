@@ -102,9 +102,13 @@ def cfg_parallel(sim_config, bert_without_dropout):
     return make
 
 
-@pytest.mark.parametrize("mode", ["sgd", "adamw", "dp"])
-@pytest.mark.parametrize("method", ["fedsb", "ffa", "fedit", "fedex", "flora", "fedsa", "fedsvd", "rolora", "flexlora",
-                                    "hetlora"])
+TOGETHER = ["fedsb", "ffa", "fedit", "fedex", "flora", "fedsa", "fedsvd", "rolora", "flexlora", "hetlora"]
+QUICK_DP = ("ffa", "fedit")  # under DP in the fast tier; the other methods under DP are marked slow
+
+
+@pytest.mark.parametrize("method,mode", [
+    pytest.param(method, mode, marks=pytest.mark.slow if mode == "dp" and method not in QUICK_DP else ())
+    for mode in ("sgd", "adamw", "dp") for method in TOGETHER])
 def test_every_clients_upload_equals_training_it_alone(cfg_parallel, tmp_path, joint_groups, method, mode):
     # dirichlet shards of 120 examples over 4 clients at batch 16: some clients have fewer examples than a batch
     dp = mode == "dp"

@@ -101,6 +101,7 @@ def test_auto_accountant_calibrates_less_noise_than_rdp_for_the_same_target():
     assert 0.95 * 3.0 <= opacus_epsilon("prv", [(sigma["auto"], 0.008, 500)], 1e-5) <= 3.0
 
 
+@pytest.mark.slow
 def test_calibrated_run_ends_within_5_percent_under_the_target(sim_config, tmp_path):
     cfg = sim_config(method={"name": "ffa"}, privacy={"epsilon": 3.0})
     summary = Simulator(cfg, tmp_path, progress=False).run()
@@ -123,6 +124,7 @@ def test_every_method_trains_under_dp(sim_config, tmp_path, name):
     assert read_log(tmp_path)[1]["epsilon"] > 0
 
 
+@pytest.mark.slow
 def test_init_noise_of_its_own_is_charged_and_calibrated_around(sim_config, tmp_path):
     cfg = sim_config(method={"name": "fedsb"}, privacy={"epsilon": 3.0}, fedsb={"init_noise_multiplier": 8.0})
     sim = Simulator(cfg, tmp_path, progress=False)
@@ -158,6 +160,7 @@ def test_public_fedsb_init_costs_no_privacy_and_no_upload(sim_config, toy_data, 
         sim_config(fedsb={"init_data": "public"})
 
 
+@pytest.mark.slow
 def test_resume_under_dp_is_bit_identical(sim_config, tmp_path, monkeypatch):
     cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 3}, privacy={"epsilon": 5.0, "randomness": "seeded"})
     whole = Simulator(cfg, tmp_path / "whole", progress=False)

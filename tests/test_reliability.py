@@ -231,7 +231,7 @@ class _TornWrite(Exception):
     pass
 
 
-@pytest.mark.parametrize("dp", [False, True])
+@pytest.mark.parametrize("dp", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_kill_during_checkpoint_write_then_resume_gives_the_same_run(sim_config, tmp_path, monkeypatch, dp):
     extra = {"privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "randomness": "seeded"}} if dp else {}
     cfg = sim_config(method={"name": "fedsb"}, federation={"rounds": 3}, train={"keep_optimizer_state": True},
@@ -355,6 +355,7 @@ def test_only_the_payload_leaves_a_client_and_logs_hold_no_client_data(sim_confi
 
 # -- load ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_thousand_clients_with_five_percent_failing(sim_config, tmp_path, monkeypatch):
     rnd = random.Random(1)
     rows = "".join(f"{rnd.choice(['good film', 'bad film', 'great', 'awful'])} {i}\t{i % 2}\n" for i in range(3000))

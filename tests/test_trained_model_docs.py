@@ -57,6 +57,9 @@ def shown(tmp_path_factory):
     return folder, outputs, python.stdout
 
 
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
 def test_commands_for_own_data_and_a_trained_model(shown):
     folder, outputs, printed = shown
     out = lambda i: outputs[COMMANDS[i]][0]  # noqa: E731
