@@ -91,6 +91,16 @@ def test_the_readmes_test_tiers_are_the_registered_markers():
 
 @pytest.mark.docs
 @pytest.mark.live
+@pytest.mark.slow
+def test_the_fast_tier_as_documented():
+    """The README's fast tier, exactly as written, in the checkout: it passes, and leaves out this test."""
+    done = shell(FAST_TIER, ROOT, timeout=1800)
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary) and not re.search(r"failed|error", summary), summary
+
+
+@pytest.mark.docs
+@pytest.mark.live
 def test_fedlora_plot_as_documented(checkout, sim_config):
     pytest.importorskip("matplotlib")
     for method in ("fedsb", "ffa"):
