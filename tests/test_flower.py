@@ -94,6 +94,15 @@ def run_in_memory(cfg, out: Path) -> tuple[FedloraStrategy, InMemoryGrid]:
     return strategy, grid
 
 
+def assert_flower_counts_the_logged_bytes(flower_run: Path, sim_run: Path) -> None:
+    """Flower's own count of every round's ArrayRecord bytes (flower_bytes.json) equals the bytes the
+    simulator's log records, up and down."""
+    flower = json.loads((flower_run / FLOWER_BYTES).read_text())
+    for rec in read_log(sim_run):
+        counted = flower.get(str(rec["round"]), {"up": 0, "down": 0})
+        assert (counted["up"], counted["down"]) == (rec["bytes_up"], rec["bytes_down"]), rec["round"]
+
+
 def assert_same_tensors(a: dict, b: dict, tol: float = 1e-6) -> None:
     assert a.keys() == b.keys()
     worst = max((x - b[k]).abs().max().item() for k, x in a.items())
@@ -123,10 +132,7 @@ def test_every_method_on_flower_matches_the_simulator_and_its_byte_counts(sim_co
         assert ours["bytes_down"] == theirs["bytes_down"]
         if ours["eval"]:
             assert ours["eval"] == pytest.approx(theirs["eval"], abs=1e-5)
-    flower = json.loads((tmp_path / "flower" / FLOWER_BYTES).read_text())
-    for rec in sim_log:
-        counted = flower.get(str(rec["round"]), {"up": 0, "down": 0})
-        assert (counted["up"], counted["down"]) == (rec["bytes_up"], rec["bytes_down"]), rec["round"]
+    assert_flower_counts_the_logged_bytes(tmp_path / "flower", tmp_path / "sim")
     assert sum(rec["bytes_up"] for rec in sim_log) > 0
 
 
@@ -213,10 +219,7 @@ def test_live_loopback_federation_matches_the_simulator(loopback_config, tmp_pat
         sim = Simulator(cfg, tmp_path / "sim", progress=False)
         sim.run()
         assert_same_tensors(adapter(tmp_path / "flower"), adapter(tmp_path / "sim"))
-        flower = json.loads((tmp_path / "flower" / FLOWER_BYTES).read_text())
-        for rec in read_log(tmp_path / "sim"):
-            counted = flower.get(str(rec["round"]), {"up": 0, "down": 0})
-            assert (counted["up"], counted["down"]) == (rec["bytes_up"], rec["bytes_down"])
+        assert_flower_counts_the_logged_bytes(tmp_path / "flower", tmp_path / "sim")
     finally:
         federation.stop()
     assert all(p.poll() is not None for p in federation.processes.values())

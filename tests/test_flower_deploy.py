@@ -26,7 +26,8 @@ from fedlora.simulator import Simulator  # noqa: E402
 
 from conftest import read_log  # noqa: E402
 from flower_federation import BIN, LoopbackFederation  # noqa: E402
-from test_flower import InMemoryGrid, adapter, assert_same_tensors, loopback_config, server_identity  # noqa: E402,F401
+from test_flower import (InMemoryGrid, adapter, assert_flower_counts_the_logged_bytes,  # noqa: E402,F401
+                         assert_same_tensors, loopback_config, server_identity)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "deploy" / "loopback.sh"
@@ -80,10 +81,7 @@ def test_the_loopback_deployment_script_runs_and_stops_everything(sim_config, tm
     sim = Simulator(cfg, tmp_path / "sim", progress=False)
     sim.run()
     assert_same_tensors(adapter(work / "run"), adapter(tmp_path / "sim"))
-    flower = json.loads((work / "run" / FLOWER_BYTES).read_text())
-    for rec in read_log(tmp_path / "sim"):
-        counted = flower.get(str(rec["round"]), {"up": 0, "down": 0})
-        assert (counted["up"], counted["down"]) == (rec["bytes_up"], rec["bytes_down"]), rec["round"]
+    assert_flower_counts_the_logged_bytes(work / "run", tmp_path / "sim")
     left = [p for p in Path("/proc").glob("[0-9]*") if str(work) in _cmdline(p)]
     assert left == [], [_cmdline(p) for p in left]
 

@@ -70,8 +70,6 @@ class ClientRuntime:
         if (client, privacy) != self.privacy_checked:  # the accountant takes seconds: once a run
             plan.check_client_privacy(client, privacy)
             self.privacy_checked = (client, privacy)
-        if not privacy.init_examples and client in plan.init_examples:
-            privacy = PrivacySettings(privacy.noise_multiplier, privacy.delta, plan.init_examples[client])
         return privacy
 
     def _own_state_folder(self, context: Context) -> Path | None:
