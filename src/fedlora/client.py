@@ -19,6 +19,7 @@ from .errors import ClientTimeout, FedloraError
 from .init_sb import PrivateRelease, client_reply, private_gradient_sum, reply_from_gradients
 from .methods.base import Method, State
 from .plan import FederationPlan, PrivacySettings
+from .privacy.client_level import clip_update
 from .privacy.dpsgd import DPSGD
 from .privacy.grad_sample import PerExampleGradients, for_trainable
 from .privacy.randomness import noise_generator, sampling_rng
@@ -31,6 +32,7 @@ class ClientUpdate:
     payload: dict[str, torch.Tensor]  # what the client sends
     loss: float
     optimizer_state: dict | None = None  # kept on the client across rounds with train.keep_optimizer_state
+    within_clip: bool | None = None  # under client-level DP: the change was within the bound before clipping
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -168,8 +170,9 @@ class ClientTrainer:
         return optimizer
 
     def update(self, client: int, r: int, start: State, deadline: float | None = None,
-               privacy: PrivacySettings | None = None) -> ClientUpdate:
-        """The client's local training of round r from `start`: what it sends back, and what it keeps."""
+               privacy: PrivacySettings | None = None, clip: float | None = None) -> ClientUpdate:
+        """The client's local training of round r from `start`: what it sends back, and what it keeps. `clip`:
+        under client-level DP, the bound on the L2 norm of the upload's change from `start`'s."""
         cfg, adapted = self.cfg, self.adapted
         adapted.load_state(start)
         optimizer = self.optimizer(client, adapted.set_trainable(self.method.trainable_keys(r)))
@@ -180,15 +183,19 @@ class ClientTrainer:
         before_step = self.method.gradient_step(client, adapted.parameters_by_key())
         step_losses = local_train(self.model, optimizer, batches, self.losses, cfg.train.max_grad_norm, dp, deadline,
                                   self.lr_schedule(r), before_step)
-        return self.result(client, r, adapted.state(), step_losses, optimizer)
+        return self.result(client, r, adapted.state(), step_losses, optimizer, start, clip)
 
     def result(self, client: int, r: int, trained: State, step_losses: list[float],
-               optimizer: torch.optim.Optimizer) -> ClientUpdate:
+               optimizer: torch.optim.Optimizer, start: State | None = None, clip: float | None = None) -> ClientUpdate:
         """The update of a client's training, which keeps its own part (whatever the server does with the
-        upload, which it cannot know)."""
-        update = ClientUpdate(payload=self.method.upload(client, trained, r),
-                              loss=float(np.mean(step_losses)) if step_losses else float("nan"),
-                              optimizer_state=optimizer.state_dict() if self.cfg.train.keep_optimizer_state else None)
+        upload, which it cannot know); with `clip`, its change from `start` clipped to that L2 norm."""
+        payload, within = self.method.upload(client, trained, r), None
+        if clip is not None:
+            payload, norm = clip_update(payload, self.method.upload(client, start, r), clip)
+            within = norm <= clip
+        update = ClientUpdate(payload=payload, loss=float(np.mean(step_losses)) if step_losses else float("nan"),
+                              optimizer_state=optimizer.state_dict() if self.cfg.train.keep_optimizer_state else None,
+                              within_clip=within)
         own = self.method.own_part(trained)
         if own:
             self.own_states[client] = own

@@ -142,8 +142,10 @@ class FederationConfig(Section):
     num_clients: int = Field(10, gt=0, description="clients, each holding its share of the training data")
     clients_per_round: int = Field(10, gt=0, description="clients drawn at random to train in each round")
     rounds: int = Field(10, ge=0, description="training rounds after the set-up (round 0)")
-    weighting: Literal["examples", "uniform"] = Field(
-        "examples", description="the weight of a client's update: by its number of examples, or equal")
+    weighting: Literal["auto", "examples", "uniform"] = Field(
+        "auto", description="the weight of a client's update: by its number of examples, or equal; auto: by its "
+                            "examples, equal under privacy.unit = 'client' (whose bound on a client's influence "
+                            "needs equal weights)")
     min_clients: int = Field(1, gt=0, description="fewest answering clients a round may aggregate")
     client_timeout: float | None = Field(
         None, gt=0, description="seconds a client may train in a round before it is dropped")
@@ -222,16 +224,42 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(256, gt=0, description="greedy generation length limit")
 
 
+EXAMPLE_LEVEL_KEYS = {"clip_norm", "grad_norm"}
+CLIENT_LEVEL_KEYS = {"client_clip", "clipping", "target_quantile", "clip_learning_rate", "count_stddev"}
+
+
 class PrivacyConfig(Section):
-    """Sample-level DP-SGD on every client. Enabled by giving epsilon (noise calibrated for the planned
-    steps) or noise_multiplier (epsilon reported), or both (the run must fit the target)."""
-    epsilon: float | None = Field(None, gt=0, description="the per-client target epsilon; the noise is "
-                                                          "calibrated to reach it after the planned steps; "
-                                                          "\"none\": no DP (as --set privacy.epsilon=none)")
-    delta: float | None = Field(None, gt=0, lt=1, description="default: 1e-5, or 1/(10 n) for a client of n > 10^4 examples")
-    clip_norm: float = Field(1.0, gt=0, description="C: every example's gradient is clipped to this L2 norm")
+    """Differential privacy: of one training example (unit = 'example': DP-SGD on every client) or of everything
+    one client contributes over the run (unit = 'client': DP-FedAvg, the server noising the sum of the clipped
+    updates; docs/privacy.md). Enabled by giving epsilon (noise calibrated for the planned steps or rounds) or
+    noise_multiplier (epsilon reported), or both (the run must fit the target)."""
+    unit: Literal["example", "client"] = Field(
+        "example", description="what is protected: one training example of a client (DP-SGD on every client), or "
+                               "one client, all its data over all rounds (client-level DP-FedAvg: each sampled "
+                               "client's update clipped to client_clip, Gaussian noise added by the server)")
+    epsilon: float | None = Field(None, gt=0, description="the target epsilon (per client under unit = 'example'); "
+                                                          "the noise is calibrated to reach it after the planned "
+                                                          "steps or rounds; \"none\": no DP (as --set "
+                                                          "privacy.epsilon=none)")
+    delta: float | None = Field(None, gt=0, lt=1, description="default: 1e-5, or 1/(10 n) for a client of n > 10^4 "
+                                                              "examples (unit = 'client': for n > 10^4 clients)")
+    clip_norm: float = Field(1.0, gt=0, description="unit = 'example': C, every example's gradient is clipped to "
+                                                    "this L2 norm")
     noise_multiplier: float | None = Field(None, gt=0, description="sigma: the noise's standard deviation over "
-                                                                   "clip_norm; default: calibrated to epsilon")
+                                                                   "the clipping bound; default: calibrated to epsilon")
+    client_clip: float = Field(0.1, gt=0, description="unit = 'client': S, the L2 bound on a client's update (its "
+                                                      "upload minus what it received); with adaptive clipping, "
+                                                      "its starting value")
+    clipping: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="unit = 'client': S stays client_clip, or follows the target_quantile of the "
+                             "clients' update norms (Andrew et al. 2021: a noised count of the clients within S)")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive clipping: the quantile of the update "
+                                                                "norms that S tracks")
+    clip_learning_rate: float = Field(0.2, gt=0, description="adaptive clipping: eta in S <- S exp(-eta (b - "
+                                                             "target_quantile)), b the noised fraction within S")
+    count_stddev: float | None = Field(None, gt=0, description="adaptive clipping: the std of the noise on the "
+                                                               "count of clients within S; default: the expected "
+                                                               "cohort / 20")
     accountant: Literal["auto", "rdp", "prv"] = Field(
         "auto", description="auto: the smaller of Opacus' RDP and PRV bounds (both are valid upper bounds; PRV's "
                             "is the upper end of its error interval), the noise calibrated against it; where RDP "
@@ -252,6 +280,32 @@ class PrivacyConfig(Section):
     @property
     def enabled(self) -> bool:
         return self.epsilon is not None or self.noise_multiplier is not None
+
+    @property
+    def per_example(self) -> bool:
+        """DP-SGD on every client."""
+        return self.enabled and self.unit == "example"
+
+    @property
+    def per_client(self) -> bool:
+        """Client-level DP: the server noises the sum of the clipped updates."""
+        return self.enabled and self.unit == "client"
+
+    @model_validator(mode="after")
+    def _unit_settings(self):
+        # a key of the other unit away from its default would be ignored: refused (a full dump holds every key)
+        changed = {k for k in self.model_fields_set if getattr(self, k) != type(self).model_fields[k].default}
+        other = (CLIENT_LEVEL_KEYS if self.unit == "example" else EXAMPLE_LEVEL_KEYS) & changed
+        if other:
+            key = sorted(other)[0]
+            raise ValueError(f"{key} applies to privacy.unit = '{'client' if self.unit == 'example' else 'example'}',"
+                             f" not to privacy.unit = '{self.unit}'")
+        if self.unit == "client" and not self.enabled:
+            raise ValueError("privacy.unit = 'client' needs privacy.epsilon or privacy.noise_multiplier")
+        adaptive_keys = {"target_quantile", "clip_learning_rate", "count_stddev"} & changed
+        if adaptive_keys and self.clipping != "adaptive":
+            raise ValueError(f"{sorted(adaptive_keys)[0]} applies to privacy.clipping = 'adaptive'")
+        return self
 
 
 class HetLoRAConfig(Section):
@@ -302,6 +356,8 @@ class Config(Section):
             self._check_client_ranks()
         if self.fedsb.init_data == "public" and self.fedsb.public_data is None:
             raise ValueError("fedsb.public_data is required when fedsb.init_data = 'public'")
+        if self.privacy.per_client:
+            self._check_client_level()
         d = self.data
         if d.partition == "label_proportion":
             if d.label_proportions is None:
@@ -311,6 +367,19 @@ class Config(Section):
                     f"data.label_proportions has {len(d.label_proportions)} rows but "
                     f"federation.num_clients is {self.federation.num_clients}: give one row per client")
         return self
+
+    def _check_client_level(self) -> None:
+        """What client-level DP's sensitivity bound rests on: equal, fixed weights in a plain sum, one rank."""
+        if self.federation.weighting == "examples":
+            raise ValueError("federation.weighting = 'examples' cannot hold under privacy.unit = 'client': a "
+                             "client's weight would reveal its size and scale its influence beyond client_clip; "
+                             "client-level DP weights every client alike")
+        if self.server.aggregation != "mean":
+            raise ValueError(f"server.aggregation = '{self.server.aggregation}' cannot hold under privacy.unit = "
+                             "'client': the noise is calibrated to the sum of the clipped updates (use 'mean')")
+        if self.adapter.client_ranks is not None:
+            raise ValueError("adapter.client_ranks cannot hold under privacy.unit = 'client': every client's update "
+                             "must have the global shape to be clipped and summed")
 
     def _check_client_ranks(self) -> None:
         ranks = self.adapter.client_ranks

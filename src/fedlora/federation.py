@@ -27,11 +27,12 @@ from .methods.base import State
 from .models import pick_device
 from .plan import FederationPlan, PrivacySettings, client_shards
 from .privacy.accounting import PrivacyLedger
+from .privacy.client_level import ClientLevelDP, sum_clipped
 from .files import write_error
 from .run_folder import SUMMARY, RunFolder
 from .tasks import ClassificationTask, Task
 from .set_up import SetUpExchange
-from .validation import check_updates
+from .validation import check_updates, upload_problems
 
 CHECKPOINT_KEYS = ("round", "config", "method", "base_weights", "runtime", "totals", "last_eval", "privacy", "rng",
                    "record")
@@ -87,7 +88,8 @@ class FederationServer:
         self.method = method_class(adapted, cfg, client_sizes)
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.last_eval: dict | None = None
-        self.ledger: PrivacyLedger | None = None  # set by setup_privacy when privacy is enabled
+        self.ledger: PrivacyLedger | None = None  # set by setup_privacy under example-level DP
+        self.client_dp: ClientLevelDP | None = None  # set by setup_privacy under client-level DP
         self.runtime_state: dict = {}  # what the runtime kept for its clients, from a resumed checkpoint
 
     @classmethod
@@ -110,11 +112,17 @@ class FederationServer:
         return self.plan.init_examples
 
     def sample_clients(self, r: int) -> list[int]:
-        return self.plan.sample_clients(r)
+        """Round r's clients: under client-level DP a Poisson draw from the server's own randomness, else the
+        plan's draw of federation.clients_per_round from the seed."""
+        return self.client_dp.cohort(r) if self.client_dp is not None else self.plan.sample_clients(r)
 
     def client_weight(self, client: int) -> int:
-        """A client's unnormalised weight in the average: its examples, or 1 (federation.weighting)."""
-        return self.client_sizes[client] if self.cfg.federation.weighting == "examples" else 1
+        """A client's unnormalised weight in the average: its examples, or 1 (federation.weighting; 'auto' weighs
+        by examples except under client-level DP, whose bound on a client's influence needs equal weights)."""
+        weighting = self.cfg.federation.weighting
+        if weighting == "uniform" or (weighting == "auto" and self.cfg.privacy.per_client):
+            return 1
+        return self.client_sizes[client]
 
     def weights(self, clients: list[int]) -> list[float]:
         raw = [self.client_weight(c) for c in clients]
@@ -123,6 +131,11 @@ class FederationServer:
     # -- privacy ------------------------------------------------------------------------------
     def setup_privacy(self, saved: dict | None = None) -> None:
         if not self.cfg.privacy.enabled:
+            return
+        if self.cfg.privacy.per_client:
+            self.client_dp = ClientLevelDP(self.cfg, self.device)
+            if saved is not None:
+                self.client_dp.load_state_dict(saved)
             return
         if saved is not None:
             self.ledger = PrivacyLedger.from_state_dict(saved)
@@ -135,6 +148,15 @@ class FederationServer:
         if self.ledger is None:
             return None
         return self.plan.privacy(client, self.ledger.noise_multiplier, self.ledger.delta)
+
+    def update_clip(self) -> float | None:
+        """Under client-level DP the bound S every client clips its update to this round; else None."""
+        return self.client_dp.clip if self.client_dp is not None else None
+
+    def epsilon_spent(self) -> float | None:
+        if self.client_dp is not None:
+            return self.client_dp.epsilon()
+        return None if self.ledger is None else self.ledger.max_epsilon()
 
     def charge_init(self, client: int) -> None:
         """Charge one private release of a client in the set-up exchange to its budget."""
@@ -195,14 +217,18 @@ class FederationServer:
         dropped = [{"client": o.client, "reason": o.reason} for o in outcomes if o.reason is not None]
         accepted = [o for o in outcomes if o.reason is None]
         if secure_mean is None:
-            reasons = check_updates(self.cfg, [o.update.payload for o in accepted],
-                                    [self.reference(o.client, r) for o in accepted])
+            payloads, references = [o.update.payload for o in accepted], [self.reference(o.client, r) for o in accepted]
+            # under client-level DP clipping bounds every update: a size rule relative to the others would let one
+            # client's update decide whether another's counts
+            reasons = (upload_problems(payloads, references) if self.client_dp is not None
+                       else check_updates(self.cfg, payloads, references))
             dropped += [{"client": o.client, "reason": why} for o, why in zip(accepted, reasons) if why]
             accepted = [o for o, why in zip(accepted, reasons) if why is None]
         dropped.sort(key=lambda d: d["client"])
         attempts = attempts if attempts is not None else []
         min_clients = self.cfg.federation.min_clients
-        if len(accepted) < min_clients or not accepted:
+        nobody_sampled = self.client_dp is not None and not clients  # a Poisson cohort may be empty: noise alone
+        if (len(accepted) < min_clients or not accepted) and not nobody_sampled:
             attempts.append(dropped)
             why = (f"round {r}: {len(accepted)} of {len(clients)} clients answered"
                    + (" through secure aggregation" if secure_mean is not None else "")
@@ -228,6 +254,16 @@ class FederationServer:
         record and broadcast."""
         method = self.method
         answered = [o.client for o in accepted]
+        secure, dp_record = secure_mean is not None, {}
+        if self.client_dp is not None:
+            reference = self.reference(answered[0] if answered else 0, r)
+            if secure_mean is not None:  # the mean of the clipped uploads (weights 1 / answered)
+                update_sum = {k: (secure_mean[k].float() - reference[k].float()) * len(answered) for k in reference}
+                within = None
+            else:
+                update_sum, _ = sum_clipped([o.update.payload for o in accepted], reference, self.client_dp.clip)
+                within = sum(1 for o in accepted if o.update.within_clip)
+            secure_mean, dp_record = self.client_dp.release(reference, update_sum, within, r)
         if secure_mean is not None:
             aggregate = method.aggregate([secure_mean], [1.0], answered, r)
             bytes_up = payload_bytes(secure_mean) * len(answered)  # the payloads' own size; the protocol's on top
@@ -248,7 +284,8 @@ class FederationServer:
         bytes_down += payload_bytes(aggregate.broadcast) * self.cfg.federation.num_clients
         record = self.record(r, answered, train_loss, bytes_up, bytes_down, agg_error, self.maybe_evaluate(r), t0)
         record["dropped"] = dropped
-        if secure_mean is not None:
+        record |= dp_record
+        if secure:
             record["secure_aggregation"] = True
         return record, aggregate.broadcast
 
@@ -274,7 +311,7 @@ class FederationServer:
         self.totals["bytes_down"] += bytes_down
         return {"round": r, "clients": clients, "train_loss": train_loss, "eval": evaluation,
                 "bytes_up": bytes_up, "bytes_down": bytes_down, "agg_error": agg_error,
-                "epsilon": None if self.ledger is None else self.ledger.max_epsilon(),
+                "epsilon": self.epsilon_spent(),
                 "seconds": round(time.time() - t0, 3)}
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -287,7 +324,8 @@ class FederationServer:
             "runtime": runtime_state or {},
             "totals": self.totals,
             "last_eval": self.last_eval,
-            "privacy": None if self.ledger is None else self.ledger.state_dict(),
+            "privacy": self.client_dp.state_dict() if self.client_dp is not None
+            else None if self.ledger is None else self.ledger.state_dict(),
             "rng": checkpoint.rng_state(),
         })
 
@@ -338,7 +376,7 @@ class FederationServer:
             "labels": self.label_names,
             "baselines": (self.task.baselines(self.cfg.eval.max_examples)
                           if isinstance(self.task, ClassificationTask) else None),
-            "privacy": None if self.ledger is None else {
+            "privacy": self.client_dp.summary() if self.client_dp is not None else None if self.ledger is None else {
                 "noise_multiplier": self.ledger.noise_multiplier, "delta": self.ledger.delta,
                 "accountant": self.ledger.kind, "epsilon_max": self.ledger.max_epsilon(),
                 "epsilon_per_client": {c: self.ledger.epsilon(c) for c in sorted(self.ledger.history)}},

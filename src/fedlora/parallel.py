@@ -223,9 +223,10 @@ def client_groups(trainer: ClientTrainer, clients: list[int]) -> list[list[int]]
 
 
 def train_together(trainer: ClientTrainer, clients: list[int], r: int, starts: dict[int, dict],
-                   privacy: dict[int, PrivacySettings] | None = None) -> dict[int, ClientUpdate] | None:
+                   privacy: dict[int, PrivacySettings] | None = None,
+                   clip: float | None = None) -> dict[int, ClientUpdate] | None:
     """Every client's ClientUpdate from one joint training, exactly as ClientTrainer.update would give them
-    (`privacy`: each client's DP settings, None without DP); None when the joint training failed (the caller
+    (`privacy`: each client's DP settings, None without DP; `clip`: client-level DP's bound); None when the joint training failed (the caller
     trains them one by one, so that only a failing client is dropped) or the clients do not share their
     untrained state. A client whose update cannot be made (its upload raises) is left out, and so trained again
     alone."""
@@ -257,7 +258,7 @@ def train_together(trainer: ClientTrainer, clients: list[int], r: int, starts: d
     for c, leaves, step_losses, optimizer in zip(clients, stack.leaves, losses, optimizers):
         try:
             results[c] = trainer.result(c, r, state | {k: v.detach().clone() for k, v in leaves.items()},
-                                        step_losses, optimizer)
+                                        step_losses, optimizer, starts[c], clip)
         except Exception:  # noqa: BLE001 - left out: trained again alone, where its failure drops it alone
             pass
     return results

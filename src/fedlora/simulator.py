@@ -132,18 +132,20 @@ class Simulator:
         outcomes, bytes_down = [], 0
         starts = {c: trainer.start(c, r) for c in clients}
         privacy = {c: self.server.privacy_for(c) for c in clients}
+        clip = self.server.update_clip()
         together: dict[int, ClientUpdate] = {}
         groups = {c: group for group in parallel.client_groups(trainer, clients) for c in group}
         for c in progress.bar(clients, self.progress, desc=f"round {r}", leave=False):
             bytes_down += payload_bytes(method.download(c))
             if len(groups[c]) > 1 and c == groups[c][0]:
                 private = privacy if self.server.ledger is not None else None
-                together = parallel.train_together(trainer, groups[c], r, starts, private) or {}
+                together = parallel.train_together(trainer, groups[c], r, starts, private, clip) or {}
             began = time.monotonic()
             deadline = began + fed.client_timeout if fed.client_timeout else None
             update, reason = None, None
             try:
-                update = together.pop(c) if c in together else trainer.update(c, r, starts[c], deadline, privacy[c])
+                update = (together.pop(c) if c in together
+                          else trainer.update(c, r, starts[c], deadline, privacy[c], clip))
                 if update is None:
                     reason = "returned no update"
                 elif deadline is not None and time.monotonic() > deadline:

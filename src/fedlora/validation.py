@@ -143,7 +143,7 @@ def check_updates(cfg, payloads: list, references: list[dict[str, torch.Tensor]]
     """A round's uploads under the config's server.max_update_norm; per upload, why it is refused or None."""
     setting = cfg.server.max_update_norm
     if setting == "auto":
-        private = cfg.privacy.enabled
+        private = cfg.privacy.per_example
         return upload_problems(payloads, references, factor=cfg.server.norm_factor,
                                bounds=[training_bound(cfg, ref, private) for ref in references])
     if setting is None or setting == "off":

@@ -52,7 +52,7 @@ class ClientRuntime:
         plan = FederationPlan(cfg, [len(s) for s in shards])
         method = check_method(cfg)(adapted, cfg, plan.client_sizes)
         # the noise multiplier of the config's partition; each message under DP brings the server's (take_privacy)
-        self.own_sigma = plan.noise_multiplier() if cfg.privacy.enabled else None
+        self.own_sigma = plan.noise_multiplier() if cfg.privacy.per_example else None
         self.trainer = ClientTrainer(cfg, task, adapted, method, plan, dict(enumerate(shards)))
         method.global_state = method.seed_state(generator(cfg.seed, "init"))
         self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
@@ -71,6 +71,16 @@ class ClientRuntime:
             plan.check_client_privacy(client, privacy)
             self.privacy_checked = (client, privacy)
         return privacy
+
+    def take_clip(self, settings) -> float | None:
+        """Under client-level DP, the bound the server asks this client to clip its update to (a message
+        without one is refused: the server's noise assumes it)."""
+        if not self.trainer.cfg.privacy.per_client:
+            return None
+        if "client-clip" not in settings:
+            raise ConfigError("privacy.unit = 'client': the server sent no clipping bound (client-clip) with the "
+                              "round; this client does not train unclipped")
+        return float(settings["client-clip"])
 
     def _own_state_folder(self, context: Context) -> Path | None:
         folder = context.node_config.get("state-dir")
@@ -230,7 +240,7 @@ def client_app(defaults: dict | None = None) -> ClientApp:
             from .secure import download_of, fitres_content
 
             download, secure_settings = download_of(msg.content, trainer.device)
-            privacy = runtime.take_privacy(client, secure_settings)
+            privacy, clip = runtime.take_privacy(client, secure_settings), runtime.take_clip(secure_settings)
             if "request" in secure_settings:  # a phase of the set-up exchange, its sum carried by SecAgg+
                 reply = set_up_reply(runtime, context, client, json.loads(secure_settings["request"]), download,
                                      privacy)
@@ -238,20 +248,22 @@ def client_app(defaults: dict | None = None) -> ClientApp:
             r = int(secure_settings["round"])
         else:
             download, r = from_record(msg.content["arrays"], trainer.device), int(msg.content["config"]["round"])
-            privacy = runtime.take_privacy(client, msg.content["config"])
+            privacy, clip = runtime.take_privacy(client, msg.content["config"]), runtime.take_clip(msg.content["config"])
         _inject_fault(r)
         runtime.restore(context, client)
         trainer.method.take_download(client, download)
         timeout = trainer.cfg.federation.client_timeout
         update = trainer.update(client, r, trainer.start(client, r), time.monotonic() + timeout if timeout else None,
-                                privacy)
+                                privacy, clip)
         runtime.keep(context, client)  # what the client keeps of its training (FedSA-LoRA's own B)
         runtime.save_own_state(context, client, r)
         if secure:
             return Message(fitres_content(update.payload, secure_settings, client), reply_to=msg)
         metrics = {"num-examples": trainer.plan.client_sizes[client]}
-        if privacy is None and update.loss == update.loss:  # under DP the loss is not released
+        if privacy is None and clip is None and update.loss == update.loss:  # under DP the loss is not released
             metrics["loss"] = update.loss
+        if update.within_clip is not None:  # adaptive clipping counts them (noised on the server)
+            metrics["within-clip"] = int(update.within_clip)
         return Message(RecordDict({"arrays": to_record(update.payload), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
 

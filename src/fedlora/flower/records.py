@@ -68,8 +68,11 @@ def flatten(nested: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def privacy_settings(privacy: PrivacySettings | None) -> dict:
-    """A client's DP settings as a message's config entries ({} without DP)."""
+def privacy_settings(privacy: PrivacySettings | None, clip: float | None = None) -> dict:
+    """A client's DP settings as a message's config entries ({} without DP): example-level DP's settings, or
+    client-level DP's clipping bound."""
+    if clip is not None:
+        return {"client-clip": float(clip)}
     if privacy is None:
         return {}
     return {"noise-multiplier": float(privacy.noise_multiplier), "delta": float(privacy.delta),

@@ -42,6 +42,10 @@ def check_secure(cfg) -> None:
                           "secure aggregation gives only their weighted mean (use 'mean')")
     if cfg.federation.clients_per_round < 2:
         raise ConfigError("secagg: federation.clients_per_round must be at least 2 for secure aggregation")
+    if cfg.privacy.per_client and cfg.privacy.clipping == "adaptive":
+        raise ConfigError("secagg: privacy.clipping = 'adaptive' needs each client's bit (was its update within the "
+                          "bound), which would reach the server outside the secure sum; use privacy.clipping = "
+                          "'fixed' with secure aggregation")
     if cfg.adapter.client_ranks is not None:
         raise ConfigError("secagg: adapter.client_ranks gives the clients' uploads different shapes, which "
                           "secure aggregation cannot sum; leave one of the two out")

@@ -87,7 +87,7 @@ class FedloraStrategy(Strategy):
     def _privacy(self, client: int) -> dict:
         """Under DP, what a node trains with (FederationServer.privacy_for); the node checks it against its own
         plan (FederationPlan.check_client_privacy)."""
-        return privacy_settings(self.server.privacy_for(client))
+        return privacy_settings(self.server.privacy_for(client), self.server.update_clip())
 
     def _log_dropped(self, r: int, dropped: list[dict]) -> None:
         for d in dropped:
@@ -171,7 +171,8 @@ class FedloraStrategy(Strategy):
                 outcomes.append(Outcome(c, reason=got))
                 continue
             metrics = by_client[c].content["metrics"] if "metrics" in by_client[c].content else {}
-            update = ClientUpdate(payload=got, loss=float(metrics.get("loss", float("nan"))))
+            within = bool(metrics["within-clip"]) if "within-clip" in metrics else None
+            update = ClientUpdate(payload=got, loss=float(metrics.get("loss", float("nan"))), within_clip=within)
             outcomes.append(Outcome(c, update, released=True))
         outcomes.sort(key=lambda o: o.client)
         return self._close(r, clients, outcomes, bytes_down, t0)

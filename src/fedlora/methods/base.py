@@ -15,6 +15,7 @@ from ..adapters import AdaptedModel
 from ..aggregation import combine
 from ..config import Config
 from ..errors import ConfigError
+from ..privacy.client_level import client_level_plan
 
 State = dict[str, torch.Tensor]
 METHODS: dict[str, type[Method]] = {}  # by config name (method.name): the built-in methods and register_method's
@@ -120,9 +121,26 @@ class Method:
         if cfg.adapter.client_ranks is not None and not cls.heterogeneous_ranks:
             raise ConfigError(f"adapter.client_ranks: method '{cls.name}' cannot aggregate clients of different "
                               f"ranks (methods that can: {methods_where('heterogeneous_ranks')})")
+        if cfg.privacy.per_client:
+            cls.check_client_level(cfg)
         if cfg.server.aggregation != "mean" and not cls.summed:
             raise ConfigError(f"server.aggregation = '{cfg.server.aggregation}' needs a method whose server rule "
                               f"is a weighted sum ({methods_where('summed')}), not '{cls.name}'")
+
+    @classmethod
+    def check_client_level(cls, cfg: Config) -> None:
+        """Refuse, with a ConfigError, what client-level DP cannot privatise: a server rule that is no sum of the
+        uploads (the noise is calibrated to a sum), a set-up exchange that reads the clients' data, and a plan
+        the accountant cannot fit into privacy.epsilon (privacy.client_level.client_level_plan)."""
+        if not cls.summed:
+            raise ConfigError(f"privacy.unit = 'client': method '{cls.name}' cannot be private at the client level: "
+                              "its server needs each client's factors, not their sum, to which the noise is added "
+                              f"(methods that can: {methods_where('summed')})")
+        if cls.set_up_plan(cfg) is not None:
+            raise ConfigError(f"privacy.unit = 'client': method '{cls.name}''s set-up exchange reads the clients' "
+                              "data, which client-level DP does not privatise; set up from public data "
+                              "(fedsb.init_data = 'public' with fedsb.public_data)")
+        client_level_plan(cfg)
 
     @classmethod
     def check_secure(cls, cfg: Config) -> None:

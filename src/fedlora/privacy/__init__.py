@@ -1,1 +1,1 @@
-"""Sample-level differential privacy: per-example gradients of adapter factors, DP-SGD, accounting."""
+"""Differential privacy: per-example gradients of adapter factors, DP-SGD, client-level DP-FedAvg, accounting."""
