@@ -220,3 +220,55 @@ def test_a_client_level_run_resumes_where_it_stopped(sim_config, tmp_path):
     assert resumed["privacy"] == whole["privacy"]
     assert resumed["final_eval"] == pytest.approx(whole["final_eval"])
 
+
+
+# -- populations ---------------------------------------------------------------------------------------------
+
+def test_a_sampled_population_computes_each_client_from_the_seed_alone():
+    from fedlora.data.partition import PopulationSizes, SampledPopulation
+
+    population = SampledPopulation(120, 10 ** 6, 3, 9, seed=5)
+    assert len(population) == 10 ** 6
+    for c in (0, 17, 999_999):
+        rows = population[c]
+        assert np.array_equal(rows, population[c])  # the same whenever asked
+        assert 3 <= len(rows) <= 9 and len(set(rows.tolist())) == len(rows) and rows.max() < 120
+        assert population.sizes[c] == len(rows) == PopulationSizes(10 ** 6, 3, 9, seed=5)[c]
+    sizes = [population.sizes[c] for c in range(2000)]
+    assert set(sizes) == set(range(3, 10))  # every size in the range is drawn
+    assert not np.array_equal(population[1], population[2])
+    with pytest.raises(IndexError):
+        population[10 ** 6]
+
+
+def test_a_sampled_population_needs_its_sizes():
+    with pytest.raises(ConfigError, match="data.client_examples is required"):
+        build_config({"data": {"partition": "sampled"}})
+    with pytest.raises(ConfigError, match="data.client_examples applies"):
+        build_config({"data": {"client_examples": [2, 5]}})
+
+
+def traced_peak_of_a_round(sim_config, tmp_path, num_clients: int) -> tuple[int, list[int]]:
+    import tracemalloc
+
+    cfg = sim_config(method={"name": "ffa"}, eval={"every": 0, "max_examples": 8},
+                     data={"partition": "sampled", "client_examples": [2, 6]},
+                     federation={"num_clients": num_clients, "clients_per_round": 3, "rounds": 1},
+                     privacy={"unit": "client", "noise_multiplier": 1.0, "randomness": "seeded"})
+    tracemalloc.start()
+    try:
+        sim = Simulator(cfg, tmp_path / str(num_clients), progress=False)
+        sim.run()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak, read_log(tmp_path / str(num_clients))[1]["clients"]
+
+
+def test_a_population_of_a_million_clients_runs_a_round_at_the_memory_of_a_thousand(sim_config, tmp_path):
+    """The Python heap's peak (tracemalloc: numpy's arrays included) of a whole run of one round; a list or an
+    array with an entry per client (8 MB and more at 10^6) fails it."""
+    small, _ = traced_peak_of_a_round(sim_config, tmp_path, 1000)
+    large, cohort = traced_peak_of_a_round(sim_config, tmp_path, 10 ** 6)
+    assert large - small < 2 * 2 ** 20, (small, large)
+    assert all(0 <= c < 10 ** 6 for c in cohort)

@@ -72,8 +72,8 @@ def joint_groups(monkeypatch) -> list[list[int]]:
     trained = []
     real = parallel.train_together
 
-    def recording(sim, clients, r, starts, privacy=None):
-        updates = real(sim, clients, r, starts, privacy)
+    def recording(sim, clients, r, starts, privacy=None, clip=None):
+        updates = real(sim, clients, r, starts, privacy, clip)
         if updates is not None:
             trained.append(sorted(updates))
         return updates

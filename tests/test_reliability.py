@@ -25,7 +25,7 @@ def inject(sim, faults: dict, monkeypatch):
     real = sim.trainer.update
     uploads = {}
 
-    def client_update(c, r, start, deadline, privacy=None):
+    def client_update(c, r, start, deadline, privacy=None, clip=None):
         fault = faults.get((r, c))
         if fault == "raise":
             raise RuntimeError(f"disk full on client {c}")
@@ -39,10 +39,10 @@ def inject(sim, faults: dict, monkeypatch):
                 return real_losses(batch)
             monkeypatch.setattr(sim.trainer, "losses", slow)
             try:
-                return real(c, r, start, deadline, privacy)
+                return real(c, r, start, deadline, privacy, clip)
             finally:
                 monkeypatch.setattr(sim.trainer, "losses", real_losses)
-        update = real(c, r, start, deadline, privacy)
+        update = real(c, r, start, deadline, privacy, clip)
         if callable(fault):
             update.payload = fault(dict(update.payload))
         else:
@@ -186,12 +186,12 @@ def test_retry_after_a_transient_fault_gives_the_clean_result(sim_config, tmp_pa
     calls = {"n": 0}
     real = sim.trainer.update
 
-    def flaky(c, r, start, deadline, privacy=None):  # client 2 fails its first try in round 1
+    def flaky(c, r, start, deadline, privacy=None, clip=None):  # client 2 fails its first try in round 1
         if (r, c) == (1, 2):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise ConnectionError("link reset")
-        return real(c, r, start, deadline, privacy)
+        return real(c, r, start, deadline, privacy, clip)
     monkeypatch.setattr(sim.trainer, "update", flaky)
     sim.run()
     record = read_log(tmp_path / "faulty")[1]

@@ -370,8 +370,8 @@ def _same_state(a, b):
 def _hostile_updates(sim, monkeypatch, client, hostile):
     real = sim.trainer.update
 
-    def update(c, r, start, deadline=None, privacy=None):
-        u = real(c, r, start, deadline, privacy)
+    def update(c, r, start, deadline=None, privacy=None, clip=None):
+        u = real(c, r, start, deadline, privacy, clip)
         if c == client and u is not None:
             u.payload = hostile(dict(u.payload)) if hostile else None
             if u.payload is None:

@@ -7,6 +7,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable, Iterable
 
 import numpy as np
@@ -100,11 +101,11 @@ def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
 class ClientTrainer:
     """Trains clients on one shared model: each client's update starts from the state the method gives it
     (with what the client keeps for itself, `own_states`), on its own shard, with its own optimizer (kept
-    across rounds with train.keep_optimizer_state), DP-SGD noise and batch draws. `shards` maps a client to
-    its training examples. The privacy settings of a client's work come with each call (None: no DP)."""
+    across rounds with train.keep_optimizer_state), DP-SGD noise and batch draws. `shards[c]`: client c's
+    training examples. The privacy settings of a client's work come with each call (None: no DP)."""
 
     def __init__(self, cfg: Config, task: Task, adapted: AdaptedModel, method: Method, plan: FederationPlan,
-                 shards: dict[int, np.ndarray]):
+                 shards: Sequence[np.ndarray]):
         self.cfg, self.task, self.adapted, self.method, self.plan = cfg, task, adapted, method, plan
         self.model = adapted.model
         self.device = task.device

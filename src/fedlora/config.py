@@ -106,21 +106,36 @@ class DataConfig(Section):
     tasks: list[str] | None = Field(
         None, min_length=1, description="instruction data: only these source tasks (e.g. [\"boolq\", \"piqa\"]), "
                                         "in training and evaluation; default: all")
-    partition: Literal["iid", "dirichlet", "label_proportion", "task"] = Field(
+    partition: Literal["iid", "dirichlet", "label_proportion", "task", "sampled"] = Field(
         "iid", description="how the training examples are split among the clients: iid (at random, equal sizes), "
                            "dirichlet (label shares per client drawn with dirichlet_alpha; for instructions it "
                            "mixes the source tasks), label_proportion (label_proportions), task (every client holds "
-                           "one label, or for instructions one source task)")
+                           "one label, or for instructions one source task), sampled (an artificial population of "
+                           "any size: each client draws client_examples rows from the training set, computed when "
+                           "it is sampled)")
     dirichlet_alpha: float = Field(0.5, gt=0, description="partition = dirichlet: smaller is more skewed")
     label_proportions: list[list[float]] | None = Field(
         None, description="partition = label_proportion: one row of label shares per client, e.g. "
                           "[[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]] for three clients")
     min_client_examples: int = Field(2, ge=1, description="fewest training examples a client may hold")
+    client_examples: tuple[Annotated[int, annotated_types.Ge(1)], Annotated[int, annotated_types.Ge(1)]] | None = Field(
+        None, description="partition = sampled: [fewest, most] examples of a client, its size drawn uniformly "
+                          "between them")
 
     @field_validator("name")
     @classmethod
     def _no_preset(cls, name):  # TOML has no null: "none" or "" mean plain files
         return None if name is None or name.lower() in ("", "none") else name
+
+    @model_validator(mode="after")
+    def _population(self):
+        if self.partition == "sampled" and self.client_examples is None:
+            raise ValueError("data.client_examples is required when data.partition = 'sampled'")
+        if self.partition != "sampled" and self.client_examples is not None:
+            raise ValueError("data.client_examples applies to data.partition = 'sampled'")
+        if self.client_examples is not None and self.client_examples[0] > self.client_examples[1]:
+            raise ValueError(f"data.client_examples = {list(self.client_examples)}: the fewest is above the most")
+        return self
 
     @model_validator(mode="after")
     def _column_kinds(self):

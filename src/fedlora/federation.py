@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from .export import export_model
 from .methods import check_method
 from .methods.base import State
 from .models import pick_device
-from .plan import FederationPlan, PrivacySettings, client_shards
+from .plan import FederationPlan, PrivacySettings, client_shards, shard_sizes
 from .privacy.accounting import PrivacyLedger
 from .privacy.client_level import ClientLevelDP, sum_clipped
 from .files import write_error
@@ -74,7 +75,7 @@ class FederationServer:
     to take the public gradient)."""
 
     def __init__(self, cfg: Config, out_dir: str | Path, task: Task, adapted: AdaptedModel, model_source: str,
-                 client_sizes: list[int], progress: bool = True):
+                 client_sizes: Sequence[int], progress: bool = True):
         self.cfg = cfg
         self.run = RunFolder(out_dir)
         self.out = self.run.out
@@ -99,12 +100,12 @@ class FederationServer:
         device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         task, adapted, source = build_task(cfg, device, progress)
-        return cls(cfg, out_dir, task, adapted, source, [len(s) for s in client_shards(cfg, task)], progress)
+        return cls(cfg, out_dir, task, adapted, source, shard_sizes(client_shards(cfg, task)), progress)
 
     def set_client_sizes(self, sizes: list[int]) -> None:
         """The clients' sizes as the runtime learned them (a Flower node with its own data reports its own):
         the weights, the plan and the privacy calibration follow them. Before the run starts."""
-        self.client_sizes[:] = sizes  # the method's list too
+        self.client_sizes = self.method.client_sizes = list(sizes)
         self.plan = FederationPlan(self.cfg, self.client_sizes)
 
     @property
@@ -371,7 +372,7 @@ class FederationServer:
             "final_eval": self.last_eval,
             "bytes_up_total": self.totals["bytes_up"],
             "bytes_down_total": self.totals["bytes_down"],
-            "client_sizes": self.client_sizes,
+            "client_sizes": self.client_sizes if isinstance(self.client_sizes, list) else None,  # None: sampled
             "model_source": self.model_source,
             "labels": self.label_names,
             "baselines": (self.task.baselines(self.cfg.eval.max_examples)

@@ -22,6 +22,7 @@ from .experiment import build_task, task_kind
 from .run_folder import CHECKPOINT
 from .methods import check_method
 from .models import pick_device
+from .plan import population_sizes
 from .run_folder import ROUNDS_LOG, read_log, read_summary
 from .tasks import ClassificationTask, Task
 
@@ -89,7 +90,8 @@ def load_trained(folder: str | Path, overrides: Iterable[str] = (), data: str | 
     if names is not None and isinstance(task, ClassificationTask) and task.data.label_names != names:
         raise DataError(f"the run's classes ({', '.join(names)}) differ from its data's now "
                         f"({', '.join(task.data.label_names)}): was {task.data.train.source} changed?")
-    method = method_class(adapted, cfg, summary["client_sizes"])
+    sizes = summary["client_sizes"]
+    method = method_class(adapted, cfg, sizes if sizes is not None else population_sizes(cfg))
     method.load_state_dict(state["method"])
     if state.get("base_weights") is not None:
         adapted.load_base_weights(state["base_weights"])

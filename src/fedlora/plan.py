@@ -3,12 +3,14 @@ file, and the federation's plan (which clients each round samples, the set-up's 
 sample rates, the planned DP-SGD steps and so the noise multiplier)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import Config
 from .data import partition
+from .data.partition import PopulationSizes, SampledPopulation
 from .errors import ConfigError
 from .methods import check_method
 from .privacy.accounting import calibrate_noise, planned_epsilon
@@ -18,13 +20,27 @@ from .tasks import Task
 Segment = tuple[float, int, float | None]  # DP-SGD steps: (sample rate, steps, own noise multiplier or None)
 
 
-def client_shards(cfg: Config, task: Task) -> list[np.ndarray]:
-    """Every client's training examples (indices into the task's training split), from the config's partition."""
+def client_shards(cfg: Config, task: Task) -> Sequence[np.ndarray]:
+    """Every client's training examples (indices into the task's training split), from the config's partition:
+    a list, or for data.partition = "sampled" a population whose clients' examples are computed when asked."""
     d = cfg.data
+    if d.partition == "sampled":
+        return SampledPopulation(len(task.train_labels), cfg.federation.num_clients, *d.client_examples,
+                                 seed=derive_seed(cfg.seed, "partition"))
     return partition(task.train_labels, cfg.federation.num_clients, d.partition,
                      seed=derive_seed(cfg.seed, "partition"), dirichlet_alpha=d.dirichlet_alpha,
                      label_proportions=d.label_proportions, min_client_examples=d.min_client_examples,
                      num_labels=task.num_groups)
+
+
+def population_sizes(cfg: Config) -> PopulationSizes:
+    """The sizes of data.partition = "sampled"'s clients, from the config alone."""
+    return PopulationSizes(cfg.federation.num_clients, *cfg.data.client_examples, seed=derive_seed(cfg.seed, "partition"))
+
+
+def shard_sizes(shards: Sequence[np.ndarray]) -> Sequence[int]:
+    """Every client's number of examples (a sampled population computes each when asked)."""
+    return shards.sizes if isinstance(shards, SampledPopulation) else [len(s) for s in shards]
 
 
 @dataclass(frozen=True)
@@ -39,7 +55,7 @@ class PrivacySettings:
 class FederationPlan:
     """What the server and every client derive alike from the config and the clients' sizes."""
 
-    def __init__(self, cfg: Config, client_sizes: list[int]):
+    def __init__(self, cfg: Config, client_sizes: Sequence[int]):
         self.cfg = cfg
         self.client_sizes = client_sizes
         self.set_up = check_method(cfg).set_up_plan(cfg)

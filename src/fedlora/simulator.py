@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from .errors import ClientTimeout
 from .experiment import build_task
 from .federation import FederationServer, Outcome, RetryRound
 from .models import pick_device
-from .plan import client_shards
+from .plan import client_shards, shard_sizes
 
 
 def failure(err: Exception) -> str:
@@ -36,17 +37,17 @@ class Simulator:
         task, adapted, source = build_task(cfg, self.device, progress, data, model, tokenizer)
         self.task, self.adapted, self.model = task, adapted, adapted.model
         self.shards = client_shards(cfg, task)
-        self.server = FederationServer(cfg, out_dir, task, adapted, source, [len(s) for s in self.shards],
+        self.server = FederationServer(cfg, out_dir, task, adapted, source, shard_sizes(self.shards),
                                        progress=progress)
         self.method = self.server.method
-        self.trainer = ClientTrainer(cfg, task, adapted, self.method, self.server.plan, dict(enumerate(self.shards)))
+        self.trainer = ClientTrainer(cfg, task, adapted, self.method, self.server.plan, self.shards)
 
     @property
     def out(self) -> Path:
         return self.server.out
 
     @property
-    def client_sizes(self) -> list[int]:
+    def client_sizes(self) -> Sequence[int]:
         return self.server.client_sizes
 
     @property

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 
-SCHEMES = ("iid", "dirichlet", "label_proportion", "task")
+SCHEMES = ("iid", "dirichlet", "label_proportion", "task", "sampled")
 MAX_DIRICHLET_DRAWS = 1000
 
 
@@ -171,3 +171,50 @@ def stratified_sample(labels: Sequence[int] | np.ndarray, size: int, seed: int) 
     take[np.argsort(-(quota - take), kind="stable")[:size - take.sum()]] += 1
     chosen = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
     return np.sort(np.concatenate(chosen))
+
+
+class PopulationSizes(Sequence):
+    """The sizes of an artificial population's clients (SampledPopulation), each computed when asked from the
+    seed and the client's index alone: nothing is held per client."""
+
+    def __init__(self, num_clients: int, low: int, high: int, seed: int):
+        self.num_clients, self.low, self.high, self.seed = num_clients, low, high, seed
+
+    def __len__(self) -> int:
+        return self.num_clients
+
+    def draw(self, client: int) -> np.random.Generator:
+        """The generator of client `client`'s size and then its rows."""
+        if not 0 <= client < self.num_clients:
+            raise IndexError(f"client {client} is not in a population of {self.num_clients}")
+        return np.random.default_rng([self.seed, client])
+
+    def __getitem__(self, client):
+        if isinstance(client, slice):
+            return [self[c] for c in range(*client.indices(self.num_clients))]
+        return int(self.draw(int(client)).integers(self.low, self.high + 1))
+
+
+class SampledPopulation(Sequence):
+    """An artificial population, for federations of more clients than the data can be split among (as
+    pfl-research builds them): client c holds a size drawn uniformly from [low, high] and that many distinct rows
+    drawn uniformly from the training set's, both from the seed and c alone and computed when asked, so a
+    population of millions costs the memory of the clients in the round. Clients may share rows; none is
+    missing more than chance leaves out."""
+
+    def __init__(self, num_rows: int, num_clients: int, low: int, high: int, seed: int):
+        if high > num_rows:
+            raise DataError(f"config key 'data.client_examples': clients of up to {high} examples, but the training "
+                            f"set has {num_rows}")
+        self.num_rows = num_rows
+        self.sizes = PopulationSizes(num_clients, low, high, seed)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, client):
+        if isinstance(client, slice):
+            return [self[c] for c in range(*client.indices(len(self)))]
+        draw = self.sizes.draw(int(client))
+        size = int(draw.integers(self.sizes.low, self.sizes.high + 1))
+        return np.sort(draw.choice(self.num_rows, size, replace=False))

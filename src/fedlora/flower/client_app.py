@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..experiment import build_task
 from ..methods import Request, check_method
 from ..models import pick_device
-from ..plan import FederationPlan, PrivacySettings, client_shards
+from ..plan import FederationPlan, PrivacySettings, client_shards, shard_sizes
 from ..seeding import generator
 from .project import from_run_config
 from .records import flatten, from_record, nest, privacy_from, to_record
@@ -49,11 +49,11 @@ class ClientRuntime:
         torch.manual_seed(cfg.seed)
         task, adapted, _ = build_task(cfg, device)
         shards = client_shards(cfg, task)
-        plan = FederationPlan(cfg, [len(s) for s in shards])
+        plan = FederationPlan(cfg, shard_sizes(shards))
         method = check_method(cfg)(adapted, cfg, plan.client_sizes)
         # the noise multiplier of the config's partition; each message under DP brings the server's (take_privacy)
         self.own_sigma = plan.noise_multiplier() if cfg.privacy.per_example else None
-        self.trainer = ClientTrainer(cfg, task, adapted, method, plan, dict(enumerate(shards)))
+        self.trainer = ClientTrainer(cfg, task, adapted, method, plan, shards)
         method.global_state = method.seed_state(generator(cfg.seed, "init"))
         self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
         self.pristine_base = adapted.base_weights() if method.changes_base else None
