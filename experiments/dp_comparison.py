@@ -4,12 +4,16 @@ and spread of the final dev accuracy, and for each paper claim whether this run 
   FFA-LoRA beats LoRA (FedIT) under DP (FFA-LoRA paper); Fed-SB beats FFA-LoRA and FedEx-LoRA under DP (Fed-SB).
 With --client-ranks the methods that take clients of different ranks (FlexLoRA, HetLoRA, FLoRA, FedIT
 zero-padded) run with those ranks, one per client (adapter.client_ranks; adapter.rank is the largest).
+With --unit client the comparison is the client-level DP recipe's (examples/sst2_user_dp.toml: thousands of
+clients, Poisson cohorts, DP-FedAvg), FedIT, FFA-LoRA and Fed-SB by default, each row also with the numbers a
+client trains and the noise added to the average against the average update's norm (the mean over rounds).
 Every run is a `fedlora run` into OUT/<name>; finished runs are skipped when the script runs again, so it can
 be stopped and continued, and the tables show every finished run in OUT with its accuracy and the megabytes
-all clients exchanged. Writes results/dp_comparison.json and results/dp_comparison.md.
+all clients exchanged. Writes results/dp_comparison.json and .md (with --unit client,
+results/user_dp_comparison.json and .md).
 
     FEDLORA_DATA_DIR=../shared/data python experiments/dp_comparison.py [--seeds 0 1 2] [--epsilons 1 3 8 none]
-        [--methods ...] [--client-ranks 4 16]
+        [--methods ...] [--client-ranks 4 16] [--unit client] [--lr METHOD=LR ...]
 """
 from __future__ import annotations
 
@@ -23,9 +27,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-RECIPE = HERE.parent / "examples" / "sst2_dp.toml"
+RECIPES = {"example": HERE.parent / "examples" / "sst2_dp.toml", "client": HERE.parent / "examples" / "sst2_user_dp.toml"}
 RESULTS = HERE.parent / "results"
-# Fed-SB's r^2 trainable values match FFA-LoRA's and FedIT's budgets at a larger rank (as in its paper).
+# Fed-SB's r^2 trainable values match FFA-LoRA's and FedIT's budgets at a larger rank (as in its paper). Under
+# client-level DP the noise lands on every trained number, so the client-level recipe keeps Fed-SB at its r = 16.
+CLIENT_LEVEL_RANKS = {"fedsb": 16}
 METHODS = {"fedit": ("FedIT (LoRA)", 8), "ffa": ("FFA-LoRA", 8), "fedsb": ("Fed-SB", 32), "fedex": ("FedEx-LoRA", 8),
            "fedsvd": ("FedSVD", 8), "rolora": ("RoLoRA", 8), "flexlora": ("FlexLoRA", 8), "hetlora": ("HetLoRA", 8),
            "flora": ("FLoRA", 8)}
@@ -39,16 +45,23 @@ def epsilon_name(epsilon: float) -> str:
     return "none" if epsilon == NO_DP else f"{epsilon:g}"
 
 
-def run(out: Path, method: str, epsilon: float, seed: int, client_ranks: list[int] | None = None) -> dict:
+def rank_of(method: str, unit: str) -> int:
+    return CLIENT_LEVEL_RANKS.get(method, METHODS[method][1]) if unit == "client" else METHODS[method][1]
+
+
+def run(out: Path, method: str, epsilon: float, seed: int, client_ranks: list[int] | None = None,
+        unit: str = "example", lr: float | None = None) -> dict:
     """One run of the recipe; with client_ranks, the clients hold those ranks (named e.g. flexlora-r4-16)."""
     variant = method if client_ranks is None else f"{method}-r{'-'.join(map(str, client_ranks))}"
     name = f"{variant}_eps{epsilon_name(epsilon)}_seed{seed}"
     folder = out / name
-    ranks = ["--set", f"adapter.rank={METHODS[method][1]}"] if client_ranks is None else [
+    ranks = ["--set", f"adapter.rank={rank_of(method, unit)}"] if client_ranks is None else [
         "--set", f"adapter.rank={max(client_ranks)}", "--set", f"adapter.client_ranks={client_ranks}"]
+    if lr is not None:
+        ranks += ["--set", f"train.lr={lr}"]
     if not (folder / "summary.json").is_file():
-        args = [sys.executable, "-m", "fedlora.cli", "run", str(RECIPE), "--quiet", "--out", str(folder), "--resume",
-                "--set", f"method.name='{method}'", *ranks,
+        args = [sys.executable, "-m", "fedlora.cli", "run", str(RECIPES[unit]), "--quiet", "--out", str(folder),
+                "--resume", "--set", f"method.name='{method}'", *ranks,
                 "--set", f"privacy.epsilon={epsilon_name(epsilon)}", "--set", f"seed={seed}", "--set", "eval.every=0"]
         started = time.time()
         done = subprocess.run(args, capture_output=True, text=True)
@@ -66,11 +79,19 @@ def finished(out: Path) -> list[dict]:
         method, rest = path.parent.name.split("_eps")
         epsilon, seed = rest.split("_seed")
         summary = json.loads(path.read_text())
+        privacy = summary["privacy"] or {}
+        rows = [json.loads(line) for line in (path.parent / "rounds.jsonl").read_text().splitlines()[1:]]
+        ratios = [r["noise_norm"] / r["update_norm"] for r in rows if r.get("update_norm")]
         runs.append({"name": path.parent.name, "method": method, "seed": int(seed),
                      "epsilon": NO_DP if epsilon == "none" else float(epsilon),
                      "accuracy": summary["final_eval"]["accuracy"],
                      "megabytes": (summary["bytes_up_total"] + summary["bytes_down_total"]) / 1e6,
-                     "epsilon_spent": (summary["privacy"] or {}).get("epsilon_max")})
+                     "epsilon_spent": privacy.get("epsilon_max", privacy.get("epsilon")),
+                     # what one client sends a round, float32: the numbers it trains (the methods here send all)
+                     "trained_numbers": next((r["bytes_up"] // 4 // len(r["clients"]) for r in rows if r["clients"]),
+                                             None),
+                     "lr": summary["config"]["train"]["lr"],
+                     "noise_to_update": statistics.mean(ratios) if ratios else None})
     return runs
 
 
@@ -103,11 +124,20 @@ def table(results: list[dict]) -> tuple[list[dict], str]:
     epsilons = sorted({r["epsilon"] for r in results})
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     methods += sorted({r["method"] for r in results} - set(methods))  # clients of different ranks, last
-    rows, lines = [], ["| method | MB | " + " | ".join(f"epsilon {epsilon_name(e)}" for e in epsilons) + " |",
-                       "|---|---|" + "---|" * len(epsilons)]
+    client_level = any(r["noise_to_update"] is not None for r in results)
+    extra = "trained numbers | lr | noise / update (mean over rounds, per epsilon) | " if client_level else ""
+    rows, lines = [], ["| method | MB | " + extra + " | ".join(f"epsilon {epsilon_name(e)}" for e in epsilons)
+                       + " |", "|---|---|" + "---|" * (len(epsilons) + 3 * client_level)]
     for method in methods:
         label, rank = variant_label(method)
         cells, megabytes = [], {round(r["megabytes"], 1) for r in results if r["method"] == method}
+        if client_level:
+            mine = [r for r in results if r["method"] == method]
+            ratios = [f"{epsilon_name(e)}: {statistics.mean(v):.2f}" for e in epsilons
+                      for v in [[r["noise_to_update"] for r in mine if r["epsilon"] == e and r["noise_to_update"]]]
+                      if v]
+            cells += [f"{mine[0]['trained_numbers']:,}", " or ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in mine})),
+                      "; ".join(ratios) or "-"]
         for e in epsilons:
             accs = [r["accuracy"] for r in results if r["method"] == method and r["epsilon"] == e]
             row = {"method": method, "rank": rank, "epsilon": epsilon_name(e), "seeds": len(accs),
@@ -131,26 +161,36 @@ def table(results: list[dict]) -> tuple[list[dict], str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epsilons", nargs="+", default=["1", "3", "8", "none"],
-                        help="target epsilons; none: the recipe without DP")
-    parser.add_argument("--methods", nargs="+", default=["fedit", "ffa", "fedsb", "fedex"], choices=list(METHODS))
+    parser.add_argument("--epsilons", nargs="+", help="target epsilons; none: the recipe without DP (default: "
+                                                         "1 3 8 none; with --unit client 3 8 none)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="default: fedit ffa fedsb fedex; with --unit client fedit ffa fedsb")
     parser.add_argument("--client-ranks", type=int, nargs="+",
                         help="one rank per client (the recipe has 2), for FlexLoRA, HetLoRA, FLoRA or FedIT")
-    parser.add_argument("--out", default="runs/dp_comparison")
+    parser.add_argument("--unit", choices=["example", "client"], default="example",
+                        help="client: the client-level DP recipe (examples/sst2_user_dp.toml)")
+    parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
+                        help="a method's learning rate (default: the recipe's), e.g. fedsb=3e-2")
+    parser.add_argument("--out", help="default: runs/dp_comparison, with --unit client runs/user_dp_comparison")
     args = parser.parse_args()
+    client_level = args.unit == "client"
+    args.epsilons = args.epsilons or (["3", "8", "none"] if client_level else ["1", "3", "8", "none"])
+    args.methods = args.methods or ["fedit", "ffa", "fedsb"] + ([] if client_level else ["fedex"])
     epsilons = [NO_DP if e == "none" else float(e) for e in args.epsilons]
-    out = Path(args.out)
+    stem = "user_dp_comparison" if args.unit == "client" else "dp_comparison"
+    out = Path(args.out or f"runs/{stem}")
+    lrs = {m: float(lr) for m, lr in (item.split("=") for item in args.lr)}
     started = time.time()
     failed = [r["name"] for seed in args.seeds for e in epsilons for m in args.methods
-              for r in [run(out, m, e, seed, args.client_ranks)] if "error" in r]
+              for r in [run(out, m, e, seed, args.client_ranks, args.unit, lrs.get(m))] if "error" in r]
     wall = time.time() - started
     results = finished(out)
     rows, markdown = table(results)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dp_comparison.json").write_text(json.dumps(
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"runs": [r | {"epsilon": epsilon_name(r["epsilon"])} for r in results], "table": rows, "failed": failed,
          "wall_seconds_of_last_invocation": round(wall)}, indent=2) + "\n")
-    (RESULTS / "dp_comparison.md").write_text(markdown)
+    (RESULTS / f"{stem}.md").write_text(markdown)
     print(markdown + f"\nWall time of this invocation: {wall:.0f} s." + (f" Failed: {failed}" if failed else ""))
 
 

@@ -207,8 +207,9 @@ def test_bad_client_level_settings_are_refused_before_loading_naming_the_keys(se
 def test_example_level_keys_and_client_level_keys_do_not_mix():
     with pytest.raises(ConfigError, match="client_clip"):
         build_config({"privacy": {"epsilon": 3.0, "client_clip": 0.2}})
-    with pytest.raises(ConfigError, match="privacy.unit = 'client' needs"):
-        build_config({"privacy": {"unit": "client"}})
+    # without epsilon or noise_multiplier there is no DP, whatever the unit (--set privacy.epsilon=none)
+    off = build_config({"privacy": {"unit": "client", "client_clip": 3.0, "clipping": "adaptive"}})
+    assert not off.privacy.enabled and not off.privacy.per_client
 
 
 def test_a_client_level_run_resumes_where_it_stopped(sim_config, tmp_path):

@@ -46,6 +46,8 @@ SCRIPTS = {  # the longest first: the commands run two at a time, in this order
                                                                   "rounds:runs/gsm8k_smollm2/*"),
     PY + "benchmarks/throughput.py --repeats 5": Shown("performance.md", r"'peft_s': [\d.]+"),
     DATA + PY + "benchmarks/clients_memory.py": Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
+    DATA + PY + "benchmarks/clients_memory.py --population": Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
+    DATA + PY + "experiments/dp_comparison.py --unit client": Shown("privacy.md", "rounds:runs/user_dp_comparison/*"),
     PY + "benchmarks/communication.py": Shown("performance.md", r"Mistral-7B: Fed-SB r=200 sends 8,960,000 parameters",
                                               to_the_end=True),
     PY + "benchmarks/dp_overhead.py": Shown("performance.md", r"minilm-l6 fedit: \{.*'dp_s'"),

@@ -315,8 +315,6 @@ class PrivacyConfig(Section):
             key = sorted(other)[0]
             raise ValueError(f"{key} applies to privacy.unit = '{'client' if self.unit == 'example' else 'example'}',"
                              f" not to privacy.unit = '{self.unit}'")
-        if self.unit == "client" and not self.enabled:
-            raise ValueError("privacy.unit = 'client' needs privacy.epsilon or privacy.noise_multiplier")
         adaptive_keys = {"target_quantile", "clip_learning_rate", "count_stddev"} & changed
         if adaptive_keys and self.clipping != "adaptive":
             raise ValueError(f"{sorted(adaptive_keys)[0]} applies to privacy.clipping = 'adaptive'")

@@ -38,5 +38,8 @@ def round_line(record: dict, rounds: int) -> str:
     parts.append(f"{record['bytes_up']:,} bytes up")
     if record.get("epsilon") is not None:
         parts.append(f"epsilon {record['epsilon']:.3f}")
+    if record.get("client_clip") is not None:  # client-level DP: the bound S and the noise against the signal
+        ratio = record["noise_norm"] / max(record["update_norm"], 1e-12)
+        parts.append(f"clip {record['client_clip']:.3g}, noise/update {ratio:.2f}")
     parts.append(f"{record['seconds']:.1f} s")
     return f"round {r}/{rounds}{' (set-up)' if r == 0 else ''}: {', '.join(parts)}"
