@@ -207,8 +207,12 @@ def test_bad_client_level_settings_are_refused_before_loading_naming_the_keys(se
 def test_example_level_keys_and_client_level_keys_do_not_mix():
     with pytest.raises(ConfigError, match="client_clip"):
         build_config({"privacy": {"epsilon": 3.0, "client_clip": 0.2}})
-    # without epsilon or noise_multiplier there is no DP, whatever the unit (--set privacy.epsilon=none)
-    off = build_config({"privacy": {"unit": "client", "client_clip": 3.0, "clipping": "adaptive"}})
+    with pytest.raises(ConfigError, match="privacy.unit = 'client' configures no mechanism"):
+        build_config({"privacy": {"unit": "client"}})
+    with pytest.raises(ConfigError, match="privacy.clip_norm configures no mechanism"):  # no DP, silently: refused
+        build_config({"privacy": {"clip_norm": 0.5, "delta": 1e-6}})
+    # privacy.epsilon = "none" (--set privacy.epsilon=none) turns DP off, whatever the unit
+    off = build_config({"privacy": {"unit": "client", "client_clip": 3.0, "clipping": "adaptive", "epsilon": "none"}})
     assert not off.privacy.enabled and not off.privacy.per_client
 
 

@@ -30,7 +30,7 @@ def sim(sim_config, bert_without_dropout, tmp_path):  # noqa: F811
                      federation={"num_clients": 4, "rounds": 1},
                      train={"optimizer": "sgd", "momentum": 0.0, "lr": LR, "batch_size": BATCH, "local_steps": 1,
                             "physical_batch_size": 2},  # micro-batches: the clipped sums of several parts
-                     privacy={"clip_norm": CLIP, "randomness": "seeded"})
+                     privacy={"clip_norm": CLIP, "noise_multiplier": 1.0, "randomness": "seeded"})
     sim = Simulator(cfg, tmp_path, progress=False)
     sim.model.double()  # a step is ~1e-7 of a parameter: in float32 `trained - start` would be mostly rounding
     return sim

@@ -227,7 +227,7 @@ def test_under_dp_every_node_trains_with_the_noise_calibrated_from_the_nodes_siz
 def _shards(cfg):
     from fedlora.flower.client_app import ClientRuntime
 
-    return ClientRuntime(to_run_config(cfg)).trainer.shards.values()
+    return ClientRuntime(to_run_config(cfg)).trainer.shards
 
 
 # -- resume ----------------------------------------------------------------------------------------------------

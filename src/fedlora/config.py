@@ -118,8 +118,8 @@ class DataConfig(Section):
         None, description="partition = label_proportion: one row of label shares per client, e.g. "
                           "[[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]] for three clients")
     min_client_examples: int = Field(2, ge=1, description="fewest training examples a client may hold")
-    client_examples: tuple[Annotated[int, annotated_types.Ge(1)], Annotated[int, annotated_types.Ge(1)]] | None = Field(
-        None, description="partition = sampled: [fewest, most] examples of a client, its size drawn uniformly "
+    client_examples: list[Annotated[int, annotated_types.Ge(1)]] | None = Field(
+        None, min_length=2, max_length=2, description="partition = sampled: [fewest, most] examples of a client, its size drawn uniformly "
                           "between them")
 
     @field_validator("name")
@@ -315,6 +315,11 @@ class PrivacyConfig(Section):
             key = sorted(other)[0]
             raise ValueError(f"{key} applies to privacy.unit = '{'client' if self.unit == 'example' else 'example'}',"
                              f" not to privacy.unit = '{self.unit}'")
+        if not self.enabled and not {"epsilon", "noise_multiplier"} & self.model_fields_set \
+                and (changed or self.unit != "example"):
+            named = f"privacy.unit = '{self.unit}'" if self.unit != "example" else f"privacy.{sorted(changed)[0]}"
+            raise ValueError(f"{named} configures no mechanism: give privacy.epsilon or privacy.noise_multiplier "
+                             "(or privacy.epsilon = 'none' for a run without DP)")
         adaptive_keys = {"target_quantile", "clip_learning_rate", "count_stddev"} & changed
         if adaptive_keys and self.clipping != "adaptive":
             raise ValueError(f"{sorted(adaptive_keys)[0]} applies to privacy.clipping = 'adaptive'")

@@ -49,8 +49,11 @@ def _toml_scalar(value: Any) -> str:
 
 def to_run_config(cfg: Config) -> dict[str, Any]:
     """Flat run-config entries for the keys of a fedlora config that differ from their defaults (a None there
-    can only be data.name's, written "none")."""
-    return _flat(cfg.model_dump(exclude_defaults=True), PREFIX)
+    is written "none": data.name's, or privacy.epsilon's where other privacy keys are set without DP)."""
+    dumped = cfg.model_dump(exclude_defaults=True)
+    if dumped.get("privacy") and not cfg.privacy.enabled:  # privacy keys of a run without DP: say it is off
+        dumped["privacy"]["epsilon"] = "none"
+    return _flat(dumped, PREFIX)
 
 
 def from_run_config(run_config: dict[str, Any]) -> Config:
