@@ -53,6 +53,7 @@ def run(out: Path, method: str, epsilon: float, seed: int, client_ranks: list[in
         unit: str = "example", lr: float | None = None) -> dict:
     """One run of the recipe; with client_ranks, the clients hold those ranks (named e.g. flexlora-r4-16)."""
     variant = method if client_ranks is None else f"{method}-r{'-'.join(map(str, client_ranks))}"
+    variant += f"@lr{lr:g}" if lr is not None else ""
     name = f"{variant}_eps{epsilon_name(epsilon)}_seed{seed}"
     folder = out / name
     ranks = ["--set", f"adapter.rank={rank_of(method, unit)}"] if client_ranks is None else [
@@ -113,14 +114,14 @@ def verdict(better: dict | None, worse: dict | None) -> str:
     return f"{outcome} ({better['mean']:.4f} vs {worse['mean']:.4f}, difference {difference:+.4f} ± {error:.4f})"
 
 
-def variant_label(method: str) -> tuple[str, str]:
-    """("FlexLoRA", "r = 4/16") for flexlora-r4-16, ("FedIT (LoRA)", "r = 8") for fedit."""
-    name, _, ranks = method.partition("-r")
-    label, rank = METHODS[name]
-    return label, f"r = {ranks.replace('-', '/')}" if ranks else f"r = {rank}"
+def variant_label(method: str, unit: str) -> tuple[str, str]:
+    """("FlexLoRA", "r = 4/16") for flexlora-r4-16, ("FedIT (LoRA)", "r = 8") for fedit (and fedit@lr0.003)."""
+    name, _, ranks = method.split("@")[0].partition("-r")
+    label = METHODS[name][0]
+    return label, f"r = {ranks.replace('-', '/')}" if ranks else f"r = {rank_of(name, unit)}"
 
 
-def table(results: list[dict]) -> tuple[list[dict], str]:
+def table(results: list[dict], unit: str) -> tuple[list[dict], str]:
     epsilons = sorted({r["epsilon"] for r in results})
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     methods += sorted({r["method"] for r in results} - set(methods))  # clients of different ranks, last
@@ -129,7 +130,7 @@ def table(results: list[dict]) -> tuple[list[dict], str]:
     rows, lines = [], ["| method | MB | " + extra + " | ".join(f"epsilon {epsilon_name(e)}" for e in epsilons)
                        + " |", "|---|---|" + "---|" * (len(epsilons) + 3 * client_level)]
     for method in methods:
-        label, rank = variant_label(method)
+        label, rank = variant_label(method, unit)
         cells, megabytes = [], {round(r["megabytes"], 1) for r in results if r["method"] == method}
         if client_level:
             mine = [r for r in results if r["method"] == method]
@@ -185,7 +186,7 @@ def main() -> None:
               for r in [run(out, m, e, seed, args.client_ranks, args.unit, lrs.get(m))] if "error" in r]
     wall = time.time() - started
     results = finished(out)
-    rows, markdown = table(results)
+    rows, markdown = table(results, args.unit)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"runs": [r | {"epsilon": epsilon_name(r["epsilon"])} for r in results], "table": rows, "failed": failed,
