@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from fedlora.config import DataConfig
 from fedlora.data import (
@@ -305,23 +306,28 @@ def test_max_train_examples_is_a_fixed_random_subset(tmp_path):
 def test_holdout_evaluates_on_held_out_training_rows(tmp_path):
     rows = "".join(f"t{i}\t{i % 2}\n" for i in range(200))
     train = write(tmp_path / "train.tsv", "text\tlabel\n" + rows)
-    dev = write(tmp_path / "dev.tsv", "text\tlabel\nd0\t0\nd1\t1\n")
-    tuned = load_classification(files_config(train, dev, holdout_fraction=0.1))
-    again = load_classification(files_config(train, dev, holdout_fraction=0.1))
+
+    def held_out(**keys):
+        return DataConfig(name=None, path=str(train), text_columns=["text"], label_column="label", **keys)
+
+    tuned = load_classification(held_out(holdout_fraction=0.1))
+    again = load_classification(held_out(holdout_fraction=0.1))
     assert len(tuned.eval) == 20 and len(tuned.train) == 180 and tuned.eval.text_a == again.eval.text_a
     assert not set(tuned.eval.text_a) & set(tuned.train.text_a)  # held out, never trained on
-    assert set(tuned.eval.text_a) | set(tuned.train.text_a) == {f"t{i}" for i in range(200)}  # dev unused
+    assert set(tuned.eval.text_a) | set(tuned.train.text_a) == {f"t{i}" for i in range(200)}
     assert tuned.eval.text_a != [f"t{i}" for i in range(20)]  # a random draw, not the first rows
     assert all(int(t[1:]) % 2 == label for t, label in zip(tuned.eval.text_a, tuned.eval.labels))
-    smaller = load_classification(files_config(train, dev, holdout_fraction=0.1, max_train_examples=50))
+    smaller = load_classification(held_out(holdout_fraction=0.1, max_train_examples=50))
     assert smaller.eval.text_a == tuned.eval.text_a and set(smaller.train.text_a) <= set(tuned.train.text_a)
     tiny = write(tmp_path / "tiny.tsv", "text\tlabel\nx\t0\n")
     with pytest.raises(DataError, match="data.holdout_fraction"):
-        load_classification(files_config(tiny, tiny, holdout_fraction=0.5))
-    # a plain training file alone: the held-out rows are the evaluation split
-    alone = load_classification(DataConfig(name=None, path=str(train), text_columns=["text"], label_column="label",
-                                           holdout_fraction=0.1))
-    assert alone.eval.text_a == tuned.eval.text_a and alone.train.text_a == tuned.train.text_a
+        load_classification(DataConfig(name=None, path=str(tiny), text_columns=["text"], label_column="label",
+                                       holdout_fraction=0.5))
+    # two sources of evaluation data are refused, naming both keys
+    dev = write(tmp_path / "dev.tsv", "text\tlabel\nd0\t0\nd1\t1\n")
+    for key, value in (("eval_path", str(dev)), ("eval_split", "validation")):
+        with pytest.raises(ValidationError, match=f"data.{key} and data.holdout_fraction"):
+            held_out(holdout_fraction=0.1, **{key: value})
 
 
 # ---------------------------------------------------------------- hub (datasets.load_dataset replaced)

@@ -26,8 +26,7 @@ def fedsb(variant, model=None, targets=("query", "value", "dense"), oversampling
             m.p = 0.0
     adapted = AdaptedModel(model, parameterisation="lorasb", rank=RANK, scaling=1.0, target_modules=list(targets),
                            head_modules=[])
-    cfg = build_config({"seed": seed, "train": {"lr": ETA},
-                        "fedsb": {"init": variant, "oversampling": oversampling, "init_examples": EXAMPLES}})
+    cfg = build_config({"seed": seed, "fedsb": {"init_lr": ETA, "init": variant, "oversampling": oversampling, "init_examples": EXAMPLES}})
     return adapted, METHODS["fedsb"](adapted, cfg, [10, 10, 10])
 
 
@@ -225,6 +224,56 @@ def test_traffic_of_each_variant():
     assert mistral["bytes_up"] <= 2 * 4 * 524_288_000  # at most twice B and A
 
 
+# -- the set-up step ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train, expected", [
+    ({"lr": 0.01}, 0.01 / (3 * 5 * 4)),  # no warmup: lr / every client's steps over the run (3 x 5 rounds x 4)
+    ({"lr": 0.01, "warmup_steps": 6, "lr_schedule": "linear"}, 0.01 / (3 * 6)),  # lr / every client's warmup
+])
+def test_the_default_set_up_step_is_the_references_rule(train, expected):
+    from fedlora.methods.fedsb import set_up_step
+
+    settings = {"federation": {"num_clients": 10, "clients_per_round": 3, "rounds": 5},
+                "train": {"local_steps": 4} | train}
+    assert set_up_step(build_config(settings)) == pytest.approx(expected, rel=1e-12)
+    assert set_up_step(build_config(settings | {"fedsb": {"init_lr": 0.5}})) == 0.5  # an explicit eta wins
+    # and the set-up factorises that step: the default's B R A equals the one with eta given by hand
+    products = []
+    for fedsb_settings in ({"init": "dense"}, {"init": "dense", "init_lr": expected}):
+        adapted = AdaptedModel(tiny_bert(), parameterisation="lorasb", rank=RANK, scaling=1.0,
+                               target_modules=["query"], head_modules=[])
+        method = METHODS["fedsb"](adapted, build_config(settings | {"fedsb": fedsb_settings}), [10, 10, 10])
+        gradients = low_rank_gradients(adapted, RANK)
+        exchange, _ = run(method, lambda request, clients: {
+            c: {f"{n}.grad_sum": gradients[c][n] for n in adapted.layers} for c in clients})
+        products.append({n: product(method.global_state, n) for n in adapted.layers})
+    for name in products[0]:
+        torch.testing.assert_close(products[0][name], products[1][name])
+        scale = torch.linalg.matrix_norm(products[0][name], ord=2) / torch.linalg.matrix_norm(
+            adapted.layers[name].base_weight(), ord=2)
+        assert exchange.delta_to_base[name] == pytest.approx(scale.item(), rel=1e-4)
+
+
+def test_spectral_norms_of_a_low_rank_state_and_of_a_weight():
+    from fedlora.adapters import low_rank_spectral_norm, spectral_norm
+
+    g = torch.Generator().manual_seed(0)
+    state = {"l.lora_B": torch.randn(40, 4, generator=g), "l.lora_R": torch.randn(4, 4, generator=g),
+             "l.lora_A": torch.randn(4, 30, generator=g)}
+    dense = state["l.lora_B"] @ state["l.lora_R"] @ state["l.lora_A"]
+    assert low_rank_spectral_norm(state, "l", 0.5) == pytest.approx(
+        0.5 * torch.linalg.matrix_norm(dense, ord=2).item(), rel=1e-6)
+    without_r = {k: v for k, v in state.items() if k != "l.lora_R"}
+    assert low_rank_spectral_norm(without_r, "l", 2.0) == pytest.approx(
+        2.0 * torch.linalg.matrix_norm(state["l.lora_B"] @ state["l.lora_A"], ord=2).item(), rel=1e-6)
+    weight = torch.randn(300, 200, generator=g)
+    assert spectral_norm(weight) == pytest.approx(torch.linalg.matrix_norm(weight, ord=2).item(), rel=1e-6)
+    # a large weight's randomized estimate, on a Gaussian matrix (its hardest case: the top values nearly coincide)
+    weight = torch.randn(1500, 1100, generator=g)
+    assert spectral_norm(weight, exact_up_to=256) == pytest.approx(
+        torch.linalg.matrix_norm(weight, ord=2).item(), rel=1e-2)
+
+
 # -- the exchange in a run: bytes, checks, privacy ---------------------------------------------------------
 
 def recording_replies(monkeypatch, corrupt=None):
@@ -279,6 +328,9 @@ def test_round_0_bytes_are_the_replies_and_broadcasts_sent(sim_config, tmp_path,
     one = sum(tensor_bytes(request.arrays) for c, request, _ in sent if c == init_clients[0])
     assert one + payload_bytes(broadcast) == tensor_bytes(down)
     assert (variant == "signs") == all(v.dtype == torch.int8 for _, _, reply in sent for v in reply.values())
+    # the set-up's step against each adapted base weight is logged with round 0 (its value: the test above)
+    assert set(round0["delta_to_base"]) == set(sim.method.adapted.layers)
+    assert all(0 < ratio < 1 for ratio in round0["delta_to_base"].values())
 
 
 @pytest.mark.parametrize("variant", ["sketch", "dense"])

@@ -282,8 +282,7 @@ def test_max_train_examples_on_plain_files(tmp_path):
 def test_holdout_on_instruction_files(tmp_path):
     rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(50)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    evaluation = write_jsonl(tmp_path / "test.jsonl", rows[:3])
-    tuned = load_instructions(files(train, evaluation, holdout_fraction=0.2))
+    tuned = load_instructions(DataConfig(name=None, path=str(train), holdout_fraction=0.2))
     held, kept = [int(a) for a in tuned.eval.answers], [int(a) for a in tuned.train.answers]
     assert len(held) == 10 and len(kept) == 40 and sorted(held + kept) == list(range(50))
 

@@ -63,3 +63,14 @@ def test_docs_configuration_md_is_generated_from_the_field_descriptions(capsys):
             assert f"| `{section}{key}` |" in page, f"{section}{key}"
     shown = (ROOT / "docs" / "configuration.md").read_text()
     assert shown == page, f"docs/configuration.md is out of date: regenerate it with `.venv/bin/{MARKDOWN_COMMAND}`"
+
+
+def test_the_round_line_shows_the_set_ups_largest_step_against_the_base_weights():
+    from fedlora.progress import round_line
+
+    record = {"round": 0, "clients": [0, 1], "eval": {"accuracy": 0.5}, "bytes_up": 10, "seconds": 1.0,
+              "delta_to_base": {"layer.0.query": 0.002, "layer.1.value": 0.31, "layer.1.query": 0.05}}
+    line = round_line(record, 20)
+    assert line.startswith("round 0/20 (set-up): 2 clients, accuracy 0.5000")
+    assert "||initial delta||/||W0|| up to 0.31 (layer.1.value)" in line
+    assert "initial delta" not in round_line(record | {"delta_to_base": None, "round": 1}, 20)

@@ -3,9 +3,10 @@ __version__ = "0.1.0"
 
 from .api import Run, load_config, load_run, make_config, run
 from .config import Config
+from .tuning import tune
 
 __all__ = ["Config", "METHODS", "Method", "Run", "load_config", "load_run", "make_config", "register_method", "run",
-           "__version__"]
+           "tune", "__version__"]
 
 
 def __getattr__(name: str):

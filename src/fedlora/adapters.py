@@ -98,6 +98,27 @@ def low_rank_delta(state: dict[str, torch.Tensor], layer: str, scaling: float) -
     return scaling * (B @ (R @ A if R is not None else A))
 
 
+def low_rank_spectral_norm(state: dict[str, torch.Tensor], layer: str, scaling: float) -> float:
+    """||s B [R] A||_2, exactly, through the r x r core of the factors' QR decompositions."""
+    B, A = state[f"{layer}.lora_B"].double(), state[f"{layer}.lora_A"].double()
+    R = state.get(f"{layer}.lora_R")
+    core = torch.linalg.qr(B).R @ (R.double() if R is not None else torch.eye(B.shape[1], dtype=B.dtype))
+    core = core @ torch.linalg.qr(A.T).R.T
+    return abs(scaling) * torch.linalg.matrix_norm(core, ord=2).item()
+
+
+def spectral_norm(weight: torch.Tensor, exact_up_to: int = 1024) -> float:
+    """||W||_2: exact for a weight with a side of at most `exact_up_to`, else a randomized SVD with power
+    iterations from a fixed seed (within 1% even of a Gaussian matrix's, whose top values nearly coincide;
+    a full SVD of every layer of a 7B model would take minutes)."""
+    weight = weight.detach().float()
+    if min(weight.shape) <= exact_up_to:
+        return torch.linalg.matrix_norm(weight, ord=2).item()
+    with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
+        torch.manual_seed(0)
+        return torch.svd_lowrank(weight, q=16, niter=32)[1][0].item()
+
+
 def _match(name: str, targets: Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
@@ -227,6 +248,11 @@ class AdaptedModel:
             w = state[f"{layer}.weight"] - self.pretrained[layer]
             return w.T if isinstance(module, Conv1D) else w
         return low_rank_delta(state, layer, self.scaling)
+
+    def delta_to_base(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Per layer, ||s B [R] A||_2 / ||W0||_2: how far the state moves each adapted weight, in its own scale."""
+        return {name: low_rank_spectral_norm(state, name, self.scaling) / spectral_norm(layer.base_weight())
+                for name, layer in self.layers.items()}
 
     def add_to_base(self, deltas: dict[str, torch.Tensor]) -> None:
         for layer, delta in deltas.items():

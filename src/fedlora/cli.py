@@ -54,6 +54,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .tuning import parse_grid, tune
+
+    out = Path(args.out) if args.out else Path("runs") / f"tune-{Path(args.config).stem}"
+    result = tune(args.config, parse_grid(args.grid), out=out, seeds=args.seeds, pick=args.pick,
+                  metric=args.metric, holdout_fraction=args.holdout, overrides=args.set, progress=not args.quiet)
+    best = next(row for row in result.scores if row["setting"] == result.best)
+    spread = f" +- {best['std']:.4f}" if best["std"] is not None else ""
+    print(f"best: {', '.join(f'{k}={v}' for k, v in result.best.items())}: {result.metric} {best['mean']:.4f}"
+          f"{spread} over {best['n']} seed{'s' if best['n'] > 1 else ''} on held-out training rows -> "
+          f"{out / 'best.toml'}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from .config_reference import markdown, reference
 
@@ -139,6 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quiet", action="store_true",
                      help="print only the final line (no label map, progress bars or round lines)")
     run.set_defaults(func=cmd_run)
+
+    tune = sub.add_parser("tune", help="run a grid of settings on held-out training rows and write the best "
+                                       "as a config (the evaluation split is never read)")
+    tune.add_argument("config")
+    tune.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2,...",
+                      help="a config key and the values to try; several --grid make their product")
+    tune.add_argument("--seeds", type=int, default=1, help="runs per setting, seeds seed, seed+1, ... (default 1)")
+    tune.add_argument("--pick", choices=["final", "best"], default="final",
+                      help="a trial's metric: at its last evaluation (default) or its best round")
+    tune.add_argument("--metric", help="the evaluation metric to choose by (default: accuracy)")
+    tune.add_argument("--holdout", type=float, metavar="FRACTION",
+                      help="the fraction of the training data held out to evaluate on (default: data.holdout_fraction, "
+                           "else 0.1)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    tune.add_argument("--out", help="output folder (default: runs/tune-<config name>); a rerun skips finished trials")
+    tune.add_argument("--quiet", action="store_true", help="print only the final line")
+    tune.set_defaults(func=cmd_tune)
 
     config = sub.add_parser("config", help="print every configuration key with its default and meaning (TOML)")
     config.add_argument("--markdown", action="store_true",

@@ -138,6 +138,14 @@ class DataConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _one_evaluation_source(self):
+        for key in ("eval_path", "eval_split"):
+            if self.holdout_fraction is not None and getattr(self, key):
+                raise ValueError(f"data.{key} and data.holdout_fraction both choose the evaluation data "
+                                 "(held-out training rows replace the evaluation split): keep one")
+        return self
+
+    @model_validator(mode="after")
     def _column_kinds(self):
         columns = {"text_columns": self.text_columns or [], "label_column": [self.label_column]}
         for key, values in columns.items():
@@ -348,7 +356,10 @@ class FedSBConfig(Section):
     public_data: DataConfig | None = Field(None, description="a public data set (its train split) for init_data = 'public'")
     init_noise_multiplier: float | None = Field(
         None, gt=0, description="under DP, the noise of the clients' init release (default: privacy's noise multiplier)")
-    init_lr: float | None = Field(None, gt=0, description="eta in G = -eta sign(grad); default train.lr")
+    init_lr: float | None = Field(None, gt=0, description="eta in G = -eta sign(grad); default the reference's "
+                                     "rule: train.lr / (federation.clients_per_round x train.warmup_steps), "
+                                     "without warmup train.lr / (federation.clients_per_round x "
+                                     "federation.rounds x train.local_steps)")
     svd_niter: int = Field(4, ge=4, description="power iterations of the randomized SVD")
 
 

@@ -41,5 +41,8 @@ def round_line(record: dict, rounds: int) -> str:
     if record.get("client_clip") is not None:  # client-level DP: the bound S and the noise against the signal
         ratio = record["noise_norm"] / max(record["update_norm"], 1e-12)
         parts.append(f"clip {record['client_clip']:.3g}, noise/update {ratio:.2f}")
+    if record.get("delta_to_base"):  # a set-up that moves the weights: its largest step against the base weight
+        layer, ratio = max(record["delta_to_base"].items(), key=lambda item: item[1])
+        parts.append(f"||initial delta||/||W0|| up to {ratio:.2g} ({layer})")
     parts.append(f"{record['seconds']:.1f} s")
     return f"round {r}/{rounds}{' (set-up)' if r == 0 else ''}: {', '.join(parts)}"

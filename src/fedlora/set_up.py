@@ -51,6 +51,8 @@ class SetUpExchange:
         record = server.record(0, exchange.clients, None, self.traffic["up"], bytes_down, 0.0,
                                server.maybe_evaluate(0), t0)
         record["dropped"] = self.dropped
+        if exchange.delta_to_base:
+            record["delta_to_base"] = exchange.delta_to_base
         server.run.log(record)
         return record, exchange.broadcast
 

@@ -149,14 +149,17 @@ def _load_preset(cfg: DataConfig, preset: InstructionPreset) -> InstructionData:
         root = folder.parent
         # rows without a response (3 in arithmetic/math_data.json) teach nothing and are left out
         train = _concat([_read_preset_file(root, file, task, "skip") for task, file in train_files.items()])
-        evaluation = _concat([_read_preset_file(root, file, task, "answer") for task, file in eval_files.items()])
+        # held-out training rows replace the evaluation split (resize_training), which is then never read
+        evaluation = train if cfg.holdout_fraction is not None else _concat(
+            [_read_preset_file(root, file, task, "answer") for task, file in eval_files.items()])
     else:
         if preset.hub_id is None:
             raise DataError(f"preset '{preset.name}' is read from local files only (no Hugging Face hub copy): "
                             f"set data.root or {DATA_DIR_ENV} to the folder that holds '{preset.folder}/'")
         hub_id = cfg.hub_id or preset.hub_id
         train = _parse_rows(*_hub_rows(hub_id, preset.hub_subset, "train"), preset.name, "skip")
-        evaluation = _parse_rows(*_hub_rows(hub_id, preset.hub_subset, eval_split), preset.name, "answer")
+        evaluation = train if cfg.holdout_fraction is not None else _parse_rows(
+            *_hub_rows(hub_id, preset.hub_subset, eval_split), preset.name, "answer")
     return InstructionData(preset.name, train, evaluation)
 
 
@@ -196,8 +199,8 @@ def _load_files(cfg: DataConfig) -> InstructionData:
 
 def _load_hub(cfg: DataConfig) -> InstructionData:
     task = cfg.hub_id.rstrip("/").split("/")[-1]
-    data = InstructionData(cfg.hub_id,
-                           _parse_rows(*_hub_rows(cfg.hub_id, None, "train"), task, "error"),
+    train = _parse_rows(*_hub_rows(cfg.hub_id, None, "train"), task, "error")
+    data = InstructionData(cfg.hub_id, train, train if cfg.holdout_fraction is not None else
                            _parse_rows(*_hub_rows(cfg.hub_id, None, cfg.eval_split or "test"), task, "answer"))
     return _keep_tasks(data, cfg.tasks)
 

@@ -96,8 +96,9 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
     elif cfg.hub_id:
         text_columns, label_column = _columns(cfg, None)
         eval_split = cfg.eval_split or "validation"
-        data = build_data(_load_hub_table(cfg.hub_id, None, "train", text_columns, label_column),
-                          _load_hub_table(cfg.hub_id, None, eval_split, text_columns, label_column))
+        train = _load_hub_table(cfg.hub_id, None, "train", text_columns, label_column)
+        data = build_data(train, train if cfg.holdout_fraction is not None
+                          else _load_hub_table(cfg.hub_id, None, eval_split, text_columns, label_column))
     else:
         raise DataError("no data given: set data.name to a preset "
                         f"({', '.join(PRESETS)}), or data.path to a training file, or data.hub_id")
@@ -180,7 +181,9 @@ def _existing_file(path: str, key: str) -> Path:
 def _load_from_paths(cfg: DataConfig, preset: Preset | None) -> ClassificationData:
     text_columns, label_column = _columns(cfg, preset)
     train_path = _existing_file(cfg.path, "data.path")
-    if cfg.eval_path:
+    if cfg.holdout_fraction is not None:
+        eval_path = None  # resize_training holds out part of the training file; the evaluation file stays unread
+    elif cfg.eval_path:
         eval_path = _existing_file(cfg.eval_path, "data.eval_path")
     elif preset is not None:
         # a copy of the preset's folder: the evaluation file sits next to the training file
@@ -190,8 +193,6 @@ def _load_from_paths(cfg: DataConfig, preset: Preset | None) -> ClassificationDa
         if not eval_path.is_file():
             raise DataError(f"config key 'data.eval_path' is not set and the '{split}' file of preset "
                             f"'{preset.name}' is not next to data.path: {eval_path} not found")
-    elif cfg.holdout_fraction is not None:
-        eval_path = None  # resize_training holds out part of the training file
     else:
         raise DataError("config key 'data.eval_path' is required with data.path when data.name is not a preset "
                         "(or set data.holdout_fraction to evaluate on held-out training rows)")
@@ -203,10 +204,12 @@ def _load_from_paths(cfg: DataConfig, preset: Preset | None) -> ClassificationDa
 def _load_preset(cfg: DataConfig, preset: Preset) -> ClassificationData:
     text_columns, label_column = _columns(cfg, preset)
     eval_split = cfg.eval_split or preset.eval_split
+    # held-out training rows replace the evaluation split (resize_training), which is then never read
+    splits = ["train"] if cfg.holdout_fraction is not None else ["train", eval_split]
     folder = local_folder(cfg, preset.folder)
     if folder is not None:
         _check_split(preset, eval_split, preset.files, "in local files")
-        paths = [folder / preset.files["train"], folder / preset.files[eval_split]]
+        paths = [folder / preset.files[split] for split in splits]
         for path in paths:
             if not path.is_file():
                 raise DataError(f"{path} not found: set data.root or {DATA_DIR_ENV} to the folder that holds "
@@ -216,5 +219,5 @@ def _load_preset(cfg: DataConfig, preset: Preset) -> ClassificationData:
         _check_split(preset, eval_split, preset.hub_splits, "on the hub")
         hub_id = cfg.hub_id or preset.hub_id
         tables = [_load_hub_table(hub_id, preset.hub_subset, preset.hub_splits[split], text_columns, label_column)
-                  for split in ("train", eval_split)]
-    return build_data(*tables, label_names=preset.label_names)
+                  for split in splits]
+    return build_data(tables[0], tables[-1], label_names=preset.label_names)

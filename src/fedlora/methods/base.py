@@ -77,6 +77,8 @@ class Exchange:
     """The set-up exchange's outcome: what every client of the federation receives, and who contributed."""
     broadcast: State = field(default_factory=dict)  # sent to every client of the federation
     clients: list[int] = field(default_factory=list)
+    # per adapted layer, ||initial delta||_2 / ||W0||_2, for a set-up that starts away from W0
+    delta_to_base: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +106,8 @@ class Method:
     # whether the server rule is a weighted sum of the payloads, so that a robust rule, secure aggregation or
     # client-level DP may stand in for the sum
     summed: ClassVar[bool] = True
+    # whether the server's rule gives exactly the weighted sum of the clients' updates B_i A_i (None: not stated)
+    exact: ClassVar[bool | None] = None
     # whether clients may hold different ranks (adapter.client_ranks): each trains, sends and receives the first
     # r_i components of the global rank-adapter.rank factors, which the server zero-pads back (see `cut`, `pad`)
     heterogeneous_ranks: ClassVar[bool] = False

@@ -24,8 +24,21 @@ from ..seeding import derive_seed
 from .base import Exchange, Method, Request, SetUpPlan
 
 
+def set_up_step(cfg) -> float:
+    """eta, the learning rate of the approximate first step the set-up factorises: fedsb.init_lr, else the
+    reference's rule. LoRA-SB's train_glue.py (and Fed-SB's fed/CR/train_cr_fed.py) divide lr by the warmup
+    steps, Fed-SB's DP/SNLI/fed_trainer.py (no warmup) by the total steps, both counted over the whole
+    training set, which in a federation is every client's steps: lr / (clients_per_round x warmup_steps), or
+    lr / (clients_per_round x rounds x local_steps). A small first step, as LoRA's B A = 0 is."""
+    if cfg.fedsb.init_lr is not None:
+        return cfg.fedsb.init_lr
+    steps = cfg.train.warmup_steps or cfg.federation.rounds * cfg.train.local_steps
+    return cfg.train.lr / (cfg.federation.clients_per_round * steps)
+
+
 class FedSB(Method):
     name = "fedsb"
+    exact = True
     parameterisation = "lorasb"
     trains = uploads = downloads = ("lora_R",)
 
@@ -56,14 +69,15 @@ class FedSB(Method):
             state |= {f"{layer}.lora_B": B, f"{layer}.lora_R": R, f"{layer}.lora_A": A}
             broadcast |= {f"{layer}.lora_B": B, f"{layer}.lora_A": A}
         self.global_state = state | head
-        return Exchange(broadcast=broadcast, clients=sorted(answered) if self.init_reads_client_data() else [])
+        return Exchange(broadcast=broadcast, clients=sorted(answered) if self.init_reads_client_data() else [],
+                        delta_to_base=self.adapted.delta_to_base(state))
 
     def _summed(self, ask_sum, clients, variant):
         """dense / signs: one phase; the server adds the uploads and takes the SVD of -eta sign(sum)."""
         key = "grad_sum" if variant == "dense" else "signs"
         total, answered = self._sum(ask_sum, self._request("gradient-sum" if variant == "dense" else "signs"),
                                     clients)
-        eta = self.cfg.fedsb.init_lr or self.cfg.train.lr
+        eta = set_up_step(self.cfg)
         factors = {layer: lora_sb_factors(total[f"{layer}.{key}"], self.adapted.rank, eta, self.cfg.fedsb.svd_niter,
                                           derive_seed(self.cfg.seed, "svd", i))
                    for i, layer in enumerate(self.adapted.layers)}
@@ -76,7 +90,7 @@ class FedSB(Method):
         # the sign variant sends the signs of the same private release twice; the sketch releases anew
         projections, answered = self._sum(ask_sum, self._request("project", bases, signs=signs,
                                                                  release=0 if signs else 1), answered)
-        eta = self.cfg.fedsb.init_lr or self.cfg.train.lr
+        eta = set_up_step(self.cfg)
         scale = -eta / (len(answered) if signs else self.cfg.fedsb.init_examples)
         factors = {layer: factors_from_projection(bases[f"{layer}.basis"], projections[f"{layer}.projection"],
                                                   self.adapted.rank, scale)
