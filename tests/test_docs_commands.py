@@ -18,6 +18,7 @@ from fedlora.simulator import Simulator
 from test_fedsb_init import README_COMM
 
 PLOT = ".venv/bin/fedlora plot runs/fedsb-s0 runs/fedsb-s1 runs/ffa-s0 runs/ffa-s1 --out runs/compare.png"
+PARETO = ".venv/bin/fedlora plot --pareto runs/fedsb-s0 runs/fedsb-s1 runs/ffa-s0 runs/ffa-s1 --out runs/pareto.png"
 FLOWER_INIT = ('FEDLORA_DATA_DIR=$PWD/../shared/data .venv/bin/fedlora flower init my-app examples/quickstart.toml '
                '--out "$PWD/runs/flower-quickstart"')
 QUICKSTART = "FEDLORA_DATA_DIR=../shared/data .venv/bin/fedlora run examples/quickstart.toml --out runs/quickstart"
@@ -33,7 +34,7 @@ TOML
 TUNE = ("FEDLORA_DATA_DIR=../shared/data .venv/bin/fedlora tune examples/quickstart.toml --grid train.lr=3e-3,1e-2 "
         "--set federation.rounds=5 --out runs/tune-quickstart")
 FAST_TIER = 'OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -m "not slow and not live and not docs"'
-SHOWN = {"running.md": [PLOT, TUNE], "flower.md": [FLOWER_INIT, SIM_ENGINE], "privacy.md": [PRIVATE_RECIPE, USER_DP_RECIPE],
+SHOWN = {"running.md": [PLOT, PARETO, TUNE], "flower.md": [FLOWER_INIT, SIM_ENGINE], "privacy.md": [PRIVATE_RECIPE, USER_DP_RECIPE],
          "../README.md": [QUICKSTART, PRIVATE_RECIPE, USER_DP_RECIPE]}
 # the recipe's FFA-LoRA runs ended at 0.7534 to 0.7695 (docs/privacy.md); the majority class is at 0.5092
 PRIVATE_RECIPE_FLOOR = 0.70
@@ -118,6 +119,8 @@ def test_fedlora_plot_as_documented(checkout, sim_config):
     labels = {line.get_label() for line in figure(runs).axes[0].get_lines()}
     majority = runs[0].baselines["majority"]  # the toy evaluation file's larger class
     assert labels == {"fedsb r=4", "ffa r=4", "chance 0.50", f"majority class {majority:.2f}"}
+    assert shell(PARETO, checkout).stdout == "wrote runs/pareto.png\n"
+    assert (checkout / "runs/pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.docs

@@ -136,3 +136,52 @@ def test_the_plot_draws_the_baselines_on_accuracy_panels(tmp_path):
     assert len(fig.axes) == 3 and all(baseline_lines(ax) == expected for ax in fig.axes)
     assert all(baseline_lines(ax) == {} for ax in figure([read_run(a)], metric="loss").axes)
     assert all(baseline_lines(ax) == {} for ax in figure([read_run(b)]).axes)
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats():
+    from fedlora.plots import pareto_front
+
+    points = [(100, 0.70), (50, 0.72), (200, 0.80), (200, 0.75), (400, 0.80), (30, 0.60), (50, 0.72)]
+    # (100, .70) loses to (50, .72); (200, .75) and (400, .80) to (200, .80); the duplicate (50, .72) keeps both
+    assert pareto_front(points) == [5, 1, 6, 2]
+    assert pareto_front([(1, 0.3), (2, 0.2), (3, 0.4)], higher_is_better=False) == [0, 1]  # a loss: lower wins
+
+
+def test_fedlora_plot_pareto_draws_means_spreads_and_the_front(tmp_path, capsys):
+    from fedlora.plots import pareto_figure, read_run, run_folders
+
+    def with_totals(folder, total):
+        summary = json.loads((folder / "summary.json").read_text())
+        (folder / "summary.json").write_text(json.dumps(summary | {"bytes_up_total": total // 4,
+                                                                   "bytes_down_total": total - total // 4}))
+        return folder
+
+    runs = tmp_path / "experiment"
+    # two seeds of Fed-SB at r=16, one of r=32, two of FFA-LoRA at r=8, and one private run in a panel of its own
+    with_totals(write_run(runs / "fedsb16-s0", [0.5, 0.80], [5, 5]), 1_000)
+    with_totals(write_run(runs / "fedsb16-s1", [0.5, 0.84], [5, 5]), 1_200)
+    with_totals(write_run(runs / "fedsb32-s0", [0.5, 0.83], [5, 5], rank=32), 4_000)
+    with_totals(write_run(runs / "ffa-s0", [0.5, 0.86], [5, 5], method="ffa", rank=8), 9_000)
+    with_totals(write_run(runs / "ffa-s1", [0.5, 0.84], [5, 5], method="ffa", rank=8), 9_000)
+    with_totals(write_run(runs / "private" / "ffa-eps3", [0.5, 0.7], [5, 5], method="ffa", rank=8, epsilon=3.0),
+                9_000)
+    folders = run_folders([runs])
+    assert len(folders) == 6
+    fig = pareto_figure([read_run(f) for f in folders])
+    eps3, no_dp = fig.axes
+    assert (eps3.get_title(), no_dp.get_title()) == ("epsilon 3", "no DP")
+    markers = {}
+    for container in no_dp.containers:  # one errorbar per method and rank: its mean and seed spread
+        (x,), (y,) = container.lines[0].get_data()
+        spread = container.lines[2][0].get_segments()[0][:, 1] if container.lines[2] else [y, y]
+        markers[(round(x), round(y, 4))] = (round(spread[1] - y, 4), container.lines[0].get_color())
+    assert markers.keys() == {(1_100, 0.82), (4_000, 0.83), (9_000, 0.85)}
+    assert markers[(1_100, 0.82)][0] == round(float(np.std([0.80, 0.84], ddof=1)), 4)  # the sample std
+    assert markers[(9_000, 0.85)][0] == round(float(np.std([0.86, 0.84], ddof=1)), 4)
+    assert markers[(4_000, 0.83)][0] == 0.0  # one seed: no spread
+    assert markers[(1_100, 0.82)][1] == markers[(4_000, 0.83)][1] != markers[(9_000, 0.85)][1]  # colour by method
+    front = next(line for line in no_dp.get_lines() if line.get_label() == "non-dominated")
+    assert front.get_xdata().tolist() == [1_100, 4_000, 9_000]  # each point adds accuracy for its bytes
+    out = tmp_path / "pareto.png"
+    assert main(["plot", "--pareto", str(runs), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -107,13 +107,14 @@ def cmd_comm(args) -> int:
 
 def cmd_plot(args) -> int:
     from .errors import ConfigError
-    from .plots import plot_runs, read_run
+    from .plots import plot_pareto, plot_runs, read_run, run_folders
 
-    labels = args.labels.split(",") if args.labels else [None] * len(args.runs)
-    if len(labels) != len(args.runs):
-        raise ConfigError(f"--labels gives {len(labels)} labels for {len(args.runs)} run folders")
-    out = plot_runs([read_run(run, label) for run, label in zip(args.runs, labels)], args.out, args.metric,
-                    args.title)
+    folders = run_folders(args.runs) if args.pareto else args.runs
+    labels = args.labels.split(",") if args.labels else [None] * len(folders)
+    if len(labels) != len(folders):
+        raise ConfigError(f"--labels gives {len(labels)} labels for {len(folders)} run folders")
+    out = (plot_pareto if args.pareto else plot_runs)([read_run(run, label) for run, label in zip(folders, labels)],
+                                                      args.out, args.metric, args.title)
     print(f"wrote {out}")
     return 0
 
@@ -223,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--labels", help="comma-separated legend labels, one per run (default: method and rank); "
                                        "runs with the same label and privacy setting are averaged as seeds")
     plot.add_argument("--title")
+    plot.add_argument("--pareto", action="store_true",
+                      help="instead: the final metric against the whole run's bytes, one marker per method and "
+                           "rank (mean over seeds, their spread as error bars), one panel per privacy setting, "
+                           "the non-dominated points joined; a RUN_DIR may be a folder of runs (a tuning's or an "
+                           "experiment's)")
     plot.set_defaults(func=cmd_plot)
 
     flower = sub.add_parser("flower", help="run on Flower")

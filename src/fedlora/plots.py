@@ -28,6 +28,7 @@ class Run:
     final_epsilon: float | None  # the accountant's epsilon at the end
     setting: dict  # the config without its seed: runs drawn as one curve must share it
     baselines: dict[str, float] | None = None  # summary.json's chance and majority-class accuracy
+    run_bytes: int | None = None  # bytes up + down of the whole run (summary.json), set-up included
 
 
 def read_run(run_dir: str | Path, label: str | None = None) -> Run:
@@ -62,7 +63,23 @@ def read_run(run_dir: str | Path, label: str | None = None) -> Run:
         target = float(f"{epsilon:.2g}")
     return Run(path, label or (method if method == "full" or rank is None else f"{method} r={rank}"),
                math.inf if target is None else float(target), rounds, values, total_bytes, epsilon,
-               {k: v for k, v in config.items() if k != "seed"}, summary.get("baselines"))
+               {k: v for k, v in config.items() if k != "seed"}, summary.get("baselines"),
+               summary["bytes_up_total"] + summary["bytes_down_total"] if "bytes_up_total" in summary else cumulative)
+
+
+def run_folders(paths: list[str | Path]) -> list[Path]:
+    """Each path that is a run folder (it has rounds.jsonl), else every finished run folder below it (a
+    tuning's or an experiment's output)."""
+    found = []
+    for path in map(Path, paths):
+        if (path / ROUNDS_LOG).is_file() or not path.is_dir():
+            found.append(path)
+            continue
+        below = sorted(p.parent for p in path.rglob(SUMMARY) if (p.parent / ROUNDS_LOG).is_file())
+        if not below:
+            raise FedloraError(f"{path}: neither a run folder nor a folder holding finished runs")
+        found += below
+    return found
 
 
 def _mean_curve(runs: list[Run], metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -95,23 +112,30 @@ def plot_runs(runs: list[Run], out: str | Path, metric: str = "accuracy", title:
     """One PNG with up to three panels: metric vs round, metric vs total bytes (log x) and, when some runs
     are private, final metric vs epsilon (one line per label; runs without DP at the right, as 'no DP').
     Accuracy panels show the chance and majority-class accuracy of the runs' evaluation data."""
-    fig = figure(runs, metric, title)
+    return _save(figure(runs, metric, title), out)
+
+
+def _save(fig, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
 
 
-def figure(runs: list[Run], metric: str = "accuracy", title: str | None = None):
-    """The matplotlib figure `plot_runs` writes."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise FedloraError("plotting needs matplotlib: pip install 'fedlora[plot]'") from None
+    return plt
+
+
+def figure(runs: list[Run], metric: str = "accuracy", title: str | None = None):
+    """The matplotlib figure `plot_runs` writes."""
+    plt = _pyplot()
     missing = [str(r.path) for r in runs if metric not in r.values]
     if missing:
         raise FedloraError(f"metric '{metric}' is not in the evaluations of: {', '.join(missing)}")
@@ -159,3 +183,64 @@ def _epsilon_panel(ax, groups: dict[tuple[str, float], list[Run]], metric: str) 
     ax.set_xticks(range(len(positions)), [f"{e:g}" for e in finite] + ["no DP"])
     ax.set_xlabel("privacy budget epsilon (delta fixed)")
     ax.legend(fontsize=7)
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
+    """The indices of the points (bytes, metric) that no other point dominates (as few bytes or fewer and a
+    metric as good or better, one of them strictly), in order of bytes."""
+    sign = 1 if higher_is_better else -1
+    front = []
+    for i, (b, m) in enumerate(points):
+        if not any((b2 <= b and sign * m2 >= sign * m) and (b2 < b or sign * m2 > sign * m)
+                   for j, (b2, m2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pareto_figure(runs: list[Run], metric: str = "accuracy", title: str | None = None):
+    """Final metric against the whole run's bytes (log scale), one panel per privacy setting: one marker per
+    label (method and rank) at the mean over its seeds, the seeds' sample standard deviation as error bars,
+    one colour per method, the non-dominated points joined."""
+    plt = _pyplot()
+    missing = [str(r.path) for r in runs if metric not in r.values]
+    if missing:
+        raise FedloraError(f"metric '{metric}' is not in the evaluations of: {', '.join(missing)}")
+    groups = _groups(runs)
+    settings = sorted({eps for _, eps in groups})
+    methods = sorted({label.split(" r=")[0] for label, _ in groups})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.6), squeeze=False)
+    higher = not any(word in metric for word in ("loss", "perplexity"))
+    for ax, eps in zip(axes[0], settings):
+        points, shown = [], set()
+        for (label, e), members in groups.items():
+            if e != eps:
+                continue
+            method = label.split(" r=")[0]
+            finals = [r.values[metric][-1] for r in members]
+            x, y = float(np.mean([r.run_bytes for r in members])), float(np.mean(finals))
+            spread = float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0
+            ax.errorbar([x], [y], yerr=[spread], marker="o", capsize=3, color=colours[method],
+                        label=method if method not in shown else None, linestyle="none")
+            shown.add(method)
+            ax.annotate(f"{label[len(method):].strip()} (n={len(finals)})", (x, y), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7, color=colours[method])
+            points.append((x, y))
+        front = pareto_front(points, higher)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="black", linestyle="--",
+                linewidth=1, label="non-dominated", zorder=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("total bytes of the run, all clients, up and down (log scale)")
+        ax.set_ylabel(f"final {metric}")
+        ax.set_title("no DP" if eps == math.inf else f"epsilon {eps:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(runs: list[Run], out: str | Path, metric: str = "accuracy", title: str | None = None) -> Path:
+    """pareto_figure written as a PNG."""
+    return _save(pareto_figure(runs, metric, title), out)
