@@ -88,9 +88,9 @@ def finished(out: Path) -> list[dict]:
                      "accuracy": summary["final_eval"]["accuracy"],
                      "megabytes": (summary["bytes_up_total"] + summary["bytes_down_total"]) / 1e6,
                      "epsilon_spent": privacy.get("epsilon_max", privacy.get("epsilon")),
-                     # what one client sends a round, float32: the numbers it trains (the methods here send all)
-                     "trained_numbers": next((r["bytes_up"] // 4 // len(r["clients"]) for r in rows if r["clients"]),
-                                             None),
+                     # what one client trains, adapter and head apart (older runs: what it sends a round, float32)
+                     "trained_numbers": summary.get("trained_numbers") or {"total": next(
+                         (r["bytes_up"] // 4 // len(r["clients"]) for r in rows if r["clients"]), None)},
                      "lr": summary["config"]["train"]["lr"],
                      "noise_to_update": statistics.mean(ratios) if ratios else None})
     return runs
@@ -121,12 +121,18 @@ def variant_label(method: str, unit: str) -> tuple[str, str]:
     return label, f"r = {ranks.replace('-', '/')}" if ranks else f"r = {rank_of(name, unit)}"
 
 
+def trained(numbers: dict) -> str:
+    if "adapter" in numbers:
+        return f"{numbers['adapter']:,} / {numbers['head']:,}"
+    return f"{numbers['total']:,} (both)"
+
+
 def table(results: list[dict], unit: str) -> tuple[list[dict], str]:
     epsilons = sorted({r["epsilon"] for r in results})
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     methods += sorted({r["method"] for r in results} - set(methods))  # clients of different ranks, last
     client_level = any(r["noise_to_update"] is not None for r in results)
-    extra = "trained numbers | lr | noise / update (mean over rounds, per epsilon) | " if client_level else ""
+    extra = "trained numbers (adapter / head) | lr | noise / update (mean over rounds, per epsilon) | " if client_level else ""
     rows, lines = [], ["| method | MB | " + extra + " | ".join(f"epsilon {epsilon_name(e)}" for e in epsilons)
                        + " |", "|---|---|" + "---|" * (len(epsilons) + 3 * client_level)]
     for method in methods:
@@ -137,7 +143,7 @@ def table(results: list[dict], unit: str) -> tuple[list[dict], str]:
             ratios = [f"{epsilon_name(e)}: {statistics.mean(v):.2f}" for e in epsilons
                       for v in [[r["noise_to_update"] for r in mine if r["epsilon"] == e and r["noise_to_update"]]]
                       if v]
-            cells += [f"{mine[0]['trained_numbers']:,}", " or ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in mine})),
+            cells += [trained(mine[0]["trained_numbers"]), " or ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in mine})),
                       "; ".join(ratios) or "-"]
         for e in epsilons:
             accs = [r["accuracy"] for r in results if r["method"] == method and r["epsilon"] == e]

@@ -237,3 +237,19 @@ def test_fedsb_init_is_the_svd_of_the_sign_of_the_clients_gradient_sum():
     assert all(not k.endswith("lora_R") for k in exchange.broadcast)
     assert {k.rpartition(".")[2] for k in exchange.broadcast} == {"lora_A", "lora_B"}
     assert all(k.endswith("lora_R") or k.startswith("classifier") for k in method.trainable_keys(1))
+
+
+@pytest.mark.parametrize("name, factors", [("fedit", ("A", "B")), ("ffa", ("B",)), ("fedsb", ("R",)),
+                                           ("full", ("weight",))])
+def test_trained_numbers_count_the_adapter_and_the_head_apart(name, factors):
+    model = tiny_bert()
+    heads = ["classifier", "bert.pooler"]
+    adapted = AdaptedModel(model, parameterisation=METHODS[name].parameterisation, rank=4, scaling=1.0,
+                           target_modules=["query", "value"], head_modules=heads)
+    method = METHODS[name](adapted, build_config({"method": {"name": name}}), [10, 10])
+    # the adapted layers' base weights, d_out x d_in (wrapped by the low-rank methods, themselves for full)
+    weights = [getattr(m, "base", m).weight for n, m in model.named_modules() if n.endswith(("query", "value"))]
+    shapes = {"A": lambda w: 4 * w.shape[1], "B": lambda w: w.shape[0] * 4, "R": lambda w: 16,
+              "weight": lambda w: w.numel()}
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith(tuple(heads)) and "lora" not in n)
+    assert method.trained_numbers() == {"adapter": sum(shapes[f](w) for w in weights for f in factors), "head": head}

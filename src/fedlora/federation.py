@@ -372,6 +372,7 @@ class FederationServer:
             "final_eval": self.last_eval,
             "bytes_up_total": self.totals["bytes_up"],
             "bytes_down_total": self.totals["bytes_down"],
+            "trained_numbers": self.method.trained_numbers(),  # per client: adapter and head
             "client_sizes": self.client_sizes if isinstance(self.client_sizes, list) else None,  # None: sampled
             "model_source": self.model_source,
             "labels": self.label_names,

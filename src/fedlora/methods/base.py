@@ -259,6 +259,12 @@ class Method:
                 else F.pad(v, (0, full - v.shape[1])) if k.endswith(".lora_B") and v.shape[1] < full else v
                 for k, v in state.items()}
 
+    def trained_numbers(self) -> dict[str, int]:
+        """How many numbers a client of the full rank trains: its adapter (or target weights) and the head apart."""
+        params = self.adapted.parameters_by_key()
+        return {"adapter": sum(params[k].numel() for k in self.adapted.keys_of(self.trains, head=False)),
+                "head": sum(p.numel() for p in self.adapted.head_params.values())}
+
     def at_rank(self, state: State, client: int) -> State:
         """The state as a client of rank r_i holds it: the components of its trained factors beyond r_i zero
         (a frozen factor, FFA-LoRA's A, stays whole: the zero columns of B leave its rows unused)."""
