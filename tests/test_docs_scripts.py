@@ -63,6 +63,8 @@ SCRIPTS = {  # the longest first: the commands run two at a time, in this order
     DATA + PY + "benchmarks/flower_vs_inprocess.py --repeats 3": Shown("flower.md", r"repeat 1: in-process round",
                                                                        needs="ray"),
     DATA + PY + "experiments/fedsb_init.py --seeds 0 1 2": Shown("methods.md", "rounds:runs/fedsb_init/*"),
+    DATA + PY + "experiments/fedsb_setup_scale.py": Shown("methods.md", r"init_lr [\d.e-]+ \(default\): "
+                                                                         r"\|\|B R0 A\|\| / \|\|W0\|\| up to"),
 }
 RUNS_AT_ONCE = 2
 

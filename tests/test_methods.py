@@ -199,7 +199,7 @@ def test_fedsb_init_is_the_svd_of_the_sign_of_the_clients_gradient_sum():
     cls = METHODS["fedsb"]
     adapted = AdaptedModel(model, parameterisation="lorasb", rank=4, scaling=1.0, target_modules=["query", "value"],
                            head_modules=["classifier"])
-    cfg = build_config({"seed": 1, "train": {"lr": 0.01}, "fedsb": {"init": "dense"}})
+    cfg = build_config({"seed": 1, "fedsb": {"init": "dense", "init_lr": 0.01}})
     method = cls(adapted, cfg, [8, 8])
     g = torch.Generator().manual_seed(3)
     data = {c: {"input_ids": torch.randint(5, 30000, (4, 6), generator=g),
