@@ -823,3 +823,54 @@ def test_max_length_is_honoured(tmp_path, sim_config):
 
     sim = Simulator(sim_config(data={"max_length": 3}), tmp_path, progress=False)
     assert sim.task.batch(range(8))["input_ids"].shape[1] == 3  # [CLS], one word, [SEP]
+
+
+# ---------------------------------------------------------------- fewer than two classes
+
+@pytest.mark.parametrize("preset", [None, "sst2"])
+def test_single_class_training_data_is_refused_before_the_weights(tmp_path, monkeypatch, sim_config, preset):
+    from transformers import AutoModelForSequenceClassification
+
+    from fedlora.simulator import Simulator
+
+    train = write(tmp_path / "train.tsv", "sentence\tlabel\n" + "".join(f"film {i}\t1\n" for i in range(40)))
+    dev = write(tmp_path / "dev.tsv", "sentence\tlabel\ngood\t1\n")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", no_weights)
+    cfg = sim_config(data={"name": preset, "path": str(train), "eval_path": str(dev)})
+    with pytest.raises(DataError) as info:
+        Simulator(cfg, tmp_path / "run", progress=False)
+    name = "positive" if preset else "1"  # the preset names its class ids
+    assert one_line(str(info.value)) == (f"{train}: the training data has only class '{name}' (40 rows); a "
+                                         "classifier needs at least two (is data.label_column the right column?)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_single_class_examples_in_memory_are_refused(tmp_path, sim_config):
+    import fedlora
+
+    rows = [{"sentence": f"film {i}", "label": "pos"} for i in range(12)]
+    with pytest.raises(DataError, match=r"^train_data: the training data has only class 'pos' \(12 rows\)"):
+        fedlora.run(sim_config().to_dict(), out=tmp_path, train_data=rows, eval_data=rows, progress=False)
+
+
+def test_two_classes_are_enough(tmp_path, sim_config):
+    from fedlora.simulator import Simulator
+
+    train = write(tmp_path / "train.tsv", "sentence\tlabel\n" + "".join(f"film {i}\t{int(i == 7)}\n"
+                                                                         for i in range(40)))
+    cfg = sim_config(data={"path": str(train), "eval_path": str(train), "partition": "iid"})
+    assert Simulator(cfg, tmp_path / "run", progress=False).task.data.num_labels == 2
+
+
+def test_an_evaluation_label_the_trained_model_lacks_is_named_once(tmp_path):
+    from fedlora.data.presets import load_evaluation
+
+    dev = write(tmp_path / "dev.tsv", "text\tlabel\nc\tneg\nd\tmaybe\n")
+    cfg = DataConfig(name=None, path=str(dev), eval_path=str(dev), text_columns=["text"], label_column="label")
+    with pytest.raises(DataError) as info:
+        load_evaluation(cfg, ["neg", "pos"])
+    assert one_line(str(info.value)) == (f"{dev} line 3: label 'maybe' does not occur in the training data of the "
+                                         "trained model (labels: neg, pos)")

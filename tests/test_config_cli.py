@@ -151,3 +151,78 @@ def test_comm_fedsb_setup_on_public_data_uploads_nothing():
     assert clients["init"]["params_up"] == layers * 2 * (r + 8) * d and on_public["init"]["params_up"] == 0
     assert clients["init"]["params_down"] == layers * (r + 8 + r * 2) * d  # Q, then B and A
     assert on_public["init"]["params_down"] == layers * r * 2 * d
+
+
+# -- the command line's final line, --version, --help --------------------------------------------
+
+def _toml(cfg, path):
+    import tomli_w
+
+    raw = cfg.model_dump(exclude_defaults=True)
+    raw["data"]["name"] = "none"  # TOML has no None
+    path.write_bytes(tomli_w.dumps(raw).encode())
+    return path
+
+
+@pytest.mark.parametrize("privacy", [None, "example", "client"])
+def test_run_prints_one_round_and_the_privacy_spent(sim_config, tmp_path, capsys, privacy):
+    from fedlora.cli import main
+
+    extra = {"example": {"privacy": {"noise_multiplier": 1.0, "randomness": "seeded"}},
+             "client": {"privacy": {"unit": "client", "noise_multiplier": 1.0, "randomness": "seeded"}}}
+    cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 1}, **extra.get(privacy, {}))
+    out = tmp_path / "run"
+    assert main(["run", str(_toml(cfg, tmp_path / "c.toml")), "--quiet", "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    summary = json.loads((out / "summary.json").read_text())
+    assert line.startswith("ffa: 1 round, final accuracy") and line.endswith(f" -> {out}")
+    spent = summary["privacy"]
+    if privacy is None:
+        assert spent is None and "epsilon" not in line
+    elif privacy == "example":
+        assert spent["epsilon_max"] > 0
+        assert f"; epsilon {spent['epsilon_max']:.3g} (delta {spent['delta']:g}, per example" in line
+    else:
+        assert spent["unit"] == "client" and spent["epsilon"] > 0
+        assert f"; epsilon {spent['epsilon']:.3g} (delta {spent['delta']:g}, per client)" in line
+
+
+def test_version_is_the_installed_one(capsys):
+    from importlib.metadata import version
+
+    from fedlora.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"fedlora {version('fedlora')}\n"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["eval", "--help"], ["flower", "run", "--help"]])
+def test_help_does_not_import_torch(argv):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fedlora.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert "usage: fedlora" in done.stdout
+    assert done.stderr.strip().splitlines()[-1] == "no torch", done.stderr
+
+
+def test_one_override_string_is_one_override():
+    import fedlora
+
+    assert fedlora.make_config({"train": {"lr": 0.1}}, "train.lr=0.5").train.lr == 0.5
+    assert fedlora.load_config(None, "federation.rounds = 7").federation.rounds == 7
+    with pytest.raises(ConfigError, match=r"^overrides: expected a list of 'section.key=value' strings, got "
+                                          r"\{'train.lr': 0.5\}$"):
+        fedlora.make_config(None, {"train.lr": 0.5})
+
+
+def test_eval_of_a_config_file_says_it_is_not_a_run_folder(tmp_path, capsys):
+    config = tmp_path / "base.toml"
+    config.write_text("[method]\nname = 'ffa'\n")
+    assert main(["eval", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"fedlora: error: {config}: a file, not a run folder (the folder `fedlora run --out` writes, "
+                   "with summary.json, rounds.jsonl and the trained adapter)\n")

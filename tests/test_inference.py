@@ -152,7 +152,7 @@ def test_merged_export_computes_the_adapted_model(news_run, tmp_path, capsys):
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert merged.config.id2label == {0: "1", 1: "2", 2: "3", 3: "4"}
     run = load_trained(out)
-    batch = run.task.batch(range(16), run.task.data.eval)
+    batch = run.task.batch(range(16), run.load_eval_data())
     batch.pop("labels")
     with torch.no_grad():
         ours, theirs = run.model(**batch).logits, merged(**batch).logits
@@ -181,9 +181,55 @@ def test_run_folder_errors(news_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", out, "--data", bad)
     assert code == 2 and f"{bad} line 1: label 5 does not occur in the training data" in err
     inputs = tmp_path / "in.jsonl"
-    inputs.write_text('{"text": "a"}\n{"title": "b"}\n')
-    code, _, err = run_cli(capsys, "predict", out, "--input", inputs)
-    assert code == 2 and f"{inputs} line 2: no key 'text'" in err
+    inputs.write_text('{"text": "a", "text_pair": "b"}\n{"title": "b"}\n')
+    code, printed, err = run_cli(capsys, "predict", out, "--input", inputs)
+    assert code == 2 and f"{inputs}: 1 of 2 input lines could not be used (line 2)" in err
+    assert json.loads(printed.splitlines()[1]) == {"line": 2, "error": "no key 'text' (keys: title)"}
+
+
+MIXED = [  # (input line, why it cannot be used, or None)
+    ('{"text": "stocks fell", "text_pair": "today"}', None),
+    ("", "blank line (no text)"),
+    ('{"text": "stocks up"', "not a valid JSON object (Expecting ',' delimiter at column 21)"),
+    ("the team won\tagain", None),
+    ('{"text": "", "text_pair": "again"}', "'text' is empty"),
+    ("   ", "blank line (no text)"),
+    ('"a late goal"', "expected 2 texts (text and text_pair), got 1: this model classifies pairs"),
+    ('{"title": "b", "text_pair": "c"}', "no key 'text' (keys: title, text_pair)"),
+    ('["cup final", "at last"]', None),
+    ('{"text": "a new law", "text_pair": 7}', "'text_pair' is not text (a JSON int)"),
+    ('"Voters" queue\tat last', None),  # plain text that starts with a quote
+]
+
+
+def test_predict_answers_every_input_line_in_order(news_run, tmp_path, capsys, monkeypatch):
+    out, _ = news_run
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("".join(line + "\n" for line, _ in MIXED))
+    code, printed, err = run_cli(capsys, "predict", out, "--input", mixed)
+    results = [json.loads(line) for line in printed.splitlines()]
+    assert len(results) == len(MIXED)
+    bad = [n for n, (_, why) in enumerate(MIXED, 1) if why]
+    assert code == 2 and err.strip().splitlines() == [
+        f"fedlora: error: {mixed}: {len(bad)} of {len(MIXED)} input lines could not be used "
+        f"(lines {', '.join(map(str, bad))}): see their output lines"]
+    # the usable lines, alone, are predicted exactly as among the others
+    good = tmp_path / "good.txt"
+    good.write_text("".join(line + "\n" for line, why in MIXED if why is None))
+    code, printed, err = run_cli(capsys, "predict", out, "--input", good)
+    assert code == 0, err
+    alone = iter(json.loads(line) for line in printed.splitlines())
+    for n, ((_, why), result) in enumerate(zip(MIXED, results), 1):
+        assert result == ({"line": n, "error": why} if why else next(alone))
+    assert "label" in results[0] and next(alone, None) is None
+
+    monkeypatch.setattr("sys.stdin", iter([]))
+    code, printed, err = run_cli(capsys, "predict", out)
+    assert (code, printed) == (2, "") and len(err.strip().splitlines()) == 1
+    assert "<stdin>: no input lines" in err
+    (tmp_path / "empty.txt").write_text("")
+    code, printed, err = run_cli(capsys, "predict", out, "--input", tmp_path / "empty.txt")
+    assert (code, printed) == (2, "") and f"{tmp_path / 'empty.txt'}: no input lines" in err
 
 
 @pytest.mark.slow
@@ -203,7 +249,7 @@ def test_language_model_predict_and_merged_export(lm_config, tmp_path, capsys, m
     assert code == 0, err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     run = load_trained(out)
-    batch = run.task.batch(range(4), run.task.data.eval)
+    batch = run.task.batch(range(4), run.load_eval_data())
     with torch.no_grad():
         ours = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         theirs = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -221,7 +267,7 @@ def test_methods_that_change_the_base_weights(tiny_bert_dir, news, tmp_path, cap
     assert code == 0, err
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     run = load_trained(out)
-    batch = run.task.batch(range(16), run.task.data.eval)
+    batch = run.task.batch(range(16), run.load_eval_data())
     batch.pop("labels")
     with torch.no_grad():
         assert (run.model(**batch).logits - merged(**batch).logits).abs().max() < 1e-5

@@ -131,7 +131,8 @@ def test_core_guarantees_hold_on_llama(lm_config, tmp_path, monkeypatch, name):
     else:
         config = json.loads((tmp_path / "whole" / "adapter" / "adapter_config.json").read_text())
         assert config["task_type"] == "CAUSAL_LM"
-        base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+        # a base model in the run folder (FedEx-LoRA, FLoRA: base_model/) is named relative to it
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / config["base_model_name_or_path"])
         theirs_model = PeftModel.from_pretrained(base, tmp_path / "whole" / "adapter")
     with torch.no_grad():
         theirs = theirs_model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -311,7 +311,9 @@ def test_peft_export_of_a_heterogeneous_run_reproduces_its_logits(sim_config, tm
     adapter = tmp_path / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 4
-    base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"])
+    reference = config["base_model_name_or_path"]  # FLoRA's changed base weights: "base_model" in the run folder
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / reference if (tmp_path / reference).is_dir() else reference)
     peft = PeftModel.from_pretrained(base, adapter).eval()
     with torch.no_grad():
         theirs = peft(**enc).logits

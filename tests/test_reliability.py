@@ -285,6 +285,87 @@ def test_rng_state_is_restored_on_resume(sim_config, tmp_path, monkeypatch):
                                  saved["python"]["gauss_next"])
 
 
+# -- resuming on other data ---------------------------------------------------------------------
+
+def _sentiment_rows(n: int, seed: int) -> str:
+    rnd = random.Random(seed)
+    return "sentence\tlabel\n" + "".join(f"{rnd.choice(['good film', 'bad film', 'great', 'awful'])} {seed} {i}\t"
+                                         f"{i % 2}\n" for i in range(n))
+
+
+def _stopped_run(sim_config, tmp_path, monkeypatch, **sections):
+    """A run on its own copy of a 120-row training file, killed after round 1; its config."""
+    (tmp_path / "train.tsv").write_text(_sentiment_rows(120, 0))
+    (tmp_path / "dev.tsv").write_text(_sentiment_rows(16, 1))
+    data = {"path": str(tmp_path / "train.tsv"), "eval_path": str(tmp_path / "dev.tsv")} | sections.pop("data", {})
+    cfg = sim_config(data=data, **sections)
+    sim = Simulator(cfg, tmp_path / "run", progress=False)
+    run_until_killed(sim, monkeypatch, after_round=1)
+    return cfg, sim
+
+
+def test_resume_on_a_replaced_training_file_is_refused_naming_the_change(sim_config, tmp_path, monkeypatch):
+    cfg, sim = _stopped_run(sim_config, tmp_path, monkeypatch, data={"partition": "iid"},
+                            federation={"num_clients": 2, "clients_per_round": 2, "rounds": 3})
+    assert list(sim.client_sizes) == [60, 60]
+    log_before = (tmp_path / "run" / "rounds.jsonl").read_bytes()
+    (tmp_path / "train.tsv").write_text(_sentiment_rows(300, 7))
+    resumed = Simulator(cfg, tmp_path / "run", progress=False)
+    trained = []
+    monkeypatch.setattr(resumed.trainer, "update", lambda *a, **k: trained.append(a))
+    with pytest.raises(FedloraError) as err:
+        resumed.run(resume=True)
+    message = str(err.value)
+    assert f"training data {tmp_path / 'train.tsv'} differs (300 rows, was 120)" in message
+    assert "2 of 2 clients' training rows changed (client 0: 60 -> 150 rows; client 1: 60 -> 150 rows)" in message
+    assert "evaluation" not in message
+    assert trained == [] and (tmp_path / "run" / "rounds.jsonl").read_bytes() == log_before
+
+
+def test_resume_names_only_the_client_whose_rows_changed(sim_config, tmp_path, monkeypatch):
+    cfg, sim = _stopped_run(sim_config, tmp_path, monkeypatch)  # dirichlet: the clients' sizes differ
+    lines = (tmp_path / "train.tsv").read_text().splitlines(keepends=True)
+    row = 37  # its text changes, its label does not: the partition stays the same
+    lines[1 + row] = lines[1 + row].replace("film", "movie").replace("great", "superb").replace("awful", "dire")
+    (tmp_path / "train.tsv").write_text("".join(lines))
+    owner = next(c for c, shard in enumerate(sim.shards) if row in shard)
+    with pytest.raises(FedloraError, match=rf"differs \(120 rows as before, not the same ones\); 1 of 4 clients' "
+                                           rf"training rows changed \(client {owner}: {len(sim.shards[owner])} "
+                                           r"rows as before, not the same ones\)"):
+        Simulator(cfg, tmp_path / "run", progress=False).run(resume=True)
+
+
+def test_resume_on_a_changed_evaluation_file_is_refused(sim_config, tmp_path, monkeypatch):
+    cfg, _ = _stopped_run(sim_config, tmp_path, monkeypatch)
+    (tmp_path / "dev.tsv").write_text(_sentiment_rows(20, 1))
+    with pytest.raises(FedloraError, match=rf"the evaluation data {tmp_path / 'dev.tsv'} differs \(20 rows, was "
+                                           r"16\); resume with the data the run started with"):
+        Simulator(cfg, tmp_path / "run", progress=False).run(resume=True)
+
+
+def test_a_sampled_population_is_fingerprinted_without_a_list_per_client(sim_config, tmp_path, monkeypatch):
+    cfg, sim = _stopped_run(sim_config, tmp_path, monkeypatch, data={"partition": "sampled",
+                                                                     "client_examples": [5, 20]},
+                            federation={"num_clients": 100_000, "clients_per_round": 3, "rounds": 2})
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["data"]
+    assert saved["clients"] is None and saved["train"]["rows"] == 120
+    (tmp_path / "train.tsv").write_text(_sentiment_rows(120, 9))
+    with pytest.raises(FedloraError, match=r"training data .* differs \(120 rows as before, not the same ones\); "
+                                           r"resume with"):
+        Simulator(cfg, tmp_path / "run", progress=False).run(resume=True)
+
+
+def test_resume_on_unchanged_data_matches_the_whole_run(sim_config, tmp_path, monkeypatch):
+    cfg, _ = _stopped_run(sim_config, tmp_path, monkeypatch, federation={"rounds": 3})
+    resumed = Simulator(cfg, tmp_path / "run", progress=False)
+    resumed.run(resume=True)
+    whole = Simulator(cfg, tmp_path / "whole", progress=False)
+    whole.run()
+    assert without_seconds(read_log(tmp_path / "run")) == without_seconds(read_log(tmp_path / "whole"))
+    final, expected = resumed.method.eval_state(), whole.method.eval_state()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
 # -- robust aggregation -------------------------------------------------------------------------
 
 def test_robust_rules_against_hand_computation():
@@ -350,7 +431,7 @@ def test_only_the_payload_leaves_a_client_and_logs_hold_no_client_data(sim_confi
     assert not any(s.encode() in stored for s in sentences if len(s) > 8)
     checkpoint = load_checkpoint(tmp_path / "checkpoint.safetensors")
     assert set(checkpoint) == {"round", "config", "method", "base_weights", "runtime", "totals",
-                               "last_eval", "privacy", "rng", "record"}
+                               "last_eval", "privacy", "rng", "record", "data"}
 
 
 # -- load ---------------------------------------------------------------------------------------

@@ -7,8 +7,13 @@ import subprocess
 import tomllib
 
 import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
 
-from conftest import ROOT, minilm_path
+from fedlora.cli import main
+from fedlora.simulator import Simulator
+
+from conftest import ROOT, config_with, minilm_path
 
 COMMANDS = [
     ".venv/bin/fedlora config",
@@ -21,17 +26,23 @@ COMMANDS = [
 ]
 
 PYTHON = '''import json
+from pathlib import Path
 
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-summary = json.load(open("runs/news/summary.json"))
-labels = json.load(open("runs/news/adapter/labels.json"))
-base = AutoModelForSequenceClassification.from_pretrained(summary["model_source"], **labels)
-adapter = PeftModel.from_pretrained(base, "runs/news/adapter").eval()
+run = Path("runs/news")
+labels = json.loads((run / "adapter/labels.json").read_text())
+# FedEx-LoRA and FLoRA changed W0 itself: their adapter applies to the run's base_model/
+if (run / "base_model").is_dir():
+    base_path = run / "base_model"
+else:
+    base_path = json.loads((run / "summary.json").read_text())["model_source"]
+base = AutoModelForSequenceClassification.from_pretrained(base_path, **labels)
+adapter = PeftModel.from_pretrained(base, run / "adapter").eval()
 merged = AutoModelForSequenceClassification.from_pretrained("runs/news-merged").eval()
-tokenizer = AutoTokenizer.from_pretrained("runs/news-merged")
-batch = tokenizer(["The striker scores twice in the derby on Sunday."], return_tensors="pt")
+tokenizer = AutoTokenizer.from_pretrained("runs/news-merged")  # truncates at the run's data.max_length
+batch = tokenizer(["The striker scores twice in the derby on Sunday."], truncation=True, return_tensors="pt")
 print(labels["id2label"][str(adapter(**batch).logits.argmax(-1).item())],
       merged.config.id2label[merged(**batch).logits.argmax(-1).item()])
 '''
@@ -85,3 +96,48 @@ def test_the_commands_are_the_documented_ones():
     missing = [c for c in COMMANDS if f"    {c}\n" not in docs]
     assert not missing, f"not in README.md or docs/: {missing}"
     assert PYTHON in docs
+
+
+ALL_METHODS = ["fedit", "ffa", "fedsb", "fedex", "flora", "fedsa", "fedsvd", "rolora", "flexlora", "hetlora", "full"]
+QUICK = {"fedsb", "fedex", "flora", "full"}
+
+
+@pytest.mark.parametrize("method", [m if m in QUICK else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in ALL_METHODS])
+def test_the_documented_peft_snippet_predicts_as_fedlora(method, tiny_bert_dir, toy_data, tmp_path, capsys):
+    """The snippet as documented, on a run of each method: PEFT's classes and probabilities are those of
+    `fedlora predict` (full FedAvg, which writes no adapter: its model/ folder's, as documented)."""
+    cfg = config_with({"seed": 1, "method": {"name": method}, "model": {"path": tiny_bert_dir},
+                       "adapter": {"rank": 2},
+                       "data": {"name": None, **toy_data, "text_columns": ["sentence"], "label_column": "label",
+                                "max_length": 10, "partition": "iid"},
+                       "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 3},
+                       "train": {"local_steps": 3, "batch_size": 8, "lr": 0.05},
+                       "eval": {"every": 0}, "fedsb": {"init_examples": 16}}, {})
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    Simulator(cfg, run, progress=False).run()
+    texts = [line.split("\t")[0] for line in open(toy_data["eval_path"]).read().splitlines()[1:]]
+    texts.append("a longer review than the run's ten tokens, so that truncation decides what the model reads")
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("".join(json.dumps(t) + "\n" for t in texts))
+    assert main(["predict", str(run), "--input", str(inputs)]) == 0
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["export", str(run), "--merged", str(merged)]) == 0
+    capsys.readouterr()
+
+    namespace = {}
+    if method == "full":
+        assert not (run / "adapter").exists()
+        model = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+        exec(PYTHON.split("run = Path")[0], namespace)  # the imports
+        namespace["tokenizer"] = namespace["AutoTokenizer"].from_pretrained(merged)
+    else:
+        exec(PYTHON.replace("runs/news-merged", str(merged)).replace("runs/news", str(run)), namespace)
+        model = namespace["adapter"]
+    with torch.no_grad():
+        batch = namespace["tokenizer"](texts, truncation=True, padding=True, return_tensors="pt")
+        probs = model(**batch).logits.softmax(-1)
+    assert batch["input_ids"].shape[1] == 10
+    assert probs.argmax(-1).tolist() == [p["id"] for p in predicted]
+    assert probs.max(-1).values.tolist() == pytest.approx([p["probability"] for p in predicted], abs=2e-6)
+    assert len(set(p["probability"] for p in predicted)) > 1  # a model that learned something

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from . import config as config_module
-from .config import Config, apply_overrides, build_config
+from .config import Config, _shorten, apply_overrides, build_config
 from .errors import ConfigError, DataError
 from .run_folder import ROUNDS_LOG, read_log, read_summary
 
@@ -41,11 +41,13 @@ class Run:
         return None
 
 
-def make_config(config: ConfigLike = None, overrides: list[str] | None = None) -> Config:
+def make_config(config: ConfigLike = None, overrides: list[str] | str | None = None) -> Config:
     """A validated Config from a Config, a nested dict of sections, a TOML file's path, or None (defaults);
-    `overrides` are `section.key=value` strings as `fedlora run --set` takes them. The method checks it too
-    (`methods.check_method`)."""
+    `overrides` are `section.key=value` strings as `fedlora run --set` takes them (one string is one
+    override). The method checks it too (`methods.check_method`)."""
     from .methods import check_method
+
+    overrides = override_list(overrides)
 
     if isinstance(config, (str, Path)) or config is None:
         cfg = config_module.load_config(config, overrides)
@@ -55,18 +57,29 @@ def make_config(config: ConfigLike = None, overrides: list[str] | None = None) -
         if not isinstance(config, Mapping):
             raise ConfigError(f"config: expected a Config, a dict of sections or a TOML file's path, "
                               f"got {type(config).__name__}")
-        cfg = build_config(apply_overrides(json.loads(json.dumps(dict(config))), overrides or []))
+        cfg = build_config(apply_overrides(json.loads(json.dumps(dict(config))), overrides))
     check_method(cfg)
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def override_list(overrides) -> list[str]:
+    """`overrides` as a list of `section.key=value` strings: a single string is one override."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return [overrides]
+    if isinstance(overrides, (list, tuple)) and all(isinstance(item, str) for item in overrides):
+        return list(overrides)
+    raise ConfigError(f"overrides: expected a list of 'section.key=value' strings, got {_shorten(repr(overrides))}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | str | None = None) -> Config:
     """A validated Config from a TOML file (None: the defaults) and `section.key=value` overrides."""
     return make_config(path, overrides)
 
 
 def run(config: ConfigLike = None, *, out: str | Path, train_data=None, eval_data=None, model=None,
-        tokenizer=None, overrides: list[str] | None = None, resume: bool = False, progress: bool = True) -> Run:
+        tokenizer=None, overrides: list[str] | str | None = None, resume: bool = False, progress: bool = True) -> Run:
     """Run a federation in-process and return the finished run.
 
     `train_data` / `eval_data`: classification examples in memory (a `datasets.Dataset`, a pandas DataFrame or
@@ -86,9 +99,13 @@ def run(config: ConfigLike = None, *, out: str | Path, train_data=None, eval_dat
         raise ConfigError("run(model=...): a model object needs its tokenizer (tokenizer=...)")
     data = None
     if train_data is not None:
+        train_data = _records(train_data, "train_data")
         data = classification_data(train_data, eval_data, cfg)
-        # the run's record says its data came from memory, not from the default preset
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"name": None, "path": None})})
+        text_columns, label = _columns(train_data, cfg)
+        # the run's record says its data came from memory, not from the default preset, and in which columns
+        # (a file evaluated on later is read with them)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+            "name": None, "path": None, "text_columns": text_columns, "label_column": label})})
     elif eval_data is not None:
         raise ConfigError("run(eval_data=...) needs train_data as well")
     Simulator(cfg, out, progress=progress, data=data, model=model, tokenizer=tokenizer).run(resume=resume)

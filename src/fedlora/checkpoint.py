@@ -3,7 +3,8 @@ under a flat key, and its metadata holds the rest of the state as JSON, with {"_
 tensor was. Nothing in it is unpickled, so a checkpoint from someone else can only fail to load.
 
 The state may nest dicts (str or int keys), lists, tuples, tensors, numbers, strings, booleans and None;
-it reads back with the same types, dict keys, dtypes and values."""
+it reads back with the same types, dict keys, dtypes and values. torch is imported when first needed, so that
+what reads a run folder (the command line's help included) starts without it."""
 from __future__ import annotations
 
 import json
@@ -12,9 +13,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from .errors import FedloraError
 from .files import atomic_write
@@ -26,6 +24,9 @@ _MARKERS = ("__tensor__", "__tuple__", "__items__")
 
 def save(state: dict, path: str | Path) -> None:
     """Write `state` to `path` atomically (a crash leaves the previous file or the new one, never a mix)."""
+    import torch
+    from safetensors.torch import save as safetensors_bytes
+
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
 
@@ -64,6 +65,8 @@ def save(state: dict, path: str | Path) -> None:
 def load(path: str | Path, device: torch.device | str = "cpu") -> dict:
     """The state saved at `path`, tensors on `device`. A file that is not a fedlora checkpoint (a pickle,
     another program's safetensors or torch file, a torn write) raises FedloraError naming it."""
+    from safetensors import safe_open
+
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -116,6 +119,8 @@ def require(state: dict, keys: tuple[str, ...], path: str | Path) -> None:
 def rng_state() -> dict:
     """The global generators' states (torch CPU and CUDA, NumPy's legacy MT19937, Python's) as tensors,
     lists and numbers."""
+    import torch
+
     name, key, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
@@ -126,6 +131,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])

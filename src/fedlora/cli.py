@@ -13,6 +13,7 @@ from .errors import FedloraError
 
 def cmd_run(args) -> int:
     from .api import load_config
+    from .describe import privacy_spent
     from .simulator import Simulator
 
     cfg = load_config(args.config, args.set)
@@ -22,8 +23,10 @@ def cmd_run(args) -> int:
     if summary.get("baselines"):
         ev += (f" (chance {summary['baselines']['chance']:.4f}, majority class "
                f"{summary['baselines']['majority']:.4f})")
-    print(f"{summary['method']}: {summary['rounds']} rounds, final {ev}; "
-          f"{summary['bytes_up_total']:,} bytes up, {summary['bytes_down_total']:,} bytes down -> {out}")
+    rounds = summary["rounds"]
+    print(f"{summary['method']}: {rounds} round{'' if rounds == 1 else 's'}, final {ev}; "
+          f"{summary['bytes_up_total']:,} bytes up, {summary['bytes_down_total']:,} bytes down"
+          f"{privacy_spent(summary['privacy'])} -> {out}")
     return 0
 
 
@@ -37,13 +40,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .inference import input_keys, load_trained, open_inputs, predict, read_inputs
+    from .inference import load_trained, open_inputs, predict_lines
 
     run = load_trained(args.run, args.set)
     lines, source = open_inputs(args.input)
-    inputs = [texts for _, texts in read_inputs(lines, source, input_keys(run))]
-    for result in predict(run, inputs):
+    results = predict_lines(run, lines, source)
+    for result in results:
         print(json.dumps(result, ensure_ascii=False))
+    failed = [str(r["line"]) for r in results if "error" in r]
+    if failed:
+        raise FedloraError(f"{source}: {len(failed)} of {len(results)} input lines could not be used (line"
+                           f"{'s' if len(failed) > 1 else ''} {', '.join(failed[:10])}{', ...' if len(failed) > 10 else ''}): see their output lines")
     return 0
 
 
@@ -65,6 +72,20 @@ def cmd_tune(args) -> int:
     print(f"best: {', '.join(f'{k}={v}' for k, v in result.best.items())}: {result.metric} {best['mean']:.4f}"
           f"{spread} over {best['n']} seed{'s' if best['n'] > 1 else ''} on held-out training rows -> "
           f"{out / 'best.toml'}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .describe import method_lines
+
+    print("\n".join(method_lines()))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .describe import run_lines
+
+    print("\n".join(run_lines(args.run)))
     return 0
 
 
@@ -140,8 +161,20 @@ def cmd_flower_run(args) -> int:
     return flower_run(args.app, args.connection, args.resume, args.run_config)
 
 
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedlora")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return f"{__version__} (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with low-rank adapters.")
+    parser.add_argument("--version", action="version", version=f"fedlora {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated experiment from a TOML config",
@@ -177,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the configuration reference page (docs/configuration.md) instead")
     config.set_defaults(func=cmd_config)
 
+    methods = sub.add_parser("methods", help="every registered method: what a client trains and sends, whether "
+                                             "aggregation is exact, client-level DP and SecAgg+ support")
+    methods.set_defaults(func=cmd_methods)
+
+    show = sub.add_parser("show", help="a finished run: its config in brief, rounds, final metrics, epsilon, "
+                                       "bytes and wall time")
+    show.add_argument("run", metavar="RUN_DIR", help="a folder written by `fedlora run`")
+    show.set_defaults(func=cmd_show)
+
     evaluate = sub.add_parser("eval", help="evaluate a finished run's model (accuracy per class or task)")
     evaluate.add_argument("run", metavar="RUN_DIR", help="a folder written by `fedlora run`")
     evaluate.add_argument("--data", metavar="FILE_OR_PRESET",
@@ -193,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--input", default="-", metavar="FILE",
                          help="one input per line: plain text (a tab between two texts), a JSON string, or a "
                               "JSON object with the run's text columns (or text, text_pair; prompt for language "
-                              "models); default: - (standard input)")
+                              "models); default: - (standard input). A line that cannot be used gets "
+                              '{"line": N, "error": ...} as its output line and the exit status is 2')
     predict.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="change an eval.* key (batch_size, max_new_tokens) or device")
     predict.set_defaults(func=cmd_predict)

@@ -7,6 +7,7 @@ from .adapters import AdaptedModel
 from .config import Config
 from .data import PRESETS as CLASSIFICATION_PRESETS
 from .data import INSTRUCTION_PRESETS, load_classification, load_instructions
+from .data.sources import check_classes
 from .errors import ConfigError
 from .lm_task import CausalLMTask
 from .methods import METHODS
@@ -45,6 +46,8 @@ def build_task(cfg: Config, device: torch.device, progress: bool = False, data=N
         check_before_loading(resolve_model_source(cfg.model.name, cfg.model.path))
     if data is None:
         data = load_task_data(cfg.data, kind)
+    if kind == "classification":
+        check_classes(data)
     if model is not None:
         source = getattr(model, "name_or_path", None) or "a model object"
         labels = getattr(model.config, "num_labels", None)

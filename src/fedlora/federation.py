@@ -19,6 +19,7 @@ from .adapters import AdaptedModel
 from .client import ClientUpdate
 from .comm import payload_bytes
 from .config import Config, differing_keys
+from .data import fingerprint
 from .data.sources import describe_labels
 from .errors import ConfigError, FedloraError, RoundFailed
 from .experiment import build_task
@@ -75,7 +76,8 @@ class FederationServer:
     to take the public gradient)."""
 
     def __init__(self, cfg: Config, out_dir: str | Path, task: Task, adapted: AdaptedModel, model_source: str,
-                 client_sizes: Sequence[int], progress: bool = True):
+                 client_sizes: Sequence[int], progress: bool = True, shards: Sequence | None = None):
+        """`shards`: the clients' training rows (plan.client_shards), fingerprinted for the checkpoint."""
         self.cfg = cfg
         self.run = RunFolder(out_dir)
         self.out = self.run.out
@@ -84,6 +86,8 @@ class FederationServer:
         self.device = task.device
         self.progress = progress
         self.client_sizes = client_sizes
+        self.shards = shards
+        self._fingerprint: dict | None = None
         method_class = check_method(cfg)
         self.plan = FederationPlan(cfg, client_sizes)
         self.method = method_class(adapted, cfg, client_sizes)
@@ -100,13 +104,15 @@ class FederationServer:
         device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         task, adapted, source = build_task(cfg, device, progress)
-        return cls(cfg, out_dir, task, adapted, source, shard_sizes(client_shards(cfg, task)), progress)
+        shards = client_shards(cfg, task)
+        return cls(cfg, out_dir, task, adapted, source, shard_sizes(shards), progress, shards)
 
     def set_client_sizes(self, sizes: list[int]) -> None:
         """The clients' sizes as the runtime learned them (a Flower node with its own data reports its own):
         the weights, the plan and the privacy calibration follow them. Before the run starts."""
         self.client_sizes = self.method.client_sizes = list(sizes)
         self.plan = FederationPlan(self.cfg, self.client_sizes)
+        self._fingerprint = None
 
     @property
     def init_examples(self) -> dict[int, int]:
@@ -328,6 +334,7 @@ class FederationServer:
             "privacy": self.client_dp.state_dict() if self.client_dp is not None
             else None if self.ledger is None else self.ledger.state_dict(),
             "rng": checkpoint.rng_state(),
+            "data": self.data_fingerprint(),
         })
 
     def load_checkpoint(self) -> int:
@@ -345,6 +352,7 @@ class FederationServer:
         if r > rounds:
             raise ConfigError(f"federation.rounds = {rounds} is below the {r} rounds {path} has finished: resume "
                               f"with federation.rounds >= {r}")
+        self.check_data(state.get("data"), path)  # a checkpoint of an older fedlora has no fingerprint
         self.setup_privacy(state["privacy"])
         self.method.load_state_dict(state["method"])
         if state["base_weights"] is not None:
@@ -355,6 +363,26 @@ class FederationServer:
         checkpoint.set_rng_state(state["rng"])
         self.run.resume_log(state)
         return r
+
+    def data_fingerprint(self) -> dict:
+        """The fingerprint of the data this run trains and evaluates on (data.fingerprint), computed once."""
+        if self._fingerprint is None:
+            data = self.task.data
+            sizes = self.client_sizes if isinstance(self.client_sizes, list) else None
+            self._fingerprint = fingerprint.fingerprint(data.train, data.eval, self.shards, sizes, self.label_names)
+        return self._fingerprint
+
+    def check_data(self, saved: dict | None, path: Path) -> None:
+        """Refuse to resume on data other than the checkpoint's, saying what changed."""
+        if saved is None:
+            return
+        d = self.cfg.data
+        where = [getattr(split, "source", None) or file or d.name or d.hub_id
+                 for split, file in ((self.task.data.train, d.path), (self.task.data.eval, d.eval_path or d.path))]
+        changed = fingerprint.differences(saved, self.data_fingerprint(), *where)
+        if changed:
+            raise FedloraError(f"{path} was written on other data: {changed}; resume with the data the run "
+                               "started with or choose another --out")
 
     # -- the end ------------------------------------------------------------------------------
     def finish(self, started: float) -> dict:

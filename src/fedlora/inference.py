@@ -2,28 +2,32 @@
 checkpoint), evaluated on any data, asked for predictions, and exported as one merged model folder."""
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from . import checkpoint
 from .adapters import AdaptedModel, label_config, write_labels
 from .api import Run
-from .config import apply_overrides, build_config
-from .data import INSTRUCTION_PRESETS, ClassificationData, ClassificationSplit, InstructionSplit
+from .config import DataConfig, apply_overrides, build_config
+from .data import (INSTRUCTION_PRESETS, ClassificationData, ClassificationSplit, InstructionData, InstructionSplit,
+                   load_instructions)
 from .data import PRESETS as CLASSIFICATION_PRESETS
+from .data.instructions import _default_task as default_task
+from .data.instructions import _read_file as read_instruction_file
 from .data.presets import load_evaluation
 from .errors import ConfigError, DataError, FedloraError
-from .experiment import build_task, task_kind
-from .run_folder import CHECKPOINT
-from .methods import check_method
+from .experiment import build_task, load_task_data, task_kind
+from .export import RECORD_FORMAT
+from .methods import METHODS, check_method, register_method
 from .models import pick_device
 from .plan import population_sizes
-from .run_folder import ROUNDS_LOG, read_log, read_summary
+from .run_folder import CHECKPOINT, MODEL_RECORD, ROUNDS_LOG, read_log, read_summary
 from .tasks import ClassificationTask, Task
 
 # What may change between training a model and using it: the data it is evaluated on, how, and where.
@@ -32,10 +36,12 @@ CHANGEABLE = ("data.", "eval.", "device")
 
 @dataclass
 class FinishedRun(Run):
-    """A finished run with its global model rebuilt (`load_trained`)."""
+    """A finished run with its global model rebuilt (`load_trained`). Its task holds no training examples; the
+    evaluation split is read when first needed (`load_eval_data`)."""
     task: Task
     adapted: AdaptedModel
     model_source: str
+    eval_loaded: bool = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -45,8 +51,16 @@ class FinishedRun(Run):
     def label_names(self) -> list[str] | None:
         return self.task.data.label_names if isinstance(self.task, ClassificationTask) else None
 
+    def load_eval_data(self):
+        """The evaluation split (the run's own, or --data's), read on first use into task.data.eval."""
+        if not self.eval_loaded:
+            self.task.data.eval = evaluation_split(self.config.data, self.label_names)
+            self.eval_loaded = True
+        return self.task.data.eval
+
     def evaluate(self) -> dict[str, float]:
         """The run's own evaluation (eval.batch_size, eval.max_examples) with per-class or per-task figures."""
+        self.load_eval_data()
         e = self.config.eval
         if isinstance(self.task, ClassificationTask):
             return self.task.evaluate(self.model, e.batch_size, e.max_examples, per_class=True)
@@ -54,10 +68,11 @@ class FinishedRun(Run):
 
 
 def load_trained(folder: str | Path, overrides: Iterable[str] = (), data: str | None = None,
-             progress: bool = False) -> FinishedRun:
-    """The global model of a finished run, with the task it was trained for. `data` (a file or a data set
-    preset) replaces the evaluation data; `overrides` (KEY=VALUE) may change data.*, eval.* and device.
-    Other data keeps the run's class names."""
+                 progress: bool = False) -> FinishedRun:
+    """The global model of a finished run, rebuilt from the run folder alone (model.json, the checkpoint, the
+    base model it names), with the task it was trained for. `data` (a file or a data set preset) replaces the
+    evaluation data; `overrides` (KEY=VALUE) may change data.*, eval.* and device. Other data keeps the run's
+    class names. The training data is never read (but for a run written before model.json)."""
     folder = Path(folder)
     summary = read_summary(folder)
     overrides = list(overrides)
@@ -65,31 +80,26 @@ def load_trained(folder: str | Path, overrides: Iterable[str] = (), data: str | 
         key = item.split("=", 1)[0].strip()
         if not key.startswith(CHANGEABLE):
             raise ConfigError(f"--set {key}: only data.*, eval.* and device can change for a trained model")
-    raw = json.loads(json.dumps(summary["config"]))
+    record = read_record(folder) or older_record(folder, summary)
+    import_method(record["method"])
+    raw = json.loads(json.dumps(record["config"]))
     if data is not None:
         raw["data"] = evaluation_data(raw["data"], data)
     cfg = build_config(apply_overrides(raw, overrides))
     method_class = check_method(cfg)
-    source = summary.get("model_source")
+    if task_kind(cfg.data, cfg.model.name) != record["kind"]:
+        raise ConfigError(f"--data {data}: the run's model is for {record['kind']}, this data is not")
+    source = record["model_source"]
     if cfg.model.path and not Path(cfg.model.path).is_dir() and source and Path(source).is_dir():
-        cfg.model.path = source  # the run named a folder relative to where it was started
+        cfg.model.path = source  # an older run named a folder relative to where it was started
     device = pick_device(cfg.device)
     state = checkpoint.load(folder / CHECKPOINT, device)
     if state.get("round") != summary.get("rounds"):
         raise FedloraError(f"{folder / CHECKPOINT} holds round {state.get('round')}, but the run ended after "
                            f"round {summary.get('rounds')}")
-    data = None
-    names = summary.get("labels")
-    data_changed = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True) != json.dumps(
-        summary["config"]["data"], sort_keys=True)
-    if task_kind(cfg.data, cfg.model.name) == "classification" and names and data_changed:
-        split = load_evaluation(cfg.data, names)
-        data = ClassificationData(train=split, eval=split, num_labels=len(names), label_names=list(names))
     torch.manual_seed(cfg.seed)
-    task, adapted, source = build_task(cfg, device, progress, data=data)
-    if names is not None and isinstance(task, ClassificationTask) and task.data.label_names != names:
-        raise DataError(f"the run's classes ({', '.join(names)}) differ from its data's now "
-                        f"({', '.join(task.data.label_names)}): was {task.data.train.source} changed?")
+    task, adapted, source = build_task(cfg, device, progress, data=no_examples(record))
+    task.tokenizer.truncation_side = record["tokenizer"]["truncation_side"]
     sizes = summary["client_sizes"]
     method = method_class(adapted, cfg, sizes if sizes is not None else population_sizes(cfg))
     method.load_state_dict(state["method"])
@@ -98,6 +108,100 @@ def load_trained(folder: str | Path, overrides: Iterable[str] = (), data: str | 
     adapted.load_state(method.eval_state())
     adapted.model.eval()
     return FinishedRun(folder, cfg, read_log(folder / ROUNDS_LOG), summary, task, adapted, source)
+
+
+def read_record(folder: Path) -> dict | None:
+    """The run's model.json, or None for a run written before it existed."""
+    path = folder / MODEL_RECORD
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FedloraError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise FedloraError(f"{path}: not a fedlora model record (format {RECORD_FORMAT!r})")
+    return record
+
+
+def older_record(folder: Path, summary: dict) -> dict:
+    """What model.json would hold, for a run written before it: read off the run's training data, which
+    must still be where the config names it."""
+    cfg = build_config(json.loads(json.dumps(summary["config"])))
+    source = summary.get("model_source")
+    if cfg.model.path and not Path(cfg.model.path).is_dir() and source and Path(source).is_dir():
+        cfg.model.path = source
+    kind = task_kind(cfg.data, cfg.model.name)
+    try:
+        data = load_task_data(cfg.data, kind)
+    except FedloraError as err:
+        raise FedloraError(f"{folder} has no {MODEL_RECORD} (a run of an older fedlora): its model is rebuilt "
+                           f"from its training data, which cannot be read: {err}") from None
+    names = summary.get("labels")
+    classifier = kind == "classification"
+    if classifier and names is not None and data.label_names != names:
+        raise DataError(f"the run's classes ({', '.join(names)}) differ from its data's now "
+                        f"({', '.join(data.label_names)}): was {data.train.source} changed?")
+    return {"kind": kind, "labels": names, "pair": classifier and data.train.text_b is not None,
+            "tokenizer": {"truncation_side": "right"}, "method": {"name": cfg.method.name, "class": None},
+            "model_source": source, "config": summary["config"]}
+
+
+def import_method(method: dict) -> None:
+    """Register the run's method when it is not built in: import the module its record names (which registers
+    it with register_method, or holds the class)."""
+    if method["name"] in METHODS or not method.get("class"):
+        return
+    module_name, _, qualname = method["class"].partition(":")
+    if module_name == "__main__":
+        raise FedloraError(f"the run's method {method['name']!r} is the class {qualname} of a script or notebook "
+                           f"(module '__main__'), which cannot be imported: define it in a module on the Python "
+                           f"path to use the run")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise FedloraError(f"the run's method {method['name']!r} is the class {qualname} of module "
+                           f"{module_name!r}, which cannot be imported ({type(err).__name__}: {err}): install "
+                           f"it or put its folder on PYTHONPATH") from None
+    if method["name"] not in METHODS:
+        cls = module
+        for part in qualname.split("."):
+            cls = getattr(cls, part, None)
+        if cls is None:
+            raise FedloraError(f"the run's method {method['name']!r}: module {module_name!r} has no {qualname}")
+        register_method(cls)
+
+
+def no_examples(record: dict):
+    """Data without examples, carrying what the model needs: the class names and whether it reads pairs."""
+    if record["kind"] == "classification":
+        names = list(record["labels"])
+        # one textless row per class: build_task refuses training data of fewer than two classes
+        k = len(names)
+        classes = ClassificationSplit([""] * k, [""] * k if record["pair"] else None, list(range(k)), "no examples")
+        return ClassificationData(train=classes, eval=classes.select([]), num_labels=k, label_names=names)
+    empty = InstructionSplit(prompts=[], targets=[], answers=[], tasks=[], options=[])
+    return InstructionData("no examples", empty, empty)
+
+
+def evaluation_split(data: DataConfig, label_names: list[str] | None):
+    """The evaluation split `data` describes, read alone where it is a file of its own; a classifier's labels
+    as ids of the run's classes. An unreachable one is refused, saying to give --data."""
+    hint = "evaluate on a file with --data FILE (read with the run's columns) or a data set preset"
+    if not (data.name or data.path or data.eval_path or data.hub_id):
+        raise DataError(f"the run's evaluation data was held in memory: {hint}")
+    if data.eval_path and not Path(data.eval_path).is_file():
+        raise DataError(f"the run's evaluation file {data.eval_path} is not there: {hint}")
+    if not data.eval_path and data.path and not Path(data.path).is_file():
+        raise DataError(f"the run evaluated on its training file {data.path} (held-out rows or its evaluation "
+                        f"file beside it), which is not there: {hint}")
+    if label_names is not None:
+        return load_evaluation(data, label_names)
+    if data.eval_path and data.holdout_fraction is None:
+        path = Path(data.eval_path)
+        split = read_instruction_file(path, default_task(path), "answer")
+        return split.select([i for i, t in enumerate(split.tasks) if t in data.tasks]) if data.tasks else split
+    return load_instructions(data).eval
 
 
 def evaluation_data(section: dict, data: str) -> dict:
@@ -114,28 +218,61 @@ def evaluation_data(section: dict, data: str) -> dict:
 
 # ---------------------------------------------------------------- predictions
 
-def read_inputs(lines: Iterable[str], source: str, keys: list[str]) -> Iterator[tuple[int, list[str]]]:
-    """(line number, texts) of every non-blank input line: a JSON object (texts under `keys`, the first
-    one required), a JSON string, or plain text (two texts separated by a tab)."""
+def parse_input(line: str, keys: list[str]) -> list[str]:
+    """The texts of one input line: a JSON object (texts under `keys`, the first one required), a JSON string
+    or list, or plain text (two texts separated by a tab); a ValueError saying why the line cannot be used.
+    A line that starts with `{` is read as a JSON object and must be one."""
+    if not line.strip():
+        raise ValueError("blank line (no text)")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        if line.lstrip().startswith("{"):
+            raise ValueError(f"not a valid JSON object ({err.msg} at column {err.colno})") from None
+        value = None
+    if isinstance(value, dict):
+        missing = [k for k in keys if k not in value][:1 if len(keys) == 1 else None]
+        if missing:
+            raise ValueError(f"no key {missing[0]!r} (keys: {', '.join(value) or 'none'})")
+        texts = [value[k] for k in keys]
+        names = [repr(k) for k in keys]
+    else:
+        if isinstance(value, str):
+            texts = [value]
+        elif isinstance(value, list):
+            texts = value
+        else:  # plain text, or JSON of another kind (a number) read as text
+            texts = line.split("\t") if len(keys) > 1 else [line]
+        names = ["the first text", "the second text"] if len(keys) > 1 else ["the text"]
+    if len(texts) != len(keys):
+        raise ValueError(f"expected {len(keys)} text{'s' if len(keys) > 1 else ''} ({' and '.join(keys)}), "
+                         f"got {len(texts)}" + (": this model classifies pairs" if len(keys) > 1 else ""))
+    for name, text in zip(names, texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{name} is not text (a JSON {type(text).__name__})")
+        if not text.strip():
+            raise ValueError(f"{name} is empty")
+    return texts
+
+
+def predict_lines(run: FinishedRun, lines: Iterable[str], source: str) -> list[dict]:
+    """One result per input line, in order: the prediction, or {"line": n, "error": why} for a line that
+    cannot be used. No lines at all is refused."""
+    keys = input_keys(run)
+    parsed: dict[int, list[str]] = {}
+    results: list[dict] = []
     for number, line in enumerate(lines, start=1):
-        line = line.rstrip("\r\n")
-        if not line.strip():
-            continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            value = line.split("\t") if len(keys) > 1 else [line]
-        if isinstance(value, dict):
-            if keys[0] not in value:
-                raise DataError(f"{source} line {number}: no key {keys[0]!r} (keys: {', '.join(value) or 'none'})")
-            value = [value[k] for k in keys if k in value]
-        elif isinstance(value, str):
-            value = [value]
-        elif not isinstance(value, list):
-            value = [line]
-        if not all(isinstance(v, str) and v.strip() for v in value) or len(value) > len(keys):
-            raise DataError(f"{source} line {number}: expected {' and '.join(keys)} as text")
-        yield number, value
+            parsed[len(results)] = parse_input(line.rstrip("\r\n"), keys)
+            results.append({})
+        except ValueError as err:
+            results.append({"line": number, "error": str(err)})
+    if not results:
+        raise DataError(f"{source}: no input lines (one input per line: plain text, a JSON string or a JSON "
+                        f"object with {', '.join(keys)})")
+    for k, result in zip(parsed, predict(run, list(parsed.values()))):
+        results[k] = result
+    return results
 
 
 def input_keys(run: FinishedRun) -> list[str]:
@@ -201,7 +338,9 @@ def export_merged(run: FinishedRun, out: str | Path) -> Path:
     if names is not None:
         adapted.model.config.update(label_config(names))
     adapted.model.save_pretrained(out, state_dict=adapted.base_model_state_dict())
-    run.task.tokenizer.save_pretrained(out)
+    tokenizer = run.task.tokenizer
+    tokenizer.model_max_length = run.task.max_length  # the length the model was trained and evaluated at
+    tokenizer.save_pretrained(out)
     if names is not None:
         write_labels(out, names)
     return out
@@ -216,6 +355,7 @@ def format_metrics(metrics: dict[str, float], n: int) -> str:
 
 
 def evaluated_count(run: FinishedRun) -> int:
+    run.load_eval_data()
     return len(run.task.eval_indices(run.config.eval.max_examples))
 
 

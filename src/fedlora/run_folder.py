@@ -18,6 +18,7 @@ except ImportError:  # not POSIX: no lock
     fcntl = None
 
 LOCK, SUMMARY, ROUNDS_LOG = ".lock", "summary.json", "rounds.jsonl"
+MODEL_RECORD = "model.json"  # what the trained model needs (export.write_record)
 
 
 def prepare(folder: Path) -> None:
@@ -86,6 +87,9 @@ def read_summary(folder: str | Path) -> dict:
     """A finished run's summary.json (with its config), or one line saying why the folder has none."""
     folder = Path(folder)
     path = folder / SUMMARY
+    if folder.is_file():
+        raise FedloraError(f"{folder}: a file, not a run folder (the folder `fedlora run --out` writes, with "
+                           f"{SUMMARY}, {ROUNDS_LOG} and the trained adapter)")
     if not folder.is_dir():
         raise FedloraError(f"{folder}: no such run folder")
     if not path.is_file():

@@ -38,7 +38,7 @@ class Simulator:
         self.task, self.adapted, self.model = task, adapted, adapted.model
         self.shards = client_shards(cfg, task)
         self.server = FederationServer(cfg, out_dir, task, adapted, source, shard_sizes(self.shards),
-                                       progress=progress)
+                                       progress=progress, shards=self.shards)
         self.method = self.server.method
         self.trainer = ClientTrainer(cfg, task, adapted, self.method, self.server.plan, self.shards)
 

@@ -113,7 +113,7 @@ def load_evaluation(cfg: DataConfig, label_names: list[str]) -> ClassificationSp
         text_columns, label_column = _columns(cfg, preset)
         table = _read_file(_existing_file(cfg.eval_path, "data.eval_path"), text_columns, label_column, cfg.header)
         integer_ids = preset is not None and list(preset.label_names) == list(label_names)
-        ids = encode_split(table, label_names, integer_ids, "the model's training data")
+        ids = encode_split(table, label_names, integer_ids, "of the trained model")
         return ClassificationSplit(table.text_a, table.text_b, ids, table.source)
     data = load_classification(cfg)
     return relabel(data.eval, data.label_names, label_names)

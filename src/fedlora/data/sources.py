@@ -315,7 +315,8 @@ def label_vocabulary(train: _Table, preset_names: list[str] | None = None) -> tu
 
 
 def encode_split(table: _Table, names: list[str], integer_ids: bool, train_source: str) -> list[int]:
-    """The ids of a split's labels under a training split's names (see `label_vocabulary`)."""
+    """The ids of a split's labels under a training split's names (see `label_vocabulary`); `train_source`
+    completes "the training data ...": a file's path, or "of the trained model"."""
     index = {name: k for k, name in enumerate(names)}
     ids = []
     for i, value in enumerate(table.labels):
@@ -345,6 +346,17 @@ def describe_labels(data: ClassificationData) -> str:
         counts[label] += 1
     pairs = ", ".join(f"{name!r} -> {k} ({n})" for k, (name, n) in enumerate(zip(data.label_names, counts)))
     return f"{data.num_labels} classes in {data.train.source} (label -> id (training rows)): {_shorten(pairs, 400)}"
+
+
+def check_classes(data: ClassificationData) -> None:
+    """Refuse training data of fewer than two classes: a classifier learns nothing from it, and its accuracy
+    (against a chance level of 1) would look perfect."""
+    present = sorted(set(data.train.labels))
+    if len(present) < 2:
+        found = (f"only class {data.label_names[present[0]]!r} ({len(data.train):,} rows)" if present
+                 else "no class")
+        raise DataError(f"{data.train.source}: the training data has {found}; a classifier needs at least two "
+                        "(is data.label_column the right column?)")
 
 
 def encode_labels(train: _Table, evaluation: _Table,

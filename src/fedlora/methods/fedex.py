@@ -10,6 +10,7 @@ from .base import Aggregate, Method, weighted_sum
 
 class FedExLoRA(Method):
     name = "fedex"
+    exact = True
     summed = False
     trains = uploads = downloads = ("lora_A", "lora_B")
     changes_base = True

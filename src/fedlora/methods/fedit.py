@@ -8,5 +8,6 @@ from .base import Method
 
 class FedIT(Method):
     name = "fedit"
+    exact = False
     trains = uploads = downloads = ("lora_A", "lora_B")
     heterogeneous_ranks = True

@@ -9,6 +9,7 @@ from .base import Method
 
 class FedSALoRA(Method):
     name = "fedsa"
+    exact = False
     trains = ("lora_A", "lora_B")
     uploads = downloads = ("lora_A",)
     keeps_own_state = True

@@ -28,6 +28,7 @@ def refactorise(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 class FedSVD(Method):
     name = "fedsvd"
+    exact = True
     trains = uploads = ("lora_B",)
     downloads = ("lora_A", "lora_B")
     carries_optimizer_state = False  # B is expressed in a new basis after every round

@@ -9,5 +9,6 @@ from .base import Method
 
 class FFALoRA(Method):
     name = "ffa"
+    exact = True
     trains = uploads = downloads = ("lora_B",)
     heterogeneous_ranks = True

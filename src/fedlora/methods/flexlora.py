@@ -21,6 +21,7 @@ from .base import Aggregate, Method, weighted_sum
 
 class FlexLoRA(Method):
     name = "flexlora"
+    exact = False
     summed = False
     heterogeneous_ranks = True
     trains = uploads = downloads = ("lora_A", "lora_B")

@@ -14,6 +14,7 @@ from .base import Aggregate, Method
 
 class FLoRA(Method):
     name = "flora"
+    exact = True
     summed = False
     heterogeneous_ranks = True  # stacking takes factors of any rank: B_s is d_out x sum r_i
     trains = uploads = ("lora_A", "lora_B")

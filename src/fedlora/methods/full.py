@@ -4,6 +4,7 @@ from .base import Method
 
 class FullFedAvg(Method):
     name = "full"
+    exact = True
     parameterisation = "full"
     trains = uploads = downloads = ("weight",)
 

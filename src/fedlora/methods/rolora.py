@@ -14,6 +14,7 @@ from .base import Method
 
 class RoLoRA(Method):
     name = "rolora"
+    exact = True
     trains = uploads = downloads = ("lora_A", "lora_B")  # over two rounds; trains_in says which
     carries_optimizer_state = False  # a kept state would belong to the other factor
 
