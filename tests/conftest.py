@@ -180,6 +180,8 @@ def sim_config(tiny_bert_dir, toy_data):
             "eval": {"every": 1},
             "fedsb": {"init_examples": 24},
         }
+        if sections.get("data", {}).get("partition", "dirichlet") != "dirichlet":
+            del raw["data"]["dirichlet_alpha"]  # set where it applies: it is refused where it has no effect
         return config_with(raw, sections)
 
     return make

@@ -7,6 +7,7 @@ from fedlora.api import load_config, make_config as build_config
 from fedlora.cli import main
 from fedlora.config import apply_overrides
 from fedlora.errors import ConfigError
+from fedlora.methods import METHODS
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -226,3 +227,34 @@ def test_eval_of_a_config_file_says_it_is_not_a_run_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"fedlora: error: {config}: a file, not a run folder (the folder `fedlora run --out` writes, "
                    "with summary.json, rounds.jsonl and the trained adapter)\n")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.momentum=0.9"], r"train.momentum = 0.9 has no effect with train.optimizer = 'adamw'"),
+    (["data.partition='iid'", "data.dirichlet_alpha=0.1"],
+     r"data.dirichlet_alpha = 0.1 has no effect with data.partition = 'iid'"),
+])
+def test_a_setting_without_effect_is_refused_naming_both_keys(overrides, message):
+    from fedlora.api import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    load_config(None, ["train.optimizer='sgd'", "train.momentum=0.9"])  # where they apply, they are taken
+    load_config(None, ["data.partition='dirichlet'", "data.dirichlet_alpha=0.1"])
+    load_config(None, ["data.partition='iid'", "data.dirichlet_alpha=0.5"])  # the default: nothing is lost
+
+
+def test_another_methods_settings_are_a_warning_on_the_console_and_in_the_summary(sim_config, tmp_path, capsys):
+    from fedlora.simulator import Simulator
+
+    cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 1}, fedsb={"init_examples": 48, "init": "dense"},
+                     hetlora={"decay": 0.5})
+    summary = Simulator(cfg, tmp_path, progress=True).run()
+    expected = ["fedsb.init, fedsb.init_examples have no effect with method.name = 'ffa' (only a method of the "
+                "fedsb family reads them)",
+                "hetlora.decay has no effect with method.name = 'ffa' (only a method of the hetlora family reads "
+                "them)"]
+    assert summary["warnings"] == expected
+    printed = capsys.readouterr().err
+    assert all(f"warning: {w}" in printed for w in expected)
+    assert METHODS["fedsb"].ignored_settings(sim_config(method={"name": "fedsb"}, fedsb={"init_examples": 48})) == []

@@ -88,8 +88,8 @@ def test_clients_trained_together_on_cuda_equal_training_them_alone(cfg_parallel
                                                                      mode):
     dp = mode == "dp"
     sections = dict(device="cuda", method={"name": method},
-                    train={"batch_size": 2 if dp else 16, "optimizer": "sgd" if mode == "sgd" else "adamw",
-                           "momentum": 0.9},
+                    train={"batch_size": 2 if dp else 16} | (
+                        {"optimizer": "sgd", "momentum": 0.9} if mode == "sgd" else {"optimizer": "adamw"}),
                     federation={"num_clients": 4, "clients_per_round": 3, "rounds": 2},
                     privacy={"noise_multiplier": 1.0, "clip_norm": 0.5, "randomness": "seeded"} if dp else {})
     alone, joint = assert_runs_match(cfg_parallel, tmp_path, ADAMW_TOLERANCE if mode == "adamw" else GPU_TOLERANCE,

@@ -138,6 +138,13 @@ class DataConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _partition_settings(self):
+        if "dirichlet_alpha" in changed_keys(self) and self.partition != "dirichlet":
+            raise ValueError(f"data.dirichlet_alpha = {self.dirichlet_alpha} has no effect with data.partition = "
+                             f"'{self.partition}' (it applies to 'dirichlet')")
+        return self
+
+    @model_validator(mode="after")
     def _one_evaluation_source(self):
         for key in ("eval_path", "eval_split"):
             if self.holdout_fraction is not None and getattr(self, key):
@@ -194,6 +201,12 @@ class FederationConfig(Section):
         return self
 
 
+def changed_keys(section: BaseModel) -> set[str]:
+    """The keys a section was given away from their defaults (a full dump holds every key, at its default or
+    not, so being given is not enough)."""
+    return {k for k in section.model_fields_set if getattr(section, k) != type(section).model_fields[k].default}
+
+
 class ServerConfig(Section):
     """What the server checks and how it combines the updates it accepts."""
     max_update_norm: Annotated[float, annotated_types.Gt(0)] | Literal["auto", "off"] | None = Field(
@@ -232,6 +245,13 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 (counted over the whole run)")
 
     _integer_or_auto = field_validator("physical_batch_size", mode="before")(_integer_or_auto)
+
+    @model_validator(mode="after")
+    def _optimizer_settings(self):
+        if "momentum" in changed_keys(self) and self.optimizer != "sgd":
+            raise ValueError(f"train.momentum = {self.momentum} has no effect with train.optimizer = "
+                             f"'{self.optimizer}' (it applies to 'sgd')")
+        return self
 
 
 class EvalConfig(Section):
@@ -317,7 +337,7 @@ class PrivacyConfig(Section):
     @model_validator(mode="after")
     def _unit_settings(self):
         # a key of the other unit away from its default would be ignored: refused (a full dump holds every key)
-        changed = {k for k in self.model_fields_set if getattr(self, k) != type(self).model_fields[k].default}
+        changed = changed_keys(self)
         other = (CLIENT_LEVEL_KEYS if self.unit == "example" else EXAMPLE_LEVEL_KEYS) & changed
         if other:
             key = sorted(other)[0]

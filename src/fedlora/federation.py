@@ -89,6 +89,7 @@ class FederationServer:
         self.shards = shards
         self._fingerprint: dict | None = None
         method_class = check_method(cfg)
+        self.warnings = method_class.ignored_settings(cfg)  # shown at the start and kept in summary.json
         self.plan = FederationPlan(cfg, client_sizes)
         self.method = method_class(adapted, cfg, client_sizes)
         self.totals = {"bytes_up": 0, "bytes_down": 0}
@@ -183,6 +184,8 @@ class FederationServer:
     def begin(self, resume: bool, resume_hint: str = RESUME_HINT) -> int:
         """Start or resume the run in its folder (held by the caller); the first round still to run (0: the
         set-up exchange)."""
+        for warning in self.warnings if self.progress else []:
+            print(f"warning: {warning}", file=sys.stderr)
         if self.run.start(resume, resume_hint):
             return self.load_checkpoint() + 1
         if self.progress and self.label_names is not None:
@@ -401,6 +404,7 @@ class FederationServer:
             "bytes_up_total": self.totals["bytes_up"],
             "bytes_down_total": self.totals["bytes_down"],
             "trained_numbers": self.method.trained_numbers(),  # per client: adapter and head
+            "warnings": self.warnings,
             "client_sizes": self.client_sizes if isinstance(self.client_sizes, list) else None,  # None: sampled
             "model_source": self.model_source,
             "labels": self.label_names,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..adapters import AdaptedModel
 from ..aggregation import combine
-from ..config import Config
+from ..config import Config, changed_keys
 from ..errors import ConfigError
 from ..privacy.client_level import client_level_plan
 
@@ -96,6 +96,9 @@ def methods_where(flag: str) -> str:
     return ", ".join(name for name, method in METHODS.items() if getattr(method, flag))
 
 
+METHOD_SECTIONS = ("fedsb", "hetlora")
+
+
 class Method:
     name: ClassVar[str]
     parameterisation: ClassVar[str] = "lora"
@@ -114,6 +117,21 @@ class Method:
     # whether a client's optimizer state may be kept across rounds (train.keep_optimizer_state): not where
     # the trained tensors change meaning between rounds (RoLoRA trains another factor, FedSVD re-factorises)
     carries_optimizer_state: ClassVar[bool] = True
+    # the method sections of the config (Config's `fedsb`, `hetlora`) this method reads
+    settings: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def ignored_settings(cls, cfg: Config) -> list[str]:
+        """Warnings for method sections given away from their defaults that this method never reads (a recipe
+        may keep them for another method it is switched to, so they are not refused)."""
+        found = []
+        for section in METHOD_SECTIONS:
+            keys = sorted(changed_keys(getattr(cfg, section)))
+            if keys and section not in cls.settings:
+                found.append(f"{', '.join(f'{section}.{k}' for k in keys)} {'has' if len(keys) == 1 else 'have'} "
+                             f"no effect with method.name = '{cls.name}' (only a method of the {section} family "
+                             "reads them)")
+        return found
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

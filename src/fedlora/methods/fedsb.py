@@ -38,6 +38,7 @@ def set_up_step(cfg) -> float:
 
 class FedSB(Method):
     name = "fedsb"
+    settings = ("fedsb",)
     exact = True
     parameterisation = "lorasb"
     trains = uploads = downloads = ("lora_R",)

@@ -35,6 +35,7 @@ from .base import Aggregate, Method, weighted_sum
 
 class HetLoRA(Method):
     name = "hetlora"
+    settings = ("hetlora",)
     exact = False
     summed = False
     heterogeneous_ranks = True
