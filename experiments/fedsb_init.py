@@ -2,7 +2,8 @@
 3 IID clients, all-MiniLM-L6-v2, Fed-SB r = 32 at the reproduction's tuned learning rate, no DP), 3 seeds:
 round-0 bytes up and down, final accuracy, and accuracy at equal total bytes (within the bytes, up and down,
 of a whole run of the default variant, sign_sketch: each run's last evaluation whose bytes so far stay within
-them; "-" where the set-up alone sends more).
+them; "-" where the set-up alone sends more). Every variant takes the default set-up step (the reference's rule,
+docs/methods.md); former_step is sign_sketch with the step fedlora took before, eta = train.lr.
 
 Every run is a `fedlora run` into OUT/<name>; finished runs are kept and skipped when the script runs
 again. Writes results/fedsb_init.json and results/fedsb_init.md.
@@ -28,6 +29,8 @@ VARIANTS = {"dense": ["fedsb.init='dense'"], "sketch": ["fedsb.init='sketch'"],
             "sign_sketch": ["fedsb.init='sign_sketch'"], "signs": ["fedsb.init='signs'"],
             "public": ["fedsb.init='sign_sketch'", "fedsb.init_data='public'"]}
 RANK = 32
+# the default variant with the set-up step eta = train.lr, fedlora's default before the reference's rule
+FORMER_STEP = "former_step"
 
 
 def main():
@@ -40,9 +43,10 @@ def main():
     out, results_dir = Path(args.out), Path(args.results)
     lr = json.loads((results_dir / "reproduce.json").read_text())["learning_rates"]["fedsb"]
 
+    variants = VARIANTS | {FORMER_STEP: ["fedsb.init='sign_sketch'", f"fedsb.init_lr={lr}"]}
     jobs = [(f"{variant}_s{seed}", "sst2", ["method.name='fedsb'", f"adapter.rank={RANK}", f"train.lr={lr}",
                                             f"seed={seed}", "eval.every=1"] + settings)
-            for variant, settings in VARIANTS.items() for seed in args.seeds]
+            for variant, settings in variants.items() for seed in args.seeds]
     results = run_all(jobs, out, args.jobs)
     failed = {name: r["error"] for name, r in results.items() if "error" in r}
     runs = {name: read_run(out / name) for name, r in results.items() if "accuracy" in r}
@@ -50,7 +54,7 @@ def main():
     budget = max(run.total_bytes[-1] for name, run in runs.items() if name.startswith("sign_sketch_"))
 
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         mine = [runs[f"{variant}_s{seed}"] for seed in args.seeds if f"{variant}_s{seed}" in runs]
         if not mine:
             continue
