@@ -526,6 +526,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, parsed["v"] if parsed.keys() == {"v"} else text
 
 
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (what parse_override reads back): strings quoted, booleans lower-case, lists
+    of such values."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _section_class(annotation: Any) -> type[BaseModel] | None:
     """The section class in a field's type (`DataConfig | None` -> DataConfig); None for a plain value."""
     for kind in (annotation, *get_args(annotation)):

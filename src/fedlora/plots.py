@@ -15,6 +15,7 @@ import numpy as np
 from .config import differing_keys
 from .errors import FedloraError
 from .run_folder import ROUNDS_LOG, SUMMARY
+from .tuning import higher_is_better
 
 
 @dataclass
@@ -123,6 +124,12 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
+def _check_metric(runs: list[Run], metric: str) -> None:
+    missing = [str(r.path) for r in runs if metric not in r.values]
+    if missing:
+        raise FedloraError(f"metric '{metric}' is not in the evaluations of: {', '.join(missing)}")
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -136,9 +143,7 @@ def _pyplot():
 def figure(runs: list[Run], metric: str = "accuracy", title: str | None = None):
     """The matplotlib figure `plot_runs` writes."""
     plt = _pyplot()
-    missing = [str(r.path) for r in runs if metric not in r.values]
-    if missing:
-        raise FedloraError(f"metric '{metric}' is not in the evaluations of: {', '.join(missing)}")
+    _check_metric(runs, metric)
     groups = _groups(runs)
     all_eps = {eps for _, eps in groups}
     private = any(eps != math.inf for eps in all_eps)
@@ -202,15 +207,13 @@ def pareto_figure(runs: list[Run], metric: str = "accuracy", title: str | None =
     label (method and rank) at the mean over its seeds, the seeds' sample standard deviation as error bars,
     one colour per method, the non-dominated points joined."""
     plt = _pyplot()
-    missing = [str(r.path) for r in runs if metric not in r.values]
-    if missing:
-        raise FedloraError(f"metric '{metric}' is not in the evaluations of: {', '.join(missing)}")
+    _check_metric(runs, metric)
     groups = _groups(runs)
     settings = sorted({eps for _, eps in groups})
     methods = sorted({label.split(" r=")[0] for label, _ in groups})
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.6), squeeze=False)
-    higher = not any(word in metric for word in ("loss", "perplexity"))
+    higher = higher_is_better(metric)
     for ax, eps in zip(axes[0], settings):
         points, shown = [], set()
         for (label, e), members in groups.items():

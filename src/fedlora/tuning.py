@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import config as config_module
-from .config import Config, apply_overrides, build_config, parse_override
+from .config import Config, apply_overrides, parse_override, toml_value
 from .errors import ConfigError
 from .files import atomic_write
 from .run_folder import ROUNDS_LOG, read_log, read_summary
@@ -92,17 +92,13 @@ def _split_values(text: str) -> list[str]:
     return [p for p in (*parts, current) if p.strip()]
 
 
-def _toml_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) \
-        else repr(value)
-
-
 def _trial_name(index: int, setting: Mapping[str, Any], seed: int) -> str:
     words = "_".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in setting.items())
     return f"{index:03d}_{re.sub(r'[^A-Za-z0-9.=_+-]+', '-', words)[:80]}_seed{seed}"
 
 
-def _higher_is_better(metric: str) -> bool:
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of the metric is better (not for losses, perplexities, errors)."""
     return not any(word in metric for word in ("loss", "perplexity", "error"))
 
 
@@ -125,7 +121,7 @@ def _metric_of(folder: Path, metric: str, pick: str) -> float:
     if not values:
         have = ", ".join(summary["final_eval"]) or "none"
         raise ConfigError(f"--metric {metric}: the trial in {folder} reports no such metric (it has: {have})")
-    return max(values) if _higher_is_better(metric) else min(values)
+    return max(values) if higher_is_better(metric) else min(values)
 
 
 def _read_trial(trial: Trial, metric: str, pick: str) -> None:
@@ -166,7 +162,7 @@ def tune(config: str | Path | Mapping | Config | None, grid: Mapping[str, Sequen
     trials, configs = [], []
     for i, setting in enumerate(combos):
         for s in range(seeds):
-            changes = [f"{k}={_toml_value(v)}" for k, v in setting.items()]
+            changes = [f"{k}={toml_value(v)}" for k, v in setting.items()]
             changes += [f"seed={base_seed + s}", f"data.holdout_fraction={fraction}"]
             if data is not None:  # the run's record says its data came from memory, not from a preset
                 changes += ["data.name='none'"]
@@ -196,9 +192,9 @@ def tune(config: str | Path | Mapping | Config | None, grid: Mapping[str, Sequen
         values = [t.metric for t in trials if t.setting == setting]
         scores.append({"setting": setting, "mean": statistics.fmean(values),
                        "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)})
-    better = max if _higher_is_better(metric) else min
+    better = max if higher_is_better(metric) else min
     best = better(scores, key=lambda row: row["mean"])["setting"]
-    chosen = apply_overrides(json.loads(json.dumps(raw)), [f"{k}={_toml_value(v)}" for k, v in best.items()])
+    chosen = apply_overrides(json.loads(json.dumps(raw)), [f"{k}={toml_value(v)}" for k, v in best.items()])
     best_config = make_config(chosen)
     result = Tuning(out, metric, pick, trials, best, scores, best_config)
     _write(result, raw, chosen, grid, fraction, private)

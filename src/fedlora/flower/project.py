@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, build_config
+from ..config import Config, build_config, toml_value
 from ..errors import ConfigError
 from ..methods import check_method
 
@@ -35,16 +35,10 @@ def _flat(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
         elif isinstance(value, dict):  # a section that is given, with every key at its default
             out[prefix + key] = "{}"
         elif isinstance(value, list):
-            out[prefix + key] = "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+            out[prefix + key] = toml_value(value)
         else:
             out[prefix + key] = "none" if value is None else value
     return out
-
-
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def to_run_config(cfg: Config) -> dict[str, Any]:
