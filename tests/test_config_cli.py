@@ -1,5 +1,6 @@
 """Configs and the command line: bad input gives one line naming the key or the file."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -258,3 +259,38 @@ def test_another_methods_settings_are_a_warning_on_the_console_and_in_the_summar
     printed = capsys.readouterr().err
     assert all(f"warning: {w}" in printed for w in expected)
     assert METHODS["fedsb"].ignored_settings(sim_config(method={"name": "fedsb"}, fedsb={"init_examples": 48})) == []
+
+
+def test_a_config_files_paths_resolve_against_its_folder_and_set_against_the_working_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    (folder / "c.toml").write_text(
+        '[model]\npath = "../models/tiny"\n[data]\nname = "none"\npath = "data/train.csv"\n'
+        f'eval_path = "{tmp_path / "elsewhere" / "dev.csv"}"\nroot = "~/presets"\n'
+        '[fedsb]\ninit_data = "public"\n[fedsb.public_data]\nname = "none"\npath = "public.csv"\n')
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(folder / "c.toml")
+    assert cfg.model.path == str(tmp_path / "project" / "models" / "tiny")
+    assert cfg.data.path == str(folder / "data" / "train.csv")
+    assert cfg.data.eval_path == str(tmp_path / "elsewhere" / "dev.csv")  # absolute paths stay as written
+    assert cfg.data.root == str(Path("~/presets").expanduser())
+    assert cfg.fedsb.public_data.path == str(folder / "public.csv")
+    # a relative config path gives paths relative to the working folder, as short as the user wrote them
+    monkeypatch.chdir(tmp_path / "project")
+    assert load_config("configs/c.toml").data.path == "configs/data/train.csv"
+    # --set values are the command line's: relative to the working folder
+    assert load_config("configs/c.toml", ["data.path='mine.csv'"]).data.path == "mine.csv"
+
+
+def test_a_config_run_from_another_folder_finds_its_data(tmp_path, monkeypatch, capsys, tiny_bert_dir):
+    from conftest import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "news"
+    assert main(["run", str(ROOT / "examples" / "news.toml"), "--quiet", "--out", str(out),
+                 "--set", f"model.path='{tiny_bert_dir}'", "--set", "federation.rounds=1",
+                 "--set", "train.local_steps=1", "--set", "eval.max_examples=16"]) == 0
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert config["data"]["path"] == str(ROOT / "examples" / "data" / "news_train.csv")

@@ -7,7 +7,7 @@ import pytest
 
 import fedlora.simulator
 from fedlora.cli import main
-from fedlora.config import build_config
+from fedlora.config import build_config, load_config
 from fedlora.errors import ConfigError
 from fedlora.tuning import parse_grid, tune
 
@@ -153,3 +153,15 @@ every = 1
     assert {path.name for path in opened} == {"train.tsv"}
     assert all(0.0 <= t.metric <= 1.0 for t in result.trials) and result.best["train.lr"] in (0.01, 0.05)
     assert result.best == max(result.scores, key=lambda row: row["mean"])["setting"]
+
+
+def test_best_toml_keeps_the_configs_paths_working_from_its_own_folder(fake_runs, tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "c.toml"
+    config.write_text('[method]\nname = "ffa"\n[data]\nname = "none"\npath = "train.csv"\n')
+    monkeypatch.chdir(tmp_path)
+    tune("configs/c.toml", {"train.lr": [0.001, 0.01]}, out="runs/t", progress=False)
+    assert {c.data.path for c in fake_runs} == {"configs/train.csv"}
+    best = build_config(tomllib.loads((tmp_path / "runs" / "t" / "best.toml").read_text()))
+    assert best.data.path == "../../configs/train.csv"
+    assert load_config(tmp_path / "runs" / "t" / "best.toml").data.path == str(tmp_path / "configs" / "train.csv")

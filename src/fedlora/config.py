@@ -5,6 +5,7 @@ Every section rejects unknown keys; every error names the dotted key at fault.
 from __future__ import annotations
 
 import math
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -585,6 +586,36 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
 
 
+_DATA_PATH_KEYS = ("root", "path", "eval_path", "client_paths", "client_eval_paths")
+# the keys whose values are file system paths, by section
+PATH_KEYS = {("model",): ("path",), ("data",): _DATA_PATH_KEYS, ("fedsb", "public_data"): _DATA_PATH_KEYS}
+
+
+def map_paths(raw: dict[str, Any], change) -> dict[str, Any]:
+    """`raw` (a config as nested dicts, changed in place) with `change` applied to every path it sets."""
+    for where, keys in PATH_KEYS.items():
+        section = raw
+        for name in where:
+            section = section.get(name) if isinstance(section, dict) else None
+        if not isinstance(section, dict):
+            continue
+        for key in keys:
+            value = section.get(key)
+            if isinstance(value, str) and value:
+                section[key] = change(value)
+            elif isinstance(value, list):
+                section[key] = [change(v) if isinstance(v, str) and v else v for v in value]
+    return raw
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config file's settings, with its relative paths resolved against the file's folder (as Cargo and
+    pyproject do), so a config works from any working folder; `--set` values stay relative to the working
+    folder."""
+    folder = path.parent
+    return map_paths(_read_toml(path), lambda value: os.path.normpath(folder / Path(value).expanduser()))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    raw = _read_toml(Path(path)) if path is not None else {}
+    raw = read_config_file(Path(path)) if path is not None else {}
     return build_config(apply_overrides(raw, overrides or []))

@@ -112,7 +112,9 @@ def markdown() -> str:
              "A run is configured by a TOML file with the tables below. Every key has a default: a file gives only "
              "the keys it changes. Unknown keys and impossible values are refused with a message naming the key. "
              "`--set section.key=value` overrides one key on the command line (the value is read as TOML). "
-             "The same keys, at their defaults with their descriptions, as a TOML file to start from:", "",
+             "A relative path in a config file (`model.path`, `data.root`, `data.path`, `data.eval_path`, the "
+             "per-client file lists) is relative to the file's folder; one given with `--set`, to the working "
+             "folder. The same keys, at their defaults with their descriptions, as a TOML file to start from:", "",
              "    .venv/bin/fedlora config", "", "## Top level", ""]
     lines += _table(Config, "")
     for name, section in _sections():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import statistics
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import config as config_module
-from .config import Config, apply_overrides, parse_override, toml_value
+from .config import Config, apply_overrides, map_paths, parse_override, toml_value
 from .errors import ConfigError
 from .files import atomic_write
 from .run_folder import ROUNDS_LOG, read_log, read_summary
@@ -107,7 +108,7 @@ def _raw_config(config: str | Path | Mapping | Config | None) -> dict:
     if config is None:
         return {}
     if isinstance(config, (str, Path)):
-        return config_module._read_toml(Path(config))
+        return config_module.read_config_file(Path(config))
     return json.loads(json.dumps(config.to_dict() if isinstance(config, Config) else dict(config)))
 
 
@@ -218,4 +219,7 @@ def _write(result: Tuning, raw: dict, chosen: dict, grid: Mapping, fraction: flo
     atomic_write(result.out / "tuning.json", json.dumps(record, indent=2) + "\n")
     header = (f"# chosen by fedlora tune: {', '.join(f'{k} = {v}' for k, v in result.best.items())} "
               f"(best mean {result.metric} on held-out training rows; see tuning.json)\n")
-    atomic_write(result.out / "best.toml", header + tomli_w.dumps(chosen))
+    folder = result.out.resolve()  # best.toml's own relative paths resolve against its folder
+    portable = map_paths(json.loads(json.dumps(chosen)),
+                         lambda value: value if os.path.isabs(value) else os.path.relpath(os.path.abspath(value), folder))
+    atomic_write(result.out / "best.toml", header + tomli_w.dumps(portable))
