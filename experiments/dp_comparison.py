@@ -9,11 +9,12 @@ clients, Poisson cohorts, DP-FedAvg), FedIT, FFA-LoRA and Fed-SB by default, eac
 client trains and the noise added to the average against the average update's norm (the mean over rounds).
 Every run is a `fedlora run` into OUT/<name>; finished runs are skipped when the script runs again, so it can
 be stopped and continued, and the tables show every finished run in OUT with its accuracy and the megabytes
-all clients exchanged. Writes results/dp_comparison.json and .md (with --unit client,
-results/user_dp_comparison.json and .md).
+all clients exchanged. With --keep-recorded the runs the results file already holds count too and are not
+repeated, so runs made on several machines, or in an OUT since deleted, add up. Writes
+results/dp_comparison.json and .md (with --unit client, results/user_dp_comparison.json and .md).
 
     FEDLORA_DATA_DIR=../shared/data python experiments/dp_comparison.py [--seeds 0 1 2] [--epsilons 1 3 8 none]
-        [--methods ...] [--client-ranks 4 16] [--unit client] [--lr METHOD=LR ...]
+        [--methods ...] [--client-ranks 4 16] [--unit client] [--lr METHOD=LR ...] [--keep-recorded]
 """
 from __future__ import annotations
 
@@ -49,8 +50,16 @@ def rank_of(method: str, unit: str) -> int:
     return CLIENT_LEVEL_RANKS.get(method, METHODS[method][1]) if unit == "client" else METHODS[method][1]
 
 
+def recorded(path: Path) -> list[dict]:
+    """The runs a results file already holds (epsilon back to a number)."""
+    if not path.is_file():
+        return []
+    return [r | {"epsilon": NO_DP if r["epsilon"] == "none" else float(r["epsilon"])}
+            for r in json.loads(path.read_text())["runs"]]
+
+
 def run(out: Path, method: str, epsilon: float, seed: int, client_ranks: list[int] | None = None,
-        unit: str = "example", lr: float | None = None) -> dict:
+        unit: str = "example", lr: float | None = None, done_before: frozenset = frozenset()) -> dict:
     """One run of the recipe; with client_ranks, the clients hold those ranks (named e.g. flexlora-r4-16)."""
     variant = method if client_ranks is None else f"{method}-r{'-'.join(map(str, client_ranks))}"
     variant += f"@lr{lr:g}" if lr is not None else ""
@@ -60,7 +69,7 @@ def run(out: Path, method: str, epsilon: float, seed: int, client_ranks: list[in
         "--set", f"adapter.rank={max(client_ranks)}", "--set", f"adapter.client_ranks={client_ranks}"]
     if lr is not None:
         ranks += ["--set", f"train.lr={lr}"]
-    if not (folder / "summary.json").is_file():
+    if name not in done_before and not (folder / "summary.json").is_file():
         args = [sys.executable, "-m", "fedlora.cli", "run", str(RECIPES[unit]), "--quiet", "--out", str(folder),
                 "--resume", "--set", f"method.name='{method}'", *ranks,
                 "--set", f"privacy.epsilon={epsilon_name(epsilon)}", "--set", f"seed={seed}", "--set", "eval.every=0"]
@@ -178,6 +187,8 @@ def main() -> None:
                         help="client: the client-level DP recipe (examples/sst2_user_dp.toml)")
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                         help="a method's learning rate (default: the recipe's), e.g. fedsb=3e-2")
+    parser.add_argument("--keep-recorded", action="store_true",
+                        help="count the runs the results file already holds and do not repeat them")
     parser.add_argument("--out", help="default: runs/dp_comparison, with --unit client runs/user_dp_comparison")
     args = parser.parse_args()
     client_level = args.unit == "client"
@@ -187,11 +198,15 @@ def main() -> None:
     stem = "user_dp_comparison" if args.unit == "client" else "dp_comparison"
     out = Path(args.out or f"runs/{stem}")
     lrs = {m: float(lr) for m, lr in (item.split("=") for item in args.lr)}
+    earlier = recorded(RESULTS / f"{stem}.json") if args.keep_recorded else []
+    done_before = frozenset(r["name"] for r in earlier)
     started = time.time()
     failed = [r["name"] for seed in args.seeds for e in epsilons for m in args.methods
-              for r in [run(out, m, e, seed, args.client_ranks, args.unit, lrs.get(m))] if "error" in r]
+              for r in [run(out, m, e, seed, args.client_ranks, args.unit, lrs.get(m), done_before)] if "error" in r]
     wall = time.time() - started
     results = finished(out)
+    results += [r for r in earlier if r["name"] not in {mine["name"] for mine in results}]
+    results.sort(key=lambda r: r["name"])
     rows, markdown = table(results, args.unit)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
