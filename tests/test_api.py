@@ -21,12 +21,17 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
 
 
+@pytest.fixture
 def momentum_method():
-    """The custom method of docs/python-api.md, registered by running the documented block as written."""
+    """The custom method of docs/python-api.md, registered by running the documented block as written; the
+    registry is as it was after the test."""
+    saved = dict(METHODS)
     block = next(b for b in python_blocks(DOC) if "register_method" in b)
     namespace: dict = {}
     exec(compile(block, str(DOC), "exec"), namespace)
-    return namespace["FFAMomentum"]
+    yield namespace["FFAMomentum"]
+    METHODS.clear()
+    METHODS.update(saved)
 
 
 @pytest.mark.docs
@@ -108,8 +113,8 @@ def test_bad_in_memory_data_names_the_row(tiny_bert_dir, tmp_path):
     assert held.final_eval is not None
 
 
-def test_a_registered_method_runs_and_with_beta_zero_is_ffa(sim_config, tmp_path):
-    FFAMomentum = momentum_method()
+def test_a_registered_method_runs_and_with_beta_zero_is_ffa(sim_config, tmp_path, momentum_method):
+    FFAMomentum = momentum_method
     assert METHODS["ffa-momentum"] is FFAMomentum
     ffa = fedlora.run(sim_config(method={"name": "ffa"}).to_dict(), out=tmp_path / "ffa", progress=False)
     FFAMomentum.beta = 0.0
@@ -124,8 +129,8 @@ def test_a_registered_method_runs_and_with_beta_zero_is_ffa(sim_config, tmp_path
         fedlora.register_method(type("Other", (fedlora.Method,), {"name": "ffa-momentum"}))
 
 
-def test_momentum_update_matches_a_hand_computation_and_resumes(sim_config, tmp_path, monkeypatch):
-    FFAMomentum = momentum_method()
+def test_momentum_update_matches_a_hand_computation_and_resumes(sim_config, tmp_path, monkeypatch, momentum_method):
+    FFAMomentum = momentum_method
     cfg = sim_config(method={"name": "ffa-momentum"}, federation={"rounds": 3})
     sim = Simulator(cfg, tmp_path / "whole", progress=False)
     method = sim.method
