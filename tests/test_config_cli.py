@@ -294,3 +294,10 @@ def test_a_config_run_from_another_folder_finds_its_data(tmp_path, monkeypatch, 
                  "--set", "train.local_steps=1", "--set", "eval.max_examples=16"]) == 0
     config = json.loads((out / "summary.json").read_text())["config"]
     assert config["data"]["path"] == str(ROOT / "examples" / "data" / "news_train.csv")
+
+
+def test_none_sets_a_key_back_to_its_default_of_none():
+    assert build_config({"fedsb": {"init_lr": "none"}}).fedsb.init_lr is None  # the reference's rule
+    assert build_config({"privacy": {"epsilon": "none"}}).privacy.epsilon is None
+    with pytest.raises(ConfigError, match="fedsb.init_lr"):
+        build_config({"fedsb": {"init_lr": "fast"}})

@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 
+def _none_value(cls, value):
+    """TOML has no null: "none" (or "") sets a key back to its default of None, e.g. --set privacy.epsilon=none."""
+    return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+
 def _integer_or_auto(cls, value):
     """A field that takes an integer or "auto": any other string is refused with that message."""
     if isinstance(value, str) and value != "auto":
@@ -316,10 +321,7 @@ class PrivacyConfig(Section):
     grad_norm: Literal["auto", "ghost", "materialise"] = Field(
         "auto", description="per-example norms from materialised gradients or by the ghost-norm identity")
 
-    @field_validator("epsilon", "noise_multiplier", mode="before")
-    @classmethod
-    def _none(cls, value):  # TOML has no null: --set privacy.epsilon=none turns a config's DP off
-        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+    _none = field_validator("epsilon", "noise_multiplier", mode="before")(_none_value)
 
     @property
     def enabled(self) -> bool:
@@ -377,11 +379,13 @@ class FedSBConfig(Section):
     public_data: DataConfig | None = Field(None, description="a public data set (its train split) for init_data = 'public'")
     init_noise_multiplier: float | None = Field(
         None, gt=0, description="under DP, the noise of the clients' init release (default: privacy's noise multiplier)")
-    init_lr: float | None = Field(None, gt=0, description="eta in G = -eta sign(grad); default the reference's "
-                                     "rule: train.lr / (federation.clients_per_round x train.warmup_steps), "
+    init_lr: float | None = Field(None, gt=0, description="eta in G = -eta sign(grad); default (or \"none\") the "
+                                     "reference's rule: train.lr / (federation.clients_per_round x train.warmup_steps), "
                                      "without warmup train.lr / (federation.clients_per_round x "
                                      "federation.rounds x train.local_steps)")
     svd_niter: int = Field(4, ge=4, description="power iterations of the randomized SVD")
+
+    _none = field_validator("init_lr", mode="before")(_none_value)  # "none": the reference's rule
 
 
 class Config(Section):

@@ -1,0 +1,224 @@
+"""Every method at its own best learning rate: the DP recipe (examples/sst2_dp.toml) with FedIT, FFA-LoRA,
+FedEx-LoRA, FedSVD and FlexLoRA at r = 8 and Fed-SB at r = 32 and 64, at epsilon 1, 3, 8 and without DP.
+
+For each method and privacy setting, `fedlora tune` picks the learning rate (and for Fed-SB the set-up step:
+the reference's rule or 1e-5) on a tenth of the SST-2 training rows held out from training; the dev split is
+never read while tuning. The chosen setting then runs for 3 seeds on the whole training set and is evaluated
+on the dev split. The ablation runs Fed-SB without DP at its tuned rate over its set-up step (train.lr, the
+reference's rule, 1e-5), set-up data (public IMDB as in the recipe, or the clients' own rows) and rank (32, 64).
+
+Every finished run's record (its summary.json and rounds.jsonl, a few kB) is kept in
+results/tuned_comparison.json. Finished runs in OUT are skipped when the script runs again; with
+--keep-recorded the recorded ones are first put back into OUT, so runs made on another machine, or in an OUT
+since deleted, are not repeated either and the results add up. It writes
+results/tuned_comparison.md (the table, the paper claims' verdicts by twice the standard error of the
+difference, the ablation) and results/tuned_comparison_pareto.png (accuracy against the run's bytes).
+
+    FEDLORA_DATA_DIR=../shared/data python experiments/tuned_comparison.py [--epsilons none 3 8 1]
+        [--methods ...] [--seeds 0 1 2] [--no-ablation] [--keep-recorded] [--out runs/tuned_comparison]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from dp_comparison import DEV_EXAMPLES, verdict  # noqa: E402
+
+RECIPE = HERE.parent / "examples" / "sst2_dp.toml"
+RESULTS = HERE.parent / "results"
+RECORD = RESULTS / "tuned_comparison.json"
+VARIANTS = {"fedit": ("fedit", 8, "FedIT (LoRA)"), "ffa": ("ffa", 8, "FFA-LoRA"), "fedex": ("fedex", 8, "FedEx-LoRA"),
+            "fedsvd": ("fedsvd", 8, "FedSVD"), "flexlora": ("flexlora", 8, "FlexLoRA"),
+            "fedsb-r32": ("fedsb", 32, "Fed-SB"), "fedsb-r64": ("fedsb", 64, "Fed-SB")}
+LEARNING_RATES = "1e-3,2e-3,5e-3,1e-2,2e-2"
+FEDSB_SET_UP_STEPS = "none,1e-5"  # none: the reference's rule (the default)
+CLAIMS = [("ffa", "fedit", "FFA-LoRA beats LoRA (FedIT) under DP"),
+          ("fedsb-r32", "ffa", "Fed-SB (r = 32) beats FFA-LoRA under DP"),
+          ("fedsb-r32", "fedex", "Fed-SB (r = 32) beats FedEx-LoRA under DP")]
+FILES = ("summary.json", "rounds.jsonl")
+
+
+def load_record() -> dict:
+    return json.loads(RECORD.read_text()) if RECORD.is_file() else {"files": {}}
+
+
+def restore(record: dict, out: Path) -> None:
+    """Put every recorded run's small files back under OUT (tune and the runs below then skip them)."""
+    for relative, files in record["files"].items():
+        folder = out / relative
+        if not (folder / "summary.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in FILES:
+                (folder / name).write_text(files[name])
+
+
+def keep(record: dict, out: Path) -> None:
+    """Record the small files of every finished run under OUT, and write the record."""
+    for summary in sorted(out.rglob("summary.json")):
+        folder = summary.parent
+        if (folder / "rounds.jsonl").is_file():
+            record["files"][str(folder.relative_to(out))] = {name: (folder / name).read_text() for name in FILES}
+    RESULTS.mkdir(exist_ok=True)
+    RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def common(variant: str, epsilon: str) -> list[str]:
+    method, rank, _ = VARIANTS[variant]
+    return ["--set", f"method.name='{method}'", "--set", f"adapter.rank={rank}", "--set", f"privacy.epsilon={epsilon}",
+            "--set", "eval.every=0"]
+
+
+def fedlora(out: Path, record: dict, *args: str) -> None:
+    """`fedlora ARGS --quiet`, its final line printed, then every finished run under OUT recorded."""
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "fedlora.cli", *args, "--quiet"], capture_output=True, text=True)
+    keep(record, out)
+    if done.returncode != 0:
+        raise SystemExit(f"fedlora {' '.join(args)} failed: {done.stderr.strip()[-2000:]}")
+    print(f"  {args[0]}: {done.stdout.strip()} ({time.time() - started:.0f} s)", flush=True)
+
+
+def tuned(out: Path, record: dict, variant: str, epsilon: str) -> dict:
+    """The setting `fedlora tune` picks for the variant at this epsilon (tuning first where it is not done; the
+    trials recorded before are skipped)."""
+    folder = out / "tune" / f"{variant}_eps{epsilon}"
+    if not (folder / "tuning.json").is_file():
+        grid = ["--grid", f"train.lr={LEARNING_RATES}"]
+        if variant.startswith("fedsb"):
+            grid += ["--grid", f"fedsb.init_lr={FEDSB_SET_UP_STEPS}"]
+        fedlora(out, record, "tune", str(RECIPE), *grid, *common(variant, epsilon), "--out", str(folder))
+    return json.loads((folder / "tuning.json").read_text())["best"]
+
+
+def final_run(out: Path, record: dict, variant: str, epsilon: str, seed: int, setting: dict, name: str | None = None,
+              extra: tuple[str, ...] = ()) -> Path:
+    folder = out / "runs" / (name or f"{variant}_eps{epsilon}_seed{seed}")
+    if not (folder / "summary.json").is_file():
+        chosen = [item for key, value in setting.items() for item in ("--set", f"{key}={value}")]
+        fedlora(out, record, "run", str(RECIPE), *common(variant, epsilon), *chosen, *extra, "--set", f"seed={seed}",
+                "--resume", "--out", str(folder))
+    return folder
+
+
+def row_of(folders: list[Path]) -> dict:
+    summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
+    accuracies = [s["final_eval"]["accuracy"] for s in summaries]
+    config = summaries[0]["config"]
+    return {"n": len(accuracies), "mean": statistics.mean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+            "lr": config["train"]["lr"], "init_lr": config["fedsb"]["init_lr"], "rank": config["adapter"]["rank"],
+            "local_steps": config["federation"]["rounds"] * config["train"]["local_steps"],
+            "trained": summaries[0].get("trained_numbers"),
+            "megabytes": statistics.mean((s["bytes_up_total"] + s["bytes_down_total"]) / 1e6 for s in summaries)}
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    spread = f" ± {row['std']:.4f}" if row["std"] is not None else ""
+    return f"{row['mean']:.4f}{spread} (n={row['n']})"
+
+
+def for_verdict(row: dict | None) -> dict | None:
+    """dp_comparison's verdict reads mean, std and seeds (one run: the binomial error on the dev set)."""
+    return None if row is None else {"mean": row["mean"], "std": row["std"] or 0.0, "seeds": row["n"]}
+
+
+def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: dict[str, list[Path]]) -> str:
+    rows = {}
+    for variant in variants:
+        for epsilon in epsilons:
+            folders = sorted((out / "runs").glob(f"{variant}_eps{epsilon}_seed*"))
+            folders = [f for f in folders if (f / "summary.json").is_file()]
+            rows[variant, epsilon] = row_of(folders) if folders else None
+    lines = [f"Every method at the learning rate `fedlora tune` picked on held-out SST-2 training rows (grid "
+             f"{LEARNING_RATES.replace(',', ', ')}; Fed-SB also its set-up step: the reference's rule or 1e-5), "
+             f"then the dev split ({DEV_EXAMPLES} sentences), mean ± sample std over seeds.", "",
+             "| method | rank | epsilon | lr | Fed-SB set-up step | local steps | trained numbers (adapter / head) "
+             "| MB per run | accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    for (variant, epsilon), row in rows.items():
+        if row is None:
+            continue
+        trained = row["trained"] or {}
+        step = ("-" if not variant.startswith("fedsb") else
+                "rule" if row["init_lr"] is None else f"{row['init_lr']:g}")
+        lines.append(f"| {VARIANTS[variant][2]} | {row['rank']} | {epsilon} | {row['lr']:g} | {step} | "
+                     f"{row['local_steps']} | {trained.get('adapter', 0):,} / {trained.get('head', 0):,} | "
+                     f"{row['megabytes']:.1f} | {cell(row)} |")
+    lines.append("")
+    for better, worse, claim in CLAIMS:
+        verdicts = [f"epsilon {e}: " + verdict(for_verdict(rows.get((better, e))), for_verdict(rows.get((worse, e))))
+                    for e in epsilons if e != "none"]
+        lines.append(f"- {claim}: " + "; ".join(verdicts))
+    if ablation:
+        lines += ["", "Fed-SB's set-up without DP, at its tuned rate (mean ± sample std over seeds):", "",
+                  "| rank | set-up step | set-up data | accuracy |", "|---|---|---|---|"]
+        for name, folders in ablation.items():
+            done = [f for f in folders if (f / "summary.json").is_file()]
+            if done:
+                rank, step, data = name.split("_")[:3]
+                lines.append(f"| {rank[1:]} | {step} | {data} | {cell(row_of(done))} |")
+    markdown = "\n".join(lines) + "\n"
+    (RESULTS / "tuned_comparison.md").write_text(markdown)
+    finals = [f for f in (out / "runs").glob("*_eps*_seed*") if (f / "summary.json").is_file()]
+    if finals:
+        from fedlora.plots import plot_pareto, read_run
+
+        plot_pareto([read_run(f) for f in finals], RESULTS / "tuned_comparison_pareto.png",
+                    title="SST-2, the DP recipe, each method at its tuned learning rate")
+    return markdown
+
+
+def ablation_runs(out: Path, record: dict, seeds: list[int]) -> dict[str, list[Path]]:
+    """Fed-SB without DP: set-up step x set-up data x rank, at the rate tuned for that rank."""
+    runs = {}
+    for rank in (32, 64):
+        variant = f"fedsb-r{rank}"
+        best = tuned(out, record, variant, "none")
+        lr = float(best["train.lr"])
+        for step_name, step in (("train.lr", f"{lr:g}"), ("rule", "'none'"), ("1e-5", "1e-5")):
+            for data_name, data in (("public-imdb", ()), ("clients-dense", (
+                    "--set", "fedsb.init_data='clients'", "--set", "fedsb.init='dense'"))):
+                name = f"r{rank}_{step_name}_{data_name}"
+                runs[name] = [final_run(out, record, variant, "none", seed, {"train.lr": lr, "fedsb.init_lr": step},
+                                        name=f"ablation/{name}_seed{seed}", extra=data) for seed in seeds]
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epsilons", nargs="+", default=["none", "3", "8", "1"])
+    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--keep-recorded", action="store_true",
+                        help="put the runs results/tuned_comparison.json holds back into OUT first (not repeated)")
+    parser.add_argument("--out", default="runs/tuned_comparison")
+    args = parser.parse_args()
+    out = Path(args.out)
+    record = load_record() if args.keep_recorded else {"files": {}}
+    restore(record, out)
+    started = time.time()
+    try:
+        for epsilon in args.epsilons:
+            for variant in args.methods:
+                print(f"{variant}, epsilon {epsilon}:", flush=True)
+                setting = tuned(out, record, variant, epsilon)
+                for seed in args.seeds:
+                    final_run(out, record, variant, epsilon, seed, setting)
+        ablation = {} if args.no_ablation else ablation_runs(out, record, args.seeds)
+    finally:
+        keep(record, out)
+    print(write_tables(out, args.methods, args.epsilons, ablation))
+    print(f"Wall time of this invocation: {time.time() - started:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()
