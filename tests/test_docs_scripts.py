@@ -88,6 +88,17 @@ def test_every_script_command_in_the_docs_is_run_here():
         assert re.search(r"\n {4,}" + re.escape(command) + "\n", page), (shown.page, command)
 
 
+def test_the_results_the_docs_include_are_the_results_files():
+    """A results table a page includes (between `<!-- results/NAME.md -->` and `<!-- end of results/NAME.md -->`)
+    is that file as the experiment last wrote it."""
+    included = 0
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in re.finditer(r"<!-- (results/[\w.]+\.md) -->\n(.*?)<!-- end of \1 -->", page.read_text(), re.S):
+            assert match.group(2) == (ROOT / match.group(1)).read_text(), f"{page.name}: {match.group(1)} differs"
+            included += 1
+    assert included >= 1
+
+
 def make_checkout(parent: Path) -> Path:
     folder = parent / "work"
     folder.mkdir()
