@@ -127,7 +127,6 @@ class DataConfig(Section):
     client_examples: list[Annotated[int, annotated_types.Ge(1)]] | None = Field(
         None, min_length=2, max_length=2, description="partition = sampled: [fewest, most] examples of a client, its size drawn uniformly "
                           "between them")
-
     @field_validator("name")
     @classmethod
     def _no_preset(cls, name):  # TOML has no null: "none" or "" mean plain files
@@ -274,7 +273,9 @@ class EvalConfig(Section):
 
 
 EXAMPLE_LEVEL_KEYS = {"clip_norm", "grad_norm"}
-CLIENT_LEVEL_KEYS = {"client_clip", "clipping", "target_quantile", "clip_learning_rate", "count_stddev"}
+CLIENT_LEVEL_KEYS = {"client_clip", "clipping", "target_quantile", "clip_learning_rate", "count_stddev",
+                     "mechanism", "modulus_bits", "min_survivors"}
+DISTRIBUTED_KEYS = {"modulus_bits", "min_survivors"}
 
 
 class PrivacyConfig(Section):
@@ -309,6 +310,20 @@ class PrivacyConfig(Section):
     count_stddev: float | None = Field(None, gt=0, description="adaptive clipping: the std of the noise on the "
                                                                "count of clients within S; default: the expected "
                                                                "cohort / 20")
+    mechanism: Literal["central", "distributed"] = Field(
+        "central", description="unit = 'client': who adds the noise: the server, to the sum of the clipped updates "
+                               "(central), or every client, its share of it in the integers that secure "
+                               "aggregation sums, so that only the noised sum is ever unmasked (distributed: the "
+                               "distributed Skellam mechanism, each update rotated and rounded to integers)")
+    modulus_bits: int = Field(32, ge=8, le=48, description="mechanism = 'distributed': the sum is taken mod "
+                                                           "2^modulus_bits (32: Flower SecAgg+'s modulus); the "
+                                                           "rounding is the finest that keeps a wrap-around of the "
+                                                           "sum below 1e-6 a round")
+    min_survivors: float = Field(0.8, gt=0, le=1, description="mechanism = 'distributed': a fraction of the "
+                                                              "expected cohort (clients_per_round): n = ceil(this x "
+                                                              "clients_per_round) clients' noise shares together "
+                                                              "make the planned noise, each adding 1/n of its "
+                                                              "variance; a round with fewer survivors is not released")
     accountant: Literal["auto", "rdp", "prv"] = Field(
         "auto", description="auto: the smaller of Opacus' RDP and PRV bounds (both are valid upper bounds; PRV's "
                             "is the upper end of its error interval), the noise calibrated against it; where RDP "
@@ -341,6 +356,9 @@ class PrivacyConfig(Section):
     def _unit_settings(self):
         # a key of the other unit away from its default would be ignored: refused (a full dump holds every key)
         changed = changed_keys(self)
+        if self.mechanism != "central" and self.unit != "client":
+            raise ValueError(f"privacy.mechanism = '{self.mechanism}' applies to privacy.unit = 'client', not to "
+                             f"privacy.unit = '{self.unit}'")
         other = (CLIENT_LEVEL_KEYS if self.unit == "example" else EXAMPLE_LEVEL_KEYS) & changed
         if other:
             key = sorted(other)[0]
@@ -354,6 +372,12 @@ class PrivacyConfig(Section):
         adaptive_keys = {"target_quantile", "clip_learning_rate", "count_stddev"} & changed
         if adaptive_keys and self.clipping != "adaptive":
             raise ValueError(f"{sorted(adaptive_keys)[0]} applies to privacy.clipping = 'adaptive'")
+        distributed_keys = DISTRIBUTED_KEYS & changed
+        if distributed_keys and self.mechanism != "distributed":
+            raise ValueError(f"privacy.{sorted(distributed_keys)[0]} applies to privacy.mechanism = 'distributed'")
+        if self.mechanism == "distributed" and self.clipping == "adaptive":
+            raise ValueError("privacy.clipping = 'adaptive' is not available with privacy.mechanism = 'distributed': "
+                             "the count of clients within the bound would need noise of its own; use 'fixed'")
         return self
 
 
