@@ -431,7 +431,7 @@ def test_only_the_payload_leaves_a_client_and_logs_hold_no_client_data(sim_confi
     assert not any(s.encode() in stored for s in sentences if len(s) > 8)
     checkpoint = load_checkpoint(tmp_path / "checkpoint.safetensors")
     assert set(checkpoint) == {"round", "config", "method", "base_weights", "runtime", "totals",
-                               "last_eval", "privacy", "rng", "record", "data"}
+                               "last_eval", "last_client_eval", "privacy", "rng", "record", "data"}
 
 
 # -- load ---------------------------------------------------------------------------------------
@@ -523,3 +523,21 @@ def test_random_malformed_updates_are_refused_or_aggregated_exactly(mutations, m
         for k in start:
             assert torch.allclose(combine([p[k] for p in accepted], [0.25, 0.75]),
                                   0.25 * payload[k] + 0.75 * honest[1][k])
+
+
+def test_a_checkpoint_from_before_a_key_was_added_resumes_and_a_changed_key_is_refused(sim_config, tmp_path):
+    from fedlora.checkpoint import save as save_checkpoint
+
+    cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 1})
+    Simulator(cfg, tmp_path / "run", progress=False).run()
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    state = load_checkpoint(path)
+    for key in ("mechanism", "modulus_bits", "min_survivors"):  # as an earlier version wrote it
+        del state["config"]["privacy"][key]
+    save_checkpoint(state, path)
+    longer = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 2})})
+    with pytest.raises(FedloraError, match="key 'train.lr' differs"):
+        changed = longer.model_copy(update={"train": longer.train.model_copy(update={"lr": longer.train.lr * 2})})
+        Simulator(changed, tmp_path / "run", progress=False).run(resume=True)
+    summary = Simulator(longer, tmp_path / "run", progress=False).run(resume=True)
+    assert [row["round"] for row in read_log(tmp_path / "run")] == [0, 1, 2]

@@ -527,6 +527,16 @@ def build_config(raw: dict[str, Any]) -> Config:
     return config
 
 
+def with_defaults(raw: dict) -> dict:
+    """A config recorded as a dict (a checkpoint's, written by this or an earlier version) with every key a
+    later version added at its default, so that a key added since is no difference; as recorded if it no longer
+    validates."""
+    try:
+        return build_config(raw).to_dict()
+    except ConfigError:
+        return dict(raw)
+
+
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     """The dotted keys whose values differ between two nested config dicts."""
     keys = []

@@ -18,7 +18,7 @@ from . import checkpoint
 from .adapters import AdaptedModel
 from .client import ClientUpdate
 from .comm import payload_bytes
-from .config import Config, differing_keys
+from .config import Config, differing_keys, with_defaults
 from .data import fingerprint
 from .data.sources import describe_labels
 from .errors import ConfigError, FedloraError, RoundFailed
@@ -344,7 +344,7 @@ class FederationServer:
         """Restore the state of the last checkpoint; its round. The runtime's part is in self.runtime_state."""
         state = self.run.load_checkpoint(self.device, CHECKPOINT_KEYS)
         path = self.run.checkpoint_path
-        saved, now = dict(state["config"]), self.cfg.to_dict()
+        saved, now = with_defaults(state["config"]), self.cfg.to_dict()
         for cfg_dict in (saved, now):
             cfg_dict["federation"] = {k: v for k, v in cfg_dict["federation"].items() if k != "rounds"}
         if saved != now:
