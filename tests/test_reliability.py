@@ -525,7 +525,7 @@ def test_random_malformed_updates_are_refused_or_aggregated_exactly(mutations, m
                                   0.25 * payload[k] + 0.75 * honest[1][k])
 
 
-def test_a_checkpoint_from_before_a_key_was_added_resumes_and_a_changed_key_is_refused(sim_config, tmp_path):
+def test_a_checkpoint_from_another_version_resumes_and_a_changed_key_is_refused(sim_config, tmp_path):
     from fedlora.checkpoint import save as save_checkpoint
 
     cfg = sim_config(method={"name": "ffa"}, federation={"rounds": 1})
@@ -534,6 +534,7 @@ def test_a_checkpoint_from_before_a_key_was_added_resumes_and_a_changed_key_is_r
     state = load_checkpoint(path)
     for key in ("mechanism", "modulus_bits", "min_survivors"):  # as an earlier version wrote it
         del state["config"]["privacy"][key]
+    state["config"]["data"]["added_later"] = None  # as a later version writes a key it adds, left unset
     save_checkpoint(state, path)
     longer = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 2})})
     with pytest.raises(FedloraError, match="key 'train.lr' differs"):

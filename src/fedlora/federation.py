@@ -347,9 +347,9 @@ class FederationServer:
         saved, now = with_defaults(state["config"]), self.cfg.to_dict()
         for cfg_dict in (saved, now):
             cfg_dict["federation"] = {k: v for k, v in cfg_dict["federation"].items() if k != "rounds"}
-        if saved != now:
-            key = differing_keys(saved, now)[0]
-            raise FedloraError(f"{path} was written by a different config (key '{key}' differs); "
+        differing = differing_keys(saved, now)  # a key one version lacks and the other leaves unset is none
+        if differing:
+            raise FedloraError(f"{path} was written by a different config (key '{differing[0]}' differs); "
                                "resume with the same config or choose another --out")
         r, rounds = state["round"], self.cfg.federation.rounds
         if r > rounds:
