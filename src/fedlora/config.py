@@ -528,13 +528,25 @@ def build_config(raw: dict[str, Any]) -> Config:
 
 
 def with_defaults(raw: dict) -> dict:
-    """A config recorded as a dict (a checkpoint's, written by this or an earlier version) with every key a
-    later version added at its default, so that a key added since is no difference; as recorded if it no longer
-    validates."""
+    """A config recorded as a dict (a checkpoint's, written by this or another version) with every key this
+    version has and the record lacks at its default, and without the keys this version lacks that the record
+    leaves unset: so that a key added since, or in a later version, is no difference. As recorded if it does not
+    validate."""
     try:
-        return build_config(raw).to_dict()
+        return build_config(_known_or_set(raw, Config)).to_dict()
     except ConfigError:
         return dict(raw)
+
+
+def _known_or_set(raw: dict, section: type[BaseModel]) -> dict:
+    kept = {}
+    for key, value in raw.items():
+        field = section.model_fields.get(key)
+        inner = _section_class(field.annotation) if field is not None else None
+        if field is None and value is None:
+            continue
+        kept[key] = _known_or_set(value, inner) if inner is not None and isinstance(value, dict) else value
+    return kept
 
 
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
