@@ -33,8 +33,11 @@ TOML
 .venv/bin/fedlora flower run my-app local-sim --run-config 'fedlora.federation.rounds=2'"""
 TUNE = ("FEDLORA_DATA_DIR=../shared/data .venv/bin/fedlora tune examples/quickstart.toml --grid train.lr=3e-3,1e-2 "
         "--set federation.rounds=5 --out runs/tune-quickstart")
+THREE_PARTIES = ".venv/bin/fedlora run examples/deploy/three_parties.toml --out runs/three-parties"
+THREE_PARTIES_DEPLOYED = ("examples/deploy/loopback.sh examples/deploy/three_parties.toml runs/deploy-three-parties "
+                          "examples/deploy/data")
 FAST_TIER = 'OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -m "not slow and not live and not docs"'
-SHOWN = {"running.md": [PLOT, PARETO, TUNE], "flower.md": [FLOWER_INIT, SIM_ENGINE], "privacy.md": [PRIVATE_RECIPE, USER_DP_RECIPE],
+SHOWN = {"running.md": [PLOT, PARETO, TUNE], "flower.md": [FLOWER_INIT, SIM_ENGINE, THREE_PARTIES, THREE_PARTIES_DEPLOYED], "privacy.md": [PRIVATE_RECIPE, USER_DP_RECIPE],
          "../README.md": [QUICKSTART, PRIVATE_RECIPE, USER_DP_RECIPE]}
 # the recipe's FFA-LoRA runs ended at 0.7534 to 0.7695 (docs/privacy.md); the majority class is at 0.5092
 PRIVATE_RECIPE_FLOOR = 0.70
@@ -288,3 +291,29 @@ def package_index_reachable() -> bool:
             return True
     except (OSError, ValueError):
         return False
+
+
+@pytest.mark.docs
+@pytest.mark.live
+@pytest.mark.slow
+def test_the_three_party_example_as_documented(checkout):
+    """docs/flower.md's three parties: simulated, then deployed on loopback by the deployment script with every
+    SuperNode on its own training and evaluation file; the stream ends with each party's accuracy, and the
+    deployed per-client evaluations are the simulated ones."""
+    pytest.importorskip("flwr", reason="flwr (the 'flower' extra of fedlora) is not installed")
+    env = "OMP_NUM_THREADS=1 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0 "
+    simulated = shell(env + THREE_PARTIES, checkout, timeout=900)
+    deployed = shell(env + THREE_PARTIES_DEPLOYED, checkout, timeout=1500)
+    for c, examples in enumerate((80, 60, 50)):
+        assert re.search(rf"client {c}: accuracy [\d.]+, loss [\d.]+ \({examples} examples\)", simulated.stdout)
+        assert re.search(rf"fedlora final evaluation, client {c}: accuracy [\d.]+, loss [\d.]+ \({examples} "
+                         r"examples\)", deployed.stdout), deployed.stdout[-3000:]
+    assert "clients' mean, weighted by examples: accuracy" in deployed.stdout
+    ours, theirs = read_log(checkout / "runs/three-parties"), read_log(checkout / "runs/deploy-three-parties/run")
+    assert [r["round"] for r in ours] == [r["round"] for r in theirs] == [0, 1, 2, 3, 4]
+    for a, b in zip(ours, theirs):
+        assert (a.get("client_eval") is None) == (b.get("client_eval") is None) == (a["round"] % 2 == 1)
+        if a.get("client_eval"):
+            for c, metrics in a["client_eval"]["clients"].items():
+                assert metrics == pytest.approx(b["client_eval"]["clients"][c], abs=1e-4), (a["round"], c)
+            assert a["eval"] is None and b["eval"] is None  # the server holds no labelled data

@@ -256,14 +256,16 @@ def test_live_federation_survives_a_raising_and_a_killed_client(loopback_config,
 
 
 def test_a_node_trains_on_its_own_copy_of_the_data(sim_config, toy_data, tmp_path):
-    """node config data-path: node 0 reads an identical copy (the run matches the simulator), node 1 a
-    missing file (the run stops before round 0, naming the node and the file)."""
+    """node config data-path: node 0 reads a file of its own that holds the rows the simulator's partition
+    gives client 0, and trains on all of them (the run matches the simulator); node 1 a missing file (the run
+    stops before round 0, naming the node and the file)."""
     cfg = sim_config(method={"name": "ffa"}, eval={"every": 0},
                      federation={"num_clients": 2, "clients_per_round": 2, "rounds": 1})
+    sim = Simulator(cfg, tmp_path / "sim", progress=False)
+    header, *rows = Path(toy_data["path"]).read_text().splitlines()
     copy = tmp_path / "mine" / "train.tsv"
     copy.parent.mkdir()
-    copy.write_text(Path(toy_data["path"]).read_text())
-    sim = Simulator(cfg, tmp_path / "sim", progress=False)
+    copy.write_text("\n".join([header] + [rows[i] for i in sim.shards[0]]) + "\n")
     sim.run()
     run_config = to_run_config(cfg)
     grid = InMemoryGrid(client_app(), run_config, 2)

@@ -3,13 +3,17 @@
 # node authentication, one SuperLink with durable state, three SuperNodes (client ids 0, 1, 2), the run.
 # Every process started here is stopped on exit, whatever happened.
 #
-#   examples/deploy/loopback.sh CONFIG WORKDIR
+#   examples/deploy/loopback.sh CONFIG WORKDIR [PARTIES]
 #
 # CONFIG: a fedlora config with federation.num_clients = 3. WORKDIR: where the certificates, keys, logs,
-# SuperLink database, app and run folder go. VENV (default: this checkout's .venv): the virtual environment
-# that holds fedlora and flwr. Ports 9091 (SuperLink) and 9094-9096 (SuperNodes) must be free.
+# SuperLink database, app and run folder go. PARTIES: a folder with each organisation's own files,
+# orgN/train.csv and orgN/eval.csv (N = 0, 1, 2): SuperNode N trains on all of orgN/train.csv and evaluates on
+# orgN/eval.csv; without it the SuperNodes train on the config's data. VENV (default: this checkout's .venv):
+# the virtual environment that holds fedlora and flwr. Ports 9091 (SuperLink) and 9094-9096 (SuperNodes) must
+# be free.
 set -euo pipefail
 CONFIG=$(realpath "$1")
+PARTIES=${3:+$(realpath "$3")}
 VENV=${VENV:-$(cd "$(dirname "$0")/../.." && pwd)/.venv}
 mkdir -p "$2" && cd "$2"
 
@@ -48,11 +52,13 @@ root-certificates = "$PWD/certs/ca.crt"
 TOML
 until flwr ls fedlora-link > /dev/null 2>&1; do sleep 1; done  # the SuperLink is up
 
-# each organisation: an EC key pair whose public key is registered, and a SuperNode with a port of its own
+# each organisation: an EC key pair whose public key is registered, a SuperNode with a port of its own, and
+# with PARTIES its own training and evaluation files
 for i in 0 1 2; do
     ssh-keygen -q -t ecdsa -b 384 -N "" -f keys/org$i
     flwr supernode register keys/org$i.pub fedlora-link
-    flower-supernode --superlink 127.0.0.1:9091 --root-certificates "$PWD/certs/ca.crt" --auth-supernode-private-key keys/org$i --port $((9094 + i)) --max-retries 60 --node-config "partition-id=$i num-partitions=3" > supernode$i.log 2>&1 &
+    own=""; [ -z "$PARTIES" ] || own=" data-path=\"$PARTIES/org$i/train.csv\" eval-path=\"$PARTIES/org$i/eval.csv\""
+    flower-supernode --superlink 127.0.0.1:9091 --root-certificates "$PWD/certs/ca.crt" --auth-supernode-private-key keys/org$i --port $((9094 + i)) --max-retries 60 --node-config "partition-id=$i num-partitions=3$own" > supernode$i.log 2>&1 &
     pids+=($!)
 done
 

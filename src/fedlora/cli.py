@@ -12,6 +12,7 @@ from .errors import FedloraError
 
 
 def cmd_run(args) -> int:
+    from . import progress
     from .api import load_config
     from .describe import privacy_spent
     from .simulator import Simulator
@@ -19,14 +20,17 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = Simulator(cfg, out, progress=not args.quiet).run(resume=args.resume)
-    ev = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_eval"].items())
+    ev = ("final " + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_eval"].items()) if summary["final_eval"]
+          else "no server evaluation")
     if summary.get("baselines"):
         ev += (f" (chance {summary['baselines']['chance']:.4f}, majority class "
                f"{summary['baselines']['majority']:.4f})")
     rounds = summary["rounds"]
-    print(f"{summary['method']}: {rounds} round{'' if rounds == 1 else 's'}, final {ev}; "
+    print(f"{summary['method']}: {rounds} round{'' if rounds == 1 else 's'}, {ev}; "
           f"{summary['bytes_up_total']:,} bytes up, {summary['bytes_down_total']:,} bytes down"
           f"{privacy_spent(summary['privacy'])} -> {out}")
+    for line in progress.client_eval_lines(summary.get("final_client_eval")):
+        print(line)
     return 0
 
 

@@ -127,6 +127,15 @@ class DataConfig(Section):
     client_examples: list[Annotated[int, annotated_types.Ge(1)]] | None = Field(
         None, min_length=2, max_length=2, description="partition = sampled: [fewest, most] examples of a client, its size drawn uniformly "
                           "between them")
+    client_paths: list[str] | None = Field(
+        None, min_length=1, description="one training file per client (client i trains on all of file i): a "
+                                        "natural partition, as the parties of a deployment hold their data; "
+                                        "replaces data.path and the partition settings")
+    client_eval_paths: list[str] | None = Field(
+        None, min_length=1, description="with client_paths: one evaluation file per client, on which each "
+                                        "client evaluates the model it uses (federated evaluation; \"\" for a "
+                                        "client without one)")
+
     @field_validator("name")
     @classmethod
     def _no_preset(cls, name):  # TOML has no null: "none" or "" mean plain files
@@ -140,6 +149,24 @@ class DataConfig(Section):
             raise ValueError("data.client_examples applies to data.partition = 'sampled'")
         if self.client_examples is not None and self.client_examples[0] > self.client_examples[1]:
             raise ValueError(f"data.client_examples = {list(self.client_examples)}: the fewest is above the most")
+        return self
+
+    @model_validator(mode="after")
+    def _client_files(self):
+        if self.client_eval_paths is not None and self.client_paths is None:
+            raise ValueError("data.client_eval_paths needs data.client_paths (one training file per client)")
+        if self.client_paths is None:
+            return self
+        if self.client_eval_paths is not None and len(self.client_eval_paths) != len(self.client_paths):
+            raise ValueError(f"data.client_eval_paths has {len(self.client_eval_paths)} files but "
+                             f"data.client_paths has {len(self.client_paths)}: give one per client")
+        if not all(self.client_paths):
+            raise ValueError("data.client_paths: every client needs a training file (an empty path is given)")
+        for key in ("path", "hub_id", "holdout_fraction", "max_train_examples", "eval_split", "partition",
+                    "dirichlet_alpha", "label_proportions", "client_examples", "min_client_examples"):
+            if key in changed_keys(self):
+                raise ValueError(f"data.client_paths and data.{key} cannot be given together: client i trains on "
+                                 f"all of data.client_paths[i] (data.{key} applies to one shared file)")
         return self
 
     @model_validator(mode="after")
@@ -437,6 +464,9 @@ class Config(Section):
         if self.privacy.per_client:
             self._check_client_level()
         d = self.data
+        if d.client_paths is not None and len(d.client_paths) != self.federation.num_clients:
+            raise ValueError(f"data.client_paths has {len(d.client_paths)} files but federation.num_clients is "
+                             f"{self.federation.num_clients}: give one training file per client")
         if d.partition == "label_proportion":
             if d.label_proportions is None:
                 raise ValueError("data.label_proportions is required when data.partition = 'label_proportion'")

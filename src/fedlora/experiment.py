@@ -31,6 +31,9 @@ def task_kind(data_cfg, model_name: str) -> str:
 
 
 def load_task_data(data_cfg, kind: str):
+    if kind == "instructions" and data_cfg.client_paths:
+        raise ConfigError("data.client_paths: one file per client is read for classification data; instruction "
+                          "data is split among the clients by data.partition")
     return load_instructions(data_cfg) if kind == "instructions" else load_classification(data_cfg)
 
 

@@ -51,6 +51,35 @@ class Outcome:
     released: bool = False
 
 
+def evaluate_model(task: Task, adapted: AdaptedModel, state: State, eval_cfg) -> dict:
+    """The model `state` (adapters and head, over the model's W0 as it is) on `task`'s evaluation data: its
+    metrics and "examples", the number evaluated. The one evaluation routine of every party: the server on
+    its evaluation file, and each client on its own (the simulator's and a Flower node's alike)."""
+    adapted.load_state(state)
+    metrics = task.evaluate(adapted.model, eval_cfg.batch_size, eval_cfg.max_examples)
+    return metrics | {"examples": len(task.eval_indices(eval_cfg.max_examples))}
+
+
+def client_model(method, own: State | None, global_state: State | None = None) -> State:
+    """The model a client uses, which it evaluates: the global model (`global_state`, default the method's
+    eval_state) with what the client keeps of its own over it (FedSA-LoRA's personalised B)."""
+    return (method.eval_state() if global_state is None else global_state) | (own or {})
+
+
+def federated_evaluation(results: dict[int, dict | str]) -> dict | None:
+    """The clients' evaluations of a round ({client: metrics with "examples", or why it has none}): each
+    client's metrics, their mean weighted by the examples each evaluated (Flower's convention for evaluate
+    replies), and the clients that failed. None when no client evaluated or failed."""
+    done = {c: m for c, m in sorted(results.items()) if isinstance(m, dict)}
+    failed = {str(c): why for c, why in sorted(results.items()) if isinstance(why, str)}
+    if not done and not failed:
+        return None
+    total = sum(m["examples"] for m in done.values())
+    keys = sorted({k for m in done.values() for k in m if k != "examples"})
+    mean = {k: sum(m[k] * m["examples"] for m in done.values() if k in m) / total for k in keys} if total else {}
+    return {"clients": {str(c): m for c, m in done.items()}, "mean": mean | {"examples": total}, "failed": failed}
+
+
 class RetryRound(FedloraError):
     """Too few clients answered and the round may run again (federation.on_too_few_clients = 'retry')."""
 
@@ -94,6 +123,10 @@ class FederationServer:
         self.method = method_class(adapted, cfg, client_sizes)
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.last_eval: dict | None = None
+        self.last_client_eval: dict | None = None
+        # the runtime's federated evaluation: (round, broadcast) -> {client: metrics, or why none}; the broadcast
+        # is what every client applies after the round's aggregation, before it evaluates
+        self.client_evaluator = None
         self.ledger: PrivacyLedger | None = None  # set by setup_privacy under example-level DP
         self.client_dp: ClientLevelDP | None = None  # set by setup_privacy under client-level DP
         self.runtime_state: dict = {}  # what the runtime kept for its clients, from a resumed checkpoint
@@ -292,7 +325,8 @@ class FederationServer:
             if self.ledger is not None:
                 train_loss = None  # computed on raw client data: not released under DP
         bytes_down += payload_bytes(aggregate.broadcast) * self.cfg.federation.num_clients
-        record = self.record(r, answered, train_loss, bytes_up, bytes_down, agg_error, self.maybe_evaluate(r), t0)
+        record = self.record(r, answered, train_loss, bytes_up, bytes_down, agg_error,
+                             self.maybe_evaluate(r, aggregate.broadcast), t0)
         record["dropped"] = dropped
         record |= dp_record
         if secure:
@@ -304,25 +338,57 @@ class FederationServer:
                       "seconds": round(time.time() - t0, 3)})
 
     # -- evaluation and the record ------------------------------------------------------------
-    def evaluate(self) -> dict:
-        self.adapted.load_state(self.method.eval_state())
-        e = self.cfg.eval
-        return self.task.evaluate(self.model, e.batch_size, e.max_examples)
+    @property
+    def server_evaluates(self) -> bool:
+        """Whether the server holds evaluation data (data.eval_path, a preset's split); with data.client_paths
+        and no data.eval_path it holds none."""
+        return not isinstance(self.task, ClassificationTask) or len(self.task.data.eval) > 0
 
-    def maybe_evaluate(self, r: int) -> dict | None:
+    def evaluate(self) -> dict | None:
+        """The global model on the server's evaluation data (None: it has none)."""
+        if not self.server_evaluates:
+            return None
+        return {k: v for k, v in evaluate_model(self.task, self.adapted, self.method.eval_state(),
+                                                self.cfg.eval).items() if k != "examples"}
+
+    def evaluates(self, r: int) -> bool:
+        """Whether round r is evaluated: every eval.every rounds and the last."""
         every = self.cfg.eval.every
-        if (every and r % every == 0) or r == self.cfg.federation.rounds:
-            self.last_eval = self.evaluate()
-            return self.last_eval
-        return None
+        return bool(every and r % every == 0) or r == self.cfg.federation.rounds
+
+    def maybe_evaluate(self, r: int, broadcast: State | None = None) -> tuple[dict | None, dict | None]:
+        """Round r's evaluations when it is evaluated: the server's, and the clients' own (federated
+        evaluation, carried by the runtime's client_evaluator)."""
+        if not self.evaluates(r):
+            return None, None
+        self.last_eval = self.evaluate()
+        if self.client_evaluator is not None:
+            self.last_client_eval = federated_evaluation(self.client_evaluator(r, broadcast or {}))
+        return self.last_eval, self.last_client_eval if self.client_evaluator is not None else None
+
+    def evaluation_notes(self, evaluating: list[int], turn_off: str) -> list[str]:
+        """What a run says at its start about its evaluation: that nothing is evaluated, when neither the server
+        nor any client has evaluation data; under DP, what the clients' evaluation replies reveal."""
+        if not self.server_evaluates and not evaluating:
+            return ["nothing will be evaluated: the server has no evaluation file (data.eval_path) and no "
+                    "client has one of its own (data.client_eval_paths; on Flower a node's eval-path)"]
+        if evaluating and self.cfg.privacy.enabled:
+            return [f"federated evaluation under DP: the replies of clients {evaluating} (how many evaluation "
+                    "examples each holds, its accuracy and loss on them) are released outside the DP guarantee, "
+                    f"which covers training only; {turn_off} turns them off"]
+        return []
 
     def record(self, r, clients, train_loss, bytes_up, bytes_down, agg_error, evaluation, t0) -> dict:
+        """Round r's record; `evaluation`: maybe_evaluate's pair (the server's, the clients')."""
         self.totals["bytes_up"] += bytes_up
         self.totals["bytes_down"] += bytes_down
-        return {"round": r, "clients": clients, "train_loss": train_loss, "eval": evaluation,
-                "bytes_up": bytes_up, "bytes_down": bytes_down, "agg_error": agg_error,
-                "epsilon": self.epsilon_spent(),
-                "seconds": round(time.time() - t0, 3)}
+        server_eval, client_eval = evaluation
+        record = {"round": r, "clients": clients, "train_loss": train_loss, "eval": server_eval,
+                  "bytes_up": bytes_up, "bytes_down": bytes_down, "agg_error": agg_error,
+                  "epsilon": self.epsilon_spent()}
+        if client_eval is not None:
+            record["client_eval"] = client_eval
+        return record | {"seconds": round(time.time() - t0, 3)}
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, r: int, runtime_state: dict | None = None) -> None:
@@ -334,6 +400,7 @@ class FederationServer:
             "runtime": runtime_state or {},
             "totals": self.totals,
             "last_eval": self.last_eval,
+            "last_client_eval": self.last_client_eval,
             "privacy": self.client_dp.state_dict() if self.client_dp is not None
             else None if self.ledger is None else self.ledger.state_dict(),
             "rng": checkpoint.rng_state(),
@@ -363,6 +430,7 @@ class FederationServer:
         self.runtime_state = state["runtime"]
         self.totals = state["totals"]
         self.last_eval = state["last_eval"]
+        self.last_client_eval = state.get("last_client_eval")
         checkpoint.set_rng_state(state["rng"])
         self.run.resume_log(state)
         return r
@@ -401,6 +469,7 @@ class FederationServer:
             "method": self.cfg.method.name,
             "rounds": self.cfg.federation.rounds,
             "final_eval": self.last_eval,
+            "final_client_eval": self.last_client_eval,
             "bytes_up_total": self.totals["bytes_up"],
             "bytes_down_total": self.totals["bytes_down"],
             "trained_numbers": self.method.trained_numbers(),  # per client: adapter and head
@@ -409,7 +478,7 @@ class FederationServer:
             "model_source": self.model_source,
             "labels": self.label_names,
             "baselines": (self.task.baselines(self.cfg.eval.max_examples)
-                          if isinstance(self.task, ClassificationTask) else None),
+                          if isinstance(self.task, ClassificationTask) and self.server_evaluates else None),
             "privacy": self.client_dp.summary() if self.client_dp is not None else None if self.ledger is None else {
                 "noise_multiplier": self.ledger.noise_multiplier, "delta": self.ledger.delta,
                 "accountant": self.ledger.kind, "epsilon_max": self.ledger.max_epsilon(),

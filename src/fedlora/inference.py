@@ -188,6 +188,9 @@ def evaluation_split(data: DataConfig, label_names: list[str] | None):
     """The evaluation split `data` describes, read alone where it is a file of its own; a classifier's labels
     as ids of the run's classes. An unreachable one is refused, saying to give --data."""
     hint = "evaluate on a file with --data FILE (read with the run's columns) or a data set preset"
+    if data.client_paths and not data.eval_path:
+        raise DataError(f"the run had no evaluation file of its own (its clients evaluated on theirs, "
+                        f"data.client_eval_paths): {hint}")
     if not (data.name or data.path or data.eval_path or data.hub_id):
         raise DataError(f"the run's evaluation data was held in memory: {hint}")
     if data.eval_path and not Path(data.eval_path).is_file():
@@ -211,7 +214,8 @@ def evaluation_data(section: dict, data: str) -> dict:
         return section | {"eval_path": data}
     if data in CLASSIFICATION_PRESETS or data in INSTRUCTION_PRESETS:
         return section | {"name": data, "path": None, "eval_path": None, "eval_split": None, "hub_id": None,
-                          "text_columns": None, "label_column": None, "header": True}
+                          "text_columns": None, "label_column": None, "header": True, "client_paths": None,
+                          "client_eval_paths": None}
     raise ConfigError(f"--data {data}: neither a file nor a data set preset "
                       f"({', '.join([*CLASSIFICATION_PRESETS, *INSTRUCTION_PRESETS])})")
 

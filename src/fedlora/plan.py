@@ -22,8 +22,13 @@ Segment = tuple[float, int, float | None]  # DP-SGD steps: (sample rate, steps, 
 
 def client_shards(cfg: Config, task: Task) -> Sequence[np.ndarray]:
     """Every client's training examples (indices into the task's training split), from the config's partition:
-    a list, or for data.partition = "sampled" a population whose clients' examples are computed when asked."""
+    a list, or for data.partition = "sampled" a population whose clients' examples are computed when asked;
+    with data.client_paths, every row of client i's own file."""
     d = cfg.data
+    if d.client_paths:  # a natural partition: client i holds all of the i-th file (data.load_classification)
+        rows = task.data.client_rows
+        starts = np.cumsum([0] + rows)
+        return [np.arange(starts[i], starts[i + 1]) for i in range(len(rows))]
     if d.partition == "sampled":
         return SampledPopulation(len(task.train_labels), cfg.federation.num_clients, *d.client_examples,
                                  seed=derive_seed(cfg.seed, "partition"))

@@ -35,6 +35,13 @@ def round_line(record: dict, rounds: int) -> str:
     if record.get("dropped"):
         parts.append(f"{len(record['dropped'])} dropped")
     parts += [f"{k} {v:.4f}" for k, v in (record.get("eval") or {}).items() if "/" not in k]
+    clients = record.get("client_eval") or {}
+    if clients.get("clients"):  # federated evaluation: the clients' example-weighted mean
+        mean = clients["mean"]
+        parts.append(f"clients' {', '.join(f'{k} {v:.4f}' for k, v in mean.items() if k != 'examples' and '/' not in k)}"
+                     f" ({len(clients['clients'])} clients, {mean['examples']:,} examples)")
+    if clients.get("failed"):
+        parts.append(f"{len(clients['failed'])} failed to evaluate")
     parts.append(f"{record['bytes_up']:,} bytes up")
     if record.get("epsilon") is not None:
         parts.append(f"epsilon {record['epsilon']:.3f}")
@@ -46,3 +53,19 @@ def round_line(record: dict, rounds: int) -> str:
         parts.append(f"||initial delta||/||W0|| up to {ratio:.2g} ({layer})")
     parts.append(f"{record['seconds']:.1f} s")
     return f"round {r}/{rounds}{' (set-up)' if r == 0 else ''}: {', '.join(parts)}"
+
+
+def client_eval_lines(client_eval: dict | None) -> list[str]:
+    """Federated evaluation as lines: each client's metrics and examples, then their example-weighted mean and
+    the clients that could not evaluate."""
+    if not client_eval:
+        return []
+
+    def shown(metrics: dict) -> str:
+        return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples" and "/" not in k) \
+            + f" ({metrics['examples']:,} examples)"
+    lines = [f"client {c}: {shown(m)}" for c, m in client_eval["clients"].items()]
+    if client_eval["clients"]:
+        lines.append(f"clients' mean, weighted by examples: {shown(client_eval['mean'])}")
+    lines += [f"client {c}: not evaluated: {why}" for c, why in client_eval["failed"].items()]
+    return lines

@@ -49,7 +49,7 @@ class SetUpExchange:
             raise
         bytes_down = self.traffic["down"] + payload_bytes(exchange.broadcast) * server.cfg.federation.num_clients
         record = server.record(0, exchange.clients, None, self.traffic["up"], bytes_down, 0.0,
-                               server.maybe_evaluate(0), t0)
+                               server.maybe_evaluate(0, exchange.broadcast), t0)
         record["dropped"] = self.dropped
         if exchange.delta_to_base:
             record["delta_to_base"] = exchange.delta_to_base

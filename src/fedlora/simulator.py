@@ -16,7 +16,7 @@ from .comm import payload_bytes
 from .config import Config
 from .errors import ClientTimeout
 from .experiment import build_task
-from .federation import FederationServer, Outcome, RetryRound
+from .federation import FederationServer, Outcome, RetryRound, client_model, evaluate_model
 from .models import pick_device
 from .plan import client_shards, shard_sizes
 
@@ -41,6 +41,13 @@ class Simulator:
                                        progress=progress, shards=self.shards)
         self.method = self.server.method
         self.trainer = ClientTrainer(cfg, task, adapted, self.method, self.server.plan, self.shards)
+        # data.client_eval_paths: every client evaluates the model it uses on its own evaluation file
+        own_eval = getattr(task.data, "client_eval", None) or []
+        self.eval_tasks = {c: task.evaluating_on(split) for c, split in enumerate(own_eval) if split is not None}
+        if self.eval_tasks:
+            self.server.client_evaluator = self.evaluate_clients
+        self.server.warnings += self.server.evaluation_notes(sorted(self.eval_tasks),
+                                                             "leaving out data.client_eval_paths")
 
     @property
     def out(self) -> Path:
@@ -79,6 +86,18 @@ class Simulator:
             if record["eval"]:
                 bar.set_postfix({k: round(v, 4) for k, v in record["eval"].items() if "/" not in k})
         return server.finish(started)
+
+    def evaluate_clients(self, r: int, broadcast: dict) -> dict[int, dict | str]:
+        """Federated evaluation in round r: each client with an evaluation file evaluates the model it uses (the
+        global model, with FedSA-LoRA's own B) on it. The server's model already holds the round's broadcast."""
+        results: dict[int, dict | str] = {}
+        for c, task in self.eval_tasks.items():
+            try:
+                results[c] = evaluate_model(task, self.adapted, client_model(self.method, self.trainer.own_states.get(c)),
+                                            self.cfg.eval)
+            except Exception as err:  # a client's failure must not stop the federation
+                results[c] = failure(err)
+        return results
 
     def runtime_state(self) -> dict:
         """What the clients keep between rounds, which only this runtime holds."""

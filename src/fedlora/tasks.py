@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -120,6 +121,11 @@ class ClassificationTask(Task):
         with self.autocast_context():
             logits = model(**inputs).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+    def evaluating_on(self, split: ClassificationSplit) -> "ClassificationTask":
+        """This task with `split` (labels as this task's class ids) as its evaluation data: a client's own."""
+        return ClassificationTask(replace(self.data, eval=split), self.tokenizer, self.max_length, self.device,
+                                  self.autocast, self.progress)
 
     def eval_indices(self, max_examples: int | None) -> np.ndarray:
         """The evaluated examples: all, or a fixed random sample of `max_examples`, stratified by label."""

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError, FedloraError
-from .sources import ClassificationData, ClassificationSplit, _load_hub_table, _read_file, build_data, encode_split
+from .sources import (ClassificationData, ClassificationSplit, _load_hub_table, _read_file, _Table, build_data,
+                      empty_split, encode_split, label_vocabulary)
 
 DATA_DIR_ENV = "FEDLORA_DATA_DIR"
 
@@ -89,6 +90,8 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
     (`data.source` "local", or "auto" when root/<folder>/ exists); else the Hugging Face hub.
     """
     preset = get_preset(cfg.name) if cfg.name else None
+    if cfg.client_paths:
+        return _load_client_files(cfg, preset)
     if cfg.path:
         data = _load_from_paths(cfg, preset)
     elif preset is not None:
@@ -109,14 +112,63 @@ def load_evaluation(cfg: DataConfig, label_names: list[str]) -> ClassificationSp
     """The evaluation split `cfg` describes, its labels as ids of a trained classifier's classes
     `label_names`: data.eval_path read alone, else the evaluation split of load_classification."""
     if cfg.eval_path:
-        preset = get_preset(cfg.name) if cfg.name else None
-        text_columns, label_column = _columns(cfg, preset)
-        table = _read_file(_existing_file(cfg.eval_path, "data.eval_path"), text_columns, label_column, cfg.header)
-        integer_ids = preset is not None and list(preset.label_names) == list(label_names)
-        ids = encode_split(table, label_names, integer_ids, "of the trained model")
-        return ClassificationSplit(table.text_a, table.text_b, ids, table.source)
+        return read_split(cfg, cfg.eval_path, "data.eval_path", label_names)
     data = load_classification(cfg)
     return relabel(data.eval, data.label_names, label_names)
+
+
+def read_split(cfg: DataConfig, path: str, key: str, label_names: list[str]) -> ClassificationSplit:
+    """One file in the data's format (its columns, header, preset), its labels as ids of the classes
+    `label_names`; `key` names where the path was given (a config key, a node's setting)."""
+    preset = get_preset(cfg.name) if cfg.name else None
+    text_columns, label_column = _columns(cfg, preset)
+    table = _read_file(_existing_file(path, key), text_columns, label_column, cfg.header)
+    integer_ids = preset is not None and list(preset.label_names) == list(label_names)
+    ids = encode_split(table, label_names, integer_ids, "of the trained model")
+    return ClassificationSplit(table.text_a, table.text_b, ids, table.source)
+
+
+def load_own_training_file(cfg: DataConfig, path: str, key: str) -> ClassificationData:
+    """A party's own training file, all of it, validated as a run's files are; its classes as the data's
+    format gives them (a preset's names, else the file's labels in sorted order). No evaluation rows: a
+    party's evaluation file is read apart (read_split), so that a bad one leaves its training alone."""
+    preset = get_preset(cfg.name) if cfg.name else None
+    text_columns, label_column = _columns(cfg, preset)
+    table = _read_file(_existing_file(path, key), text_columns, label_column, cfg.header)
+    data = build_data(table, table, preset.label_names if preset else None)
+    return replace(data, eval=empty_split(table))
+
+
+def _load_client_files(cfg: DataConfig, preset: Preset | None) -> ClassificationData:
+    """data.client_paths: every client's file, read into one training split (client i's rows the i-th run of
+    it: plan.client_shards) whose classes are those of all the files; data.eval_path, when given, for the
+    server's evaluation; data.client_eval_paths, each client's evaluation file. Every path is checked
+    before any file is read."""
+    text_columns, label_column = _columns(cfg, preset)
+    train_paths = [_existing_file(p, f"data.client_paths[{i}]") for i, p in enumerate(cfg.client_paths)]
+    eval_paths = [_existing_file(p, f"data.client_eval_paths[{i}]") if p else None
+                  for i, p in enumerate(cfg.client_eval_paths or [])]
+    server_eval = _existing_file(cfg.eval_path, "data.eval_path") if cfg.eval_path else None
+    tables = [_read_file(p, text_columns, label_column, cfg.header) for p in train_paths]
+    starts = np.cumsum([0] + [len(t.labels) for t in tables])
+
+    def where(i: int) -> str:  # row i of the joined files: its own file and line
+        k = int(np.searchsorted(starts, i, side="right")) - 1
+        return f"({tables[k].source}) {tables[k].where(i - starts[k])}"
+
+    if len({t.text_b is None for t in tables}) > 1:
+        raise DataError("data.client_paths: some files have two text columns and some one")
+    joined = _Table([x for t in tables for x in t.text_a],
+                    None if tables[0].text_b is None else [x for t in tables for x in t.text_b],
+                    [x for t in tables for x in t.labels], "data.client_paths", where)
+    evaluation = _read_file(server_eval, text_columns, label_column, cfg.header) if server_eval else None
+    data = build_data(joined, evaluation or joined, preset.label_names if preset else None)
+    names, _ = label_vocabulary(joined, preset.label_names if preset else None)
+    client_eval = [read_split(cfg, str(p), f"data.client_eval_paths[{i}]", names) if p else None
+                   for i, p in enumerate(eval_paths)] if cfg.client_eval_paths else None
+    return replace(data, eval=data.eval if evaluation else empty_split(joined),
+                   train=replace(data.train, source=", ".join(t.source for t in tables)),
+                   client_rows=[len(t.labels) for t in tables], client_eval=client_eval)
 
 
 def relabel(split: ClassificationSplit, names: list[str], new_names: list[str]) -> ClassificationSplit:
@@ -170,11 +222,12 @@ def _check_split(preset: Preset, split: str, available: dict[str, str], where: s
 
 
 def _existing_file(path: str, key: str) -> Path:
-    path = Path(path)
+    """`path` if it is a file; `key` says where it was given (a config key "data.x", or a node's setting)."""
+    path, where = Path(path), f"config key '{key}'" if key.startswith(("data.", "fedsb.")) else key
     if path.is_dir():
-        raise DataError(f"config key '{key}': {path} is a folder, not a file")
+        raise DataError(f"{where}: {path} is a folder, not a file")
     if not path.is_file():
-        raise DataError(f"config key '{key}': file not found: {path}")
+        raise DataError(f"{where}: file not found: {path}")
     return path
 
 

@@ -42,9 +42,15 @@ class ClassificationSplit:
 @dataclass
 class ClassificationData:
     train: ClassificationSplit
-    eval: ClassificationSplit
+    eval: ClassificationSplit  # the server's evaluation data (no rows: the server evaluates nothing)
     num_labels: int
     label_names: list[str]
+    client_rows: list[int] | None = None  # data.client_paths: the training rows of each client's file, in order
+    client_eval: list[ClassificationSplit | None] | None = None  # data.client_eval_paths: each client's own
+
+
+def empty_split(like: ClassificationSplit | _Table, source: str = "no evaluation file") -> ClassificationSplit:
+    return ClassificationSplit([], None if like.text_b is None else [], [], source)
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""The ClientApp: one fedlora client on a SuperNode. Its client id and data shard come from the node config
-(`partition-id` of `num-partitions`, the shard the simulator's partition gives that client, of the training
-file at the node's own `data-path` when the node config gives one, else of the config's data); it trains with
-the simulator's own client update (local_train, DP-SGD included) and keeps what a client keeps between rounds
-(its copy of the global state, FedSA-LoRA's own B, W0 changed by FedEx-LoRA or FLoRA) in Flower's
-`context.state`. The model is loaded once per process and reused by every message that process answers.
+"""The ClientApp: one fedlora client on a SuperNode. Its client id comes from the node config (`partition-id`,
+checked against `num-partitions`); its training data is all of the node's own file (`data-path` in the node
+config, else the config's data.client_paths[id]), or the shard the simulator's partition gives that client of
+the config's shared file; its evaluation data, the node's own `eval-path` (else data.client_eval_paths[id]).
+It trains with the simulator's own client update (local_train, DP-SGD included), evaluates with the server's
+own routine (federation.evaluate_model), and keeps what a client keeps between rounds (its copy of the global
+state, FedSA-LoRA's own B, W0 changed by FedEx-LoRA or FLoRA) in Flower's `context.state`. The model is loaded
+once per process and reused by every message that process answers.
 
 FEDLORA_FLOWER_FAULT=raise@R (or hang@R, several comma-separated) makes the node fail (or hang) at round R:
 for tests of dropped clients.
@@ -20,15 +22,19 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..client import ClientTrainer
-from ..errors import ConfigError
-from ..experiment import build_task
+from ..data.presets import load_own_training_file, read_split
+from ..errors import ConfigError, FedloraError
+from ..experiment import build_task, load_task_data, task_kind
+from ..federation import client_model, evaluate_model
 from ..methods import Request, check_method
 from ..models import pick_device
 from ..plan import FederationPlan, PrivacySettings, client_shards, shard_sizes
+from ..tasks import ClassificationTask
 from ..seeding import generator
 from .project import from_run_config
 from .records import flatten, from_record, nest, privacy_from, to_record
@@ -40,15 +46,30 @@ METHOD_STATE, BASE_WEIGHTS, OWN_STATE = "fedlora.method", "fedlora.base", "fedlo
 class ClientRuntime:
     """A client's model, data and method object, loaded once per process and configuration."""
 
-    def __init__(self, run_config: dict, data_path: str | None = None):
+    def __init__(self, run_config: dict, data_path: str | None = None, eval_path: str | None = None,
+                 client: int = 0):
+        """`data_path`, `eval_path`: the node's own files (node config data-path, eval-path); without them,
+        client `client`'s files of data.client_paths and data.client_eval_paths when the config gives them."""
         cfg = from_run_config(run_config)
-        if data_path:  # this node's own copy of the training file
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path})})
         check_supported(cfg)
+        d = cfg.data
+        if not data_path and d.client_paths:
+            data_path = d.client_paths[client]
+            eval_path = eval_path or (d.client_eval_paths[client] if d.client_eval_paths else None)
+        self.data_path, self.eval_path = data_path, eval_path
+        kind = task_kind(d, cfg.model.name)
+        data = None
+        if data_path:  # all of this node's own file; the config's partition is for the shared file
+            data = (load_own_training_file(d, data_path, "node config data-path") if kind == "classification"
+                    else load_task_data(d.model_copy(update={"path": data_path}), kind))
         device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        task, adapted, _ = build_task(cfg, device)
-        shards = client_shards(cfg, task)
+        task, adapted, _ = build_task(cfg, device, data=data)
+        if data_path:  # the node's plan holds its own size (the server sends what depends on the others')
+            n = len(task.train_labels)
+            shards = [np.arange(n)] * cfg.federation.num_clients
+        else:
+            shards = client_shards(cfg, task)
         plan = FederationPlan(cfg, shard_sizes(shards))
         method = check_method(cfg)(adapted, cfg, plan.client_sizes)
         # the noise multiplier of the config's partition; each message under DP brings the server's (take_privacy)
@@ -58,6 +79,32 @@ class ClientRuntime:
         self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
         self.pristine_base = adapted.base_weights() if method.changes_base else None
         self.privacy_checked: tuple | None = None  # the last DP settings a server sent that passed the check
+        self.eval_task, self.eval_error = None, ""  # this node's evaluation data, or why it has none
+        if eval_path:  # a bad file costs this node its evaluation, not its training
+            try:
+                if not isinstance(task, ClassificationTask):
+                    raise ConfigError("evaluation on a node's own file needs classification data")
+                self.eval_task = task.evaluating_on(read_split(d, eval_path, "node config eval-path",
+                                                               task.data.label_names))
+            except FedloraError as err:  # one line that names the file
+                why = str(err).splitlines()[0]
+                self.eval_error = why if eval_path in why else f"eval-path {eval_path}: {why}"
+
+    def evaluation_examples(self) -> int:
+        """The examples this node evaluates on (0: it evaluates nothing)."""
+        task = self.eval_task
+        return len(task.eval_indices(self.trainer.cfg.eval.max_examples)) if task is not None else 0
+
+    def evaluate(self, client: int, global_state: dict) -> dict:
+        """Federated evaluation: the model this client uses (the global model sent, with FedSA-LoRA's own B
+        over it) on the node's evaluation data, with the server's own routine; Flower's "num-examples" key."""
+        if self.eval_task is None:
+            raise ConfigError(self.eval_error or "this node has no evaluation data (node config eval-path)")
+        trainer = self.trainer
+        metrics = evaluate_model(self.eval_task, trainer.adapted,
+                                 client_model(trainer.method, trainer.own_states.get(client), global_state),
+                                 trainer.cfg.eval)
+        return {"num-examples": int(metrics.pop("examples"))} | {k: float(v) for k, v in metrics.items()}
 
     def take_privacy(self, client: int, settings) -> PrivacySettings | None:
         """What this client trains with: under DP the noise multiplier, delta and set-up examples the server
@@ -136,11 +183,14 @@ _runtimes: dict[str, ClientRuntime] = {}
 
 
 def _runtime(context: Context, run_config: dict) -> ClientRuntime:
-    data_path = context.node_config.get("data-path")
-    key = json.dumps([run_config, data_path], sort_keys=True)
+    node = context.node_config
+    data_path, eval_path = node.get("data-path"), node.get("eval-path")
+    client = _client_id(context, run_config)
+    key = json.dumps([run_config, data_path, eval_path, client], sort_keys=True)
     if key not in _runtimes:
         _runtimes.clear()  # one model per process
-        _runtimes[key] = ClientRuntime(run_config, str(data_path) if data_path else None)
+        _runtimes[key] = ClientRuntime(run_config, str(data_path) if data_path else None,
+                                       str(eval_path) if eval_path else None, client)
     return _runtimes[key]
 
 
@@ -180,10 +230,13 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
 
 
 def set_up_reply(runtime, context: Context, client: int, request: dict, arrays: dict,
-                 privacy: PrivacySettings | None) -> dict:
+                 privacy: PrivacySettings | None, settings) -> dict:
     """This client's reply to a phase of the method's set-up exchange (methods.Request.settings() and the
-    request's arrays)."""
+    request's arrays); `settings`, the message's, carry its set-up examples (the server's plan, from every
+    node's size)."""
     trainer = runtime.trainer
+    if "init-examples" in settings and client in trainer.plan.init_examples:
+        trainer.plan.init_examples[client] = int(settings["init-examples"])
     runtime.restore(context, client)
     trainer.adapted.load_state(trainer.method.global_state)  # the gradient is taken through the seed's head
     return trainer.set_up_reply(client, Request(expected={}, arrays=arrays, **request), privacy)
@@ -202,9 +255,11 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         phase = msg.content["config"]["phase"]
         if phase == "hello":  # which client this node is, and the size of the data it trains on
             runtime = _runtime(context, settings(context))
+            labels = getattr(runtime.trainer.task.data, "label_names", None)
             return Message(RecordDict({"config": ConfigRecord({
                 "client": client, "examples": len(runtime.trainer.shards[client]),
-                "own-data": bool(context.node_config.get("data-path")),
+                "own-data": bool(runtime.data_path), "labels": json.dumps(labels),
+                "eval-examples": runtime.evaluation_examples(), "eval-error": runtime.eval_error,
                 "keeps-state": bool(context.node_config.get("state-dir"))})}), reply_to=msg)
         if phase == "resync":  # a resumed run: the server's whole state replaces what this node kept
             runtime = _runtime(context, settings(context))
@@ -227,7 +282,8 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         runtime = _runtime(context, settings(context))
         arrays = from_record(msg.content["arrays"], runtime.trainer.device) if "arrays" in msg.content else {}
         privacy = runtime.take_privacy(client, msg.content["config"])
-        reply = set_up_reply(runtime, context, client, json.loads(msg.content["config"]["request"]), arrays, privacy)
+        reply = set_up_reply(runtime, context, client, json.loads(msg.content["config"]["request"]), arrays, privacy,
+                             msg.content["config"])
         return Message(RecordDict({"arrays": to_record(reply)}), reply_to=msg)
 
     @app.train()
@@ -243,7 +299,7 @@ def client_app(defaults: dict | None = None) -> ClientApp:
             privacy, clip = runtime.take_privacy(client, secure_settings), runtime.take_clip(secure_settings)
             if "request" in secure_settings:  # a phase of the set-up exchange, its sum carried by SecAgg+
                 reply = set_up_reply(runtime, context, client, json.loads(secure_settings["request"]), download,
-                                     privacy)
+                                     privacy, secure_settings)
                 return Message(fitres_content(reply, secure_settings, client), reply_to=msg)
             r = int(secure_settings["round"])
         else:
@@ -268,14 +324,26 @@ def client_app(defaults: dict | None = None) -> ClientApp:
                        reply_to=msg)
 
     @app.evaluate()
-    def apply_broadcast(msg: Message, context: Context) -> Message:
-        """Flower's evaluate message carries the round's broadcast; the node applies it and evaluates nothing."""
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Flower's evaluate message, after a round's aggregation: the node applies the round's broadcast when
+        it carries one ("arrays"), and when it carries the global model ("model") evaluates the model this client
+        uses on its own evaluation data and replies with its metrics and "num-examples". An evaluation that fails
+        is answered with its reason ("eval-error"): the broadcast stays applied."""
         client = _client_id(context, settings(context))
         runtime = _runtime(context, settings(context))
         runtime.restore(context, client)
-        runtime.trainer.method.receive(from_record(msg.content["arrays"], runtime.trainer.device))
-        runtime.keep(context, client)
-        return Message(RecordDict({"metrics": MetricRecord({"applied": 1})}), reply_to=msg)
+        if "arrays" in msg.content:
+            runtime.trainer.method.receive(from_record(msg.content["arrays"], runtime.trainer.device))
+            runtime.keep(context, client)
+        content = RecordDict({"metrics": MetricRecord({"applied": 1})})
+        if "model" in msg.content:
+            try:
+                content["metrics"] = MetricRecord(runtime.evaluate(client, from_record(msg.content["model"],
+                                                                                       runtime.trainer.device)))
+            except Exception as err:  # the node's evaluation fails, not the run
+                content["config"] = ConfigRecord({"eval-error": str(err).splitlines()[0] if str(err)
+                                                  else type(err).__name__})
+        return Message(content, reply_to=msg)
 
     return app
 

@@ -2,6 +2,7 @@
 replies matched to the clients they answer."""
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from logging import INFO
@@ -20,6 +21,8 @@ class NodeMap:
     def __init__(self):
         self.node_of: dict[int, int] = {}
         self.client_of: dict[int, int] = {}
+        self.eval_examples: dict[int, int] = {}  # the clients whose node has evaluation data: how many examples
+        self.eval_errors: dict[int, str] = {}  # the clients whose node's evaluation data cannot be read: why
 
     def connect(self, grid: Grid, server: FederationServer, node_wait: float, timeout: float, resume: bool) -> None:
         """Wait up to `node_wait` seconds for a SuperNode per fedlora client: ask every node that connects which
@@ -61,6 +64,15 @@ class NodeMap:
         if client in self.node_of:
             raise ConfigError(f"SuperNodes {self.node_of[client]} and {node} both have partition-id {client}: "
                               "each needs its own (flower-supernode --node-config 'partition-id=...')")
+        labels = json.loads(answer.get("labels", "null"))
+        if labels is not None and server.label_names is not None and labels != server.label_names:
+            raise ConfigError(f"SuperNode {node} (client {client}): its training data has the classes {labels}, the "
+                              f"server's config {server.label_names}: every party needs the same classes (give "
+                              "data.name a preset, or files whose labels cover every class)")
+        if int(answer.get("eval-examples", 0)) > 0:
+            self.eval_examples[client] = int(answer["eval-examples"])
+        if answer.get("eval-error"):
+            self.eval_errors[client] = f"SuperNode {node} (client {client}): {answer['eval-error']}"
         if not answer["own-data"] and examples != server.client_sizes[client]:
             raise ConfigError(f"SuperNode {node} (client {client}) has {examples} examples of the shared "
                               f"training data, the server's partition gives it {server.client_sizes[client]}:"

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, build_config, toml_value
+from ..config import Config, build_config, map_paths, toml_value
 from ..errors import ConfigError
 from ..methods import check_method
 
@@ -24,6 +24,9 @@ RUN_KEYS = {
     "secagg-threshold": "0: plain rounds; else Flower's SecAgg+ carries every round's uploads and the server "
                         "learns only their weighted mean; the fraction of a round's clients whose shares "
                         "reconstruct the masks (at least 2 clients; 1 - it is the share that may drop out)",
+    "federated-eval": "nodes with evaluation data of their own (node config eval-path, data.client_eval_paths) "
+                      "evaluate the global model on it in evaluated rounds and reply with their metrics and "
+                      "example counts; false: they are not asked (under DP the replies are not protected)",
 }
 
 
@@ -80,19 +83,12 @@ def absolute_paths(cfg: Config) -> Config:
     """The config with its model and data paths absolute, and data.root set from $FEDLORA_DATA_DIR when the
     config does not give it: the ServerApp runs in the SuperLink's process, the ClientApps in the SuperNodes',
     with other working folders and environments than the shell that writes the app."""
-    def fix(data):
-        if data is None:
-            return None
-        update = {k: str(Path(getattr(data, k)).resolve()) for k in ("path", "eval_path", "root")
-                  if getattr(data, k)}
-        if data.name is not None and data.root is None and os.environ.get("FEDLORA_DATA_DIR"):
-            update["root"] = str(Path(os.environ["FEDLORA_DATA_DIR"]).resolve())
-        return data.model_copy(update=update)
-
-    update = {"data": fix(cfg.data), "fedsb": cfg.fedsb.model_copy(update={"public_data": fix(cfg.fedsb.public_data)})}
-    if cfg.model.path:
-        update["model"] = cfg.model.model_copy(update={"path": str(Path(cfg.model.path).resolve())})
-    return cfg.model_copy(update=update)
+    raw = map_paths(cfg.to_dict(), lambda value: str(Path(value).resolve()))
+    root = os.environ.get("FEDLORA_DATA_DIR")
+    for data in (raw.get("data"), (raw.get("fedsb") or {}).get("public_data")):
+        if data and data.get("name") is not None and not data.get("root") and root:
+            data["root"] = str(Path(root).resolve())
+    return build_config(raw)
 
 
 def write_app(folder: str | Path, cfg: Config, out: str | Path, round_timeout: float = 600,
@@ -115,7 +111,8 @@ def write_app(folder: str | Path, cfg: Config, out: str | Path, round_timeout: f
                      "components": {"serverapp": "fedlora.flower.server_app:app",
                                     "clientapp": "fedlora.flower.client_app:app"},
                      "config": {"out": str(Path(out).resolve()), "round-timeout": float(round_timeout),
-                                "node-wait": float(node_wait), "resume": False, "secagg-threshold": 0.0}
+                                "node-wait": float(node_wait), "resume": False, "secagg-threshold": 0.0,
+                                "federated-eval": True}
                                | to_run_config(absolute_paths(cfg))}}},
     }
     path = folder / "pyproject.toml"

@@ -23,7 +23,7 @@ def server_app(defaults: dict | None = None) -> ServerApp:
         server = FederationServer.from_config(cfg, str(run_config.get("out", "runs/flower")), progress=False)
         strategy = FedloraStrategy(server, round_timeout=float(run_config.get("round-timeout", 600)),
                                    node_wait=float(run_config.get("node-wait", 120)), resume=resume,
-                                   secagg=secagg)
+                                   secagg=secagg, federated_eval=bool(run_config.get("federated-eval", True)))
         strategy.start(grid)
 
     return app

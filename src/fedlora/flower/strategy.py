@@ -1,14 +1,17 @@
 """A Flower Message-API strategy that runs a fedlora method, in the shape of Flower's own FedAvg: configure_train
 turns the round's sampled clients into TRAIN messages, aggregate_train turns the replies into outcomes and
 hands them to the server core (federation.FederationServer.close_round: the same checks, aggregation, log and
-records as the in-process simulator), configure_evaluate / aggregate_evaluate carry the round's broadcast.
+records as the in-process simulator), configure_evaluate / aggregate_evaluate carry the round's broadcast and,
+in evaluated rounds, the federated evaluation: the global model to every node with evaluation data, which
+replies with its metrics and "num-examples" (the server core logs them and their example-weighted mean).
 Who is who (nodes.py), a resumed run (resume.py) and rounds through SecAgg+ (secure.py) have modules of their
 own; Flower sends the method's downloads, uploads and broadcasts as ArrayRecords and counts their bytes.
 
 Stages on the wire, per node: a QUERY 'hello' (which fedlora client is this node), for Fed-SB a QUERY
 'set-up' per phase of its set-up exchange (fedsb.init: one or two Flower rounds), then per round a TRAIN
 (download -> upload) and, when the method broadcasts after aggregation (FedEx-LoRA, FLoRA, and Fed-SB's B and
-A once), an EVALUATE to every node that carries the broadcast.
+A once), an EVALUATE to every node that carries the broadcast; in an evaluated round an EVALUATE, carrying the
+global model, to every node with evaluation data (one message with the broadcast, when there is one).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from .. import progress
 from ..comm import payload_bytes
 from ..errors import ConfigError, RoundFailed
 from ..client import ClientUpdate
-from ..federation import FederationServer, Outcome
+from ..federation import FederationServer, Outcome, federated_evaluation
 from ..privacy.randomness import refuse_seeded
 from .nodes import NodeMap
 from .records import flower_bytes, from_record, privacy_settings, to_record
@@ -51,9 +54,16 @@ def check_supported(cfg, resume: bool = False, secagg: float | None = None) -> N
 
 class FedloraStrategy(Strategy):
     def __init__(self, server: FederationServer, round_timeout: float = 600, node_wait: float = 120,
-                 resume: bool = False, secagg: float | None = None):
+                 resume: bool = False, secagg: float | None = None, federated_eval: bool = True):
         check_supported(server.cfg, resume, secagg)
         self.server = server
+        self.federated_eval = federated_eval  # the nodes evaluate on their own data (run config federated-eval)
+        server.client_evaluator = self.evaluate_clients
+        self.grid: Grid | None = None
+        self.evaluating: list[int] = []  # the clients the evaluate messages being sent ask to evaluate
+        self.delivered: int | None = None  # the last round whose broadcast went out with its evaluation
+        self.client_results: dict[int, dict | str] = {}  # the last evaluate replies, by client
+        self._eval_sent: list[Message] = []
         self.resume = resume
         self.secagg = secagg  # SecAgg+'s reconstruction threshold (a fraction of the round's clients), or None
         self.round_timeout = round_timeout
@@ -72,8 +82,10 @@ class FedloraStrategy(Strategy):
 
     # -- messages ---------------------------------------------------------------------------------
     def _count(self, r: int, way: str, record: ArrayRecord) -> None:
+        """Flower's count of a record sent in round r: "up", "down" (the method's payloads, which the log counts
+        too) or "eval" (the global model sent for federated evaluation)."""
         counts = self.flower_bytes.setdefault(r, {"up": 0, "down": 0})
-        counts[way] += flower_bytes(record)
+        counts[way] = counts.get(way, 0) + flower_bytes(record)
 
     def _message(self, client: int, kind: str, phase: str, r: int, arrays: dict | None = None,
                  settings: dict | None = None) -> Message:
@@ -89,13 +101,29 @@ class FedloraStrategy(Strategy):
         plan (FederationPlan.check_client_privacy)."""
         return privacy_settings(self.server.privacy_for(client), self.server.update_clip())
 
+    def _set_up_settings(self, client: int) -> dict:
+        """What a node's set-up reply needs from the server's plan: its set-up examples (from every node's
+        size, which no node knows), and under DP its privacy settings."""
+        return {"init-examples": int(self.server.init_examples.get(client, 0))} | self._privacy(client)
+
     def _log_dropped(self, r: int, dropped: list[dict]) -> None:
         for d in dropped:
             log(WARNING, "round %d: dropped client %d: %s", r, d["client"], d["reason"])
 
     def connect(self, grid: Grid) -> None:
-        """Wait for a SuperNode per client and learn each one's size (NodeMap.connect)."""
+        """Wait for a SuperNode per client and learn each one's size and evaluation data (NodeMap.connect); say
+        which nodes cannot evaluate, and what the run's evaluation will be."""
         self.nodes.connect(grid, self.server, self.node_wait, self.round_timeout, self.resume)
+        for why in self.nodes.eval_errors.values():
+            log(WARNING, "fedlora: takes no part in evaluation: %s", why)
+        evaluating = sorted(self.nodes.eval_examples) if self.federated_eval else []
+        if self.nodes.eval_examples and self.federated_eval:
+            log(INFO, "fedlora federated evaluation: clients %s, examples %s", evaluating,
+                [self.nodes.eval_examples[c] for c in evaluating])
+        notes = self.server.evaluation_notes(evaluating, "the run config entry federated-eval=false")
+        for note in notes:
+            log(WARNING, "fedlora: %s", note)
+        self.server.warnings += notes
 
     # -- the set-up exchange --------------------------------------------------------------------
     def initialise(self, grid: Grid) -> dict:
@@ -104,7 +132,7 @@ class FedloraStrategy(Strategy):
 
         def send(request, clients: list[int]) -> dict:
             messages = [self._message(c, MessageType.QUERY, "set-up", 0, request.arrays or None,
-                                      {"request": json.dumps(request.settings())} | self._privacy(c))
+                                      {"request": json.dumps(request.settings())} | self._set_up_settings(c))
                         for c in clients if c in self.nodes.node_of]
             by_client = self.nodes.by_client(messages, grid.send_and_receive(messages, timeout=self.round_timeout))
             return {c: self._reply_arrays(0, c, by_client.get(c)) for c in clients}
@@ -113,7 +141,7 @@ class FedloraStrategy(Strategy):
         if self.secagg is not None:
             from .secure import set_up_sums
 
-            secure_sum = set_up_sums(grid, server, self.nodes, self.secagg, self.round_timeout, self._privacy)
+            secure_sum = set_up_sums(grid, server, self.nodes, self.secagg, self.round_timeout, self._set_up_settings)
         record, self.broadcast = server.initialise(send, secure_sum=secure_sum)
         self._log_dropped(0, record["dropped"])
         return record
@@ -210,38 +238,83 @@ class FedloraStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Flower's name for the messages after a round's aggregation: here they evaluate nothing (evaluation is
-        the server's) and carry the round's broadcast (FedEx-LoRA's residuals, FLoRA's stacked factors, Fed-SB's
-        B and A in round 0) to every node, which applies it to its copy of the model."""
-        if not self.broadcast:
-            return []
-        return [self._message(c, MessageType.EVALUATE, "broadcast", server_round, self.broadcast)
-                for c in sorted(self.nodes.node_of)]
+        """Flower's evaluate messages after a round's aggregation: the round's broadcast (FedEx-LoRA's residuals,
+        FLoRA's stacked factors, Fed-SB's B and A in round 0) to every node, which applies it to its copy of the
+        model, and to each client of `self.evaluating` the global model ("model"), which it evaluates."""
+        model = to_record(self.server.method.eval_state()) if self.evaluating else None
+        messages = []
+        for c in sorted(self.nodes.node_of):
+            if not self.broadcast and c not in self.evaluating:
+                continue
+            message = self._message(c, MessageType.EVALUATE, "evaluate", server_round, self.broadcast or None)
+            if c in self.evaluating:
+                message.content["model"] = model
+                self._count(server_round, "eval", model)
+            messages.append(message)
+        self._eval_sent = messages
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Flower's name for the acknowledgements of the broadcast: a node that did not apply it holds a stale
-        model and takes no further part. Returns the server's evaluation of the round, if any."""
+        """The replies to the evaluate messages: a node that did not apply the broadcast holds a stale model and
+        takes no further part; each evaluating client's metrics (or why it has none) go to
+        `self.client_results`. Returns their example-weighted mean (Flower's convention), if any."""
+        by_client = self.nodes.by_client(self._eval_sent, replies)
         if self.broadcast:
-            applied = {self.nodes.client_of[m.metadata.src_node_id] for m in replies if not m.has_error()}
+            applied = {c for c, m in by_client.items() if not m.has_error()}
             missed = set(self.nodes.node_of) - applied
             if missed:
                 log(WARNING, "round %d: clients %s missed the broadcast and take no further part",
                     server_round, sorted(missed))
             self.out_of_sync |= missed
-        evaluation = self.last_record["eval"] if self.last_record else None
-        return _metrics(evaluation) if evaluation else None
+        self.client_results = {c: self._evaluation(by_client.get(c)) for c in self.evaluating}
+        evaluation = federated_evaluation(self.client_results)
+        return _metrics(evaluation["mean"]) if evaluation and evaluation["clients"] else None
+
+    def _evaluation(self, reply: Message | None) -> dict | str:
+        """A client's evaluation from its reply: its metrics and "examples", or why it has none."""
+        if reply is None:
+            return f"no evaluation within {self.round_timeout:g} s"
+        if reply.has_error():
+            return f"failed on its node: {reply.error.reason}"
+        if "config" in reply.content and "eval-error" in reply.content["config"]:
+            return str(reply.content["config"]["eval-error"])
+        metrics = dict(reply.content["metrics"])
+        return {k: float(v) for k, v in metrics.items() if k != "num-examples"} | {
+            "examples": int(metrics["num-examples"])}
+
+    def evaluate_clients(self, r: int, broadcast: dict) -> dict[int, dict | str]:
+        """Federated evaluation of round r (the server core's client_evaluator): one evaluate message per node,
+        carrying the round's broadcast and, to each node with evaluation data, the global model; the replies."""
+        if not self.federated_eval:
+            return {}
+        self.broadcast = broadcast
+        self.evaluating = [c for c in sorted(self.nodes.eval_examples) if c not in self.out_of_sync]
+        stale = {c: "missed a broadcast and holds a stale model" for c in self.nodes.eval_examples
+                 if c in self.out_of_sync}
+        try:
+            self._exchange_evaluate(self.grid, r)
+            self.delivered = r
+        finally:
+            self.evaluating = []
+        return self.client_results | stale | {c: why for c, why in self.nodes.eval_errors.items()}
 
     # -- the run ----------------------------------------------------------------------------------
-    def _send_broadcast(self, grid: Grid, r: int) -> None:
-        replies = grid.send_and_receive(self.configure_evaluate(r, ArrayRecord(), ConfigRecord(), grid),
-                                        timeout=self.round_timeout)
+    def _exchange_evaluate(self, grid: Grid, r: int) -> None:
+        messages = self.configure_evaluate(r, ArrayRecord(), ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=self.round_timeout) if messages else []
         self.aggregate_evaluate(r, replies)
+
+    def _send_broadcast(self, grid: Grid, r: int) -> None:
+        """The round's broadcast, unless its evaluation carried it."""
+        if self.delivered != r and self.broadcast:
+            self._exchange_evaluate(grid, r)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float | None = None, train_config=None, evaluate_config=None, evaluate_fn=None) -> Result:
         """The whole run, as the simulator's: round 0 (set-up), federation.rounds rounds, export, summary."""
         server = self.server
         started = time.time()
+        self.grid = grid
         if timeout is not None:
             self.round_timeout = timeout
         self.summary()
@@ -281,8 +354,12 @@ class FedloraStrategy(Strategy):
             self._checkpoint(r, rounds)
             if self.last_record["eval"]:
                 result.evaluate_metrics_serverapp[r] = _metrics(self.last_record["eval"])
+            if (self.last_record.get("client_eval") or {}).get("clients"):
+                result.evaluate_metrics_clientapp[r] = _metrics(self.last_record["client_eval"]["mean"])
         server.finish(started)
         server.run.write_json(FLOWER_BYTES, self.flower_bytes)
+        for line in progress.client_eval_lines(server.last_client_eval):  # the run's end: each party's evaluation
+            log(INFO, "fedlora final evaluation, %s", line)
         return result
 
     def _checkpoint(self, r: int, rounds: int) -> None:
