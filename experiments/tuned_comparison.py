@@ -15,7 +15,7 @@ results/tuned_comparison.md (the table, the paper claims' verdicts by twice the 
 difference, the ablation) and results/tuned_comparison_pareto.png (accuracy against the run's bytes).
 
     FEDLORA_DATA_DIR=../shared/data python experiments/tuned_comparison.py [--epsilons none 3 8 1]
-        [--methods ...] [--seeds 0 1 2] [--no-ablation] [--keep-recorded] [--out runs/tuned_comparison]
+        [--methods ...] [--seeds 0 1 2] [--no-ablation] [--keep-recorded] [--report] [--out runs/tuned_comparison]
 """
 from __future__ import annotations
 
@@ -131,6 +131,40 @@ def for_verdict(row: dict | None) -> dict | None:
     return None if row is None else {"mean": row["mean"], "std": row["std"] or 0.0, "seeds": row["n"]}
 
 
+def tuning_table(out: Path, variants: list[str], epsilons: list[str]) -> list[str]:
+    """Every tuning trial's held-out accuracy, per method and epsilon (the setting tune picked in bold)."""
+    lines = []
+    for epsilon in epsilons:
+        for variant in variants:
+            folder = out / "tune" / f"{variant}_eps{epsilon}"
+            chosen = json.loads((folder / "tuning.json").read_text())["best"] if (folder / "tuning.json").is_file() \
+                else None
+            cells = []
+            for summary in sorted(folder.glob("trials/*/summary.json")):
+                config = json.loads(summary.read_text())
+                setting = {"train.lr": config["config"]["train"]["lr"]}
+                label = f"lr {setting['train.lr']:g}"
+                if variant.startswith("fedsb"):
+                    step = config["config"]["fedsb"]["init_lr"]
+                    setting["fedsb.init_lr"] = "none" if step is None else step
+                    label += ", step " + ("rule" if step is None else f"{step:g}")
+                text = f"{label}: {config['final_eval']['accuracy']:.4f}"
+                cells.append(f"**{text}**" if chosen is not None and _same(chosen, setting) else text)
+            if cells:
+                state = "" if chosen is not None else " (tuning not finished)"
+                lines.append(f"| {VARIANTS[variant][2]}, r = {VARIANTS[variant][1]} | {epsilon} | "
+                             + "; ".join(cells) + state + " |")
+    if not lines:
+        return []
+    return ["", "Held-out accuracy of every tuning trial (a tenth of the training rows, seed 0; the chosen setting "
+            "in bold):", "", "| method | epsilon | trials |", "|---|---|---|", *lines]
+
+
+def _same(chosen: dict, setting: dict) -> bool:
+    return all(str(chosen.get(key)) == str(value) or (isinstance(value, float) and float(chosen[key]) == value)
+               for key, value in setting.items())
+
+
 def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: dict[str, list[Path]]) -> str:
     rows = {}
     for variant in variants:
@@ -152,6 +186,9 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
         lines.append(f"| {VARIANTS[variant][2]} | {row['rank']} | {epsilon} | {row['lr']:g} | {step} | "
                      f"{row['local_steps']} | {trained.get('adapter', 0):,} / {trained.get('head', 0):,} | "
                      f"{row['megabytes']:.1f} | {cell(row)} |")
+    if not any(rows.values()):
+        lines[2:] = ["No final run yet."]
+    lines += tuning_table(out, variants, epsilons)
     lines.append("")
     for better, worse, claim in CLAIMS:
         verdicts = [f"epsilon {e}: " + verdict(for_verdict(rows.get((better, e))), for_verdict(rows.get((worse, e))))
@@ -198,6 +235,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--report", action="store_true",
+                        help="only write the tables from the runs there are (with --keep-recorded: the recorded)")
     parser.add_argument("--keep-recorded", action="store_true",
                         help="put the runs results/tuned_comparison.json holds back into OUT first (not repeated)")
     parser.add_argument("--out", default="runs/tuned_comparison")
@@ -206,6 +245,9 @@ def main() -> None:
     record = load_record() if args.keep_recorded else {"files": {}}
     restore(record, out)
     started = time.time()
+    if args.report:
+        print(write_tables(out, args.methods, args.epsilons, {}))
+        return
     try:
         for epsilon in args.epsilons:
             for variant in args.methods:
