@@ -159,7 +159,7 @@ def figure(runs: list[Run], metric: str = "accuracy", title: str | None = None):
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes[0].set_xlabel("round")
     axes[1].set_xlabel("total bytes exchanged, all clients (log scale)")
-    axes[1].set_xscale("log")
+    _bytes_axis(axes[1])
     if private:
         _epsilon_panel(axes[2], groups, metric)
     baselines = {(name, r.baselines[key]) for r in runs if r.baselines and metric == "accuracy"
@@ -188,6 +188,23 @@ def _epsilon_panel(ax, groups: dict[tuple[str, float], list[Run]], metric: str) 
     ax.set_xticks(range(len(positions)), [f"{e:g}" for e in finite] + ["no DP"])
     ax.set_xlabel("privacy budget epsilon (delta fixed)")
     ax.legend(fontsize=7)
+
+
+def _bytes_axis(ax) -> None:
+    """A log axis of bytes labelled in MB, spanning at least a factor 2.5, with fewer labels a decade the more
+    decades it spans (matplotlib labels every minor tick of a narrow log axis, and the labels overlap)."""
+    from matplotlib import ticker
+
+    ax.set_xscale("log")
+    low, high = ax.get_xlim()
+    if high / low < 2.5:
+        middle = math.sqrt(low * high)
+        low, high = middle / 1.6, middle * 1.6
+        ax.set_xlim(low, high)
+    subs = (1.0,) if high / low > 100 else (1.0, 3.0) if high / low > 10 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value / 1e6:g} MB"))
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
@@ -232,7 +249,7 @@ def pareto_figure(runs: list[Run], metric: str = "accuracy", title: str | None =
         front = pareto_front(points, higher)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="black", linestyle="--",
                 linewidth=1, label="non-dominated", zorder=0)
-        ax.set_xscale("log")
+        _bytes_axis(ax)
         ax.set_xlabel("total bytes of the run, all clients, up and down (log scale)")
         ax.set_ylabel(f"final {metric}")
         ax.set_title("no DP" if eps == math.inf else f"epsilon {eps:g}")
