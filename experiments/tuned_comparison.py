@@ -137,32 +137,25 @@ def tuning_table(out: Path, variants: list[str], epsilons: list[str]) -> list[st
     for epsilon in epsilons:
         for variant in variants:
             folder = out / "tune" / f"{variant}_eps{epsilon}"
-            chosen = json.loads((folder / "tuning.json").read_text())["best"] if (folder / "tuning.json").is_file() \
-                else None
+            tuning = json.loads((folder / "tuning.json").read_text()) if (folder / "tuning.json").is_file() else None
+            chosen = {t["folder"] for t in tuning["trials"] if t["setting"] == tuning["best"]} if tuning else set()
             cells = []
             for summary in sorted(folder.glob("trials/*/summary.json")):
                 config = json.loads(summary.read_text())
-                setting = {"train.lr": config["config"]["train"]["lr"]}
-                label = f"lr {setting['train.lr']:g}"
+                label = f"lr {config['config']['train']['lr']:g}"
                 if variant.startswith("fedsb"):
                     step = config["config"]["fedsb"]["init_lr"]
-                    setting["fedsb.init_lr"] = "none" if step is None else step
                     label += ", step " + ("rule" if step is None else f"{step:g}")
                 text = f"{label}: {config['final_eval']['accuracy']:.4f}"
-                cells.append(f"**{text}**" if chosen is not None and _same(chosen, setting) else text)
+                cells.append(f"**{text}**" if str(summary.parent.relative_to(folder)) in chosen else text)
             if cells:
-                state = "" if chosen is not None else " (tuning not finished)"
+                state = "" if tuning else " (tuning not finished)"
                 lines.append(f"| {VARIANTS[variant][2]}, r = {VARIANTS[variant][1]} | {epsilon} | "
                              + "; ".join(cells) + state + " |")
     if not lines:
         return []
     return ["", "Held-out accuracy of every tuning trial (a tenth of the training rows, seed 0; the chosen setting "
             "in bold):", "", "| method | epsilon | trials |", "|---|---|---|", *lines]
-
-
-def _same(chosen: dict, setting: dict) -> bool:
-    return all(str(chosen.get(key)) == str(value) or (isinstance(value, float) and float(chosen[key]) == value)
-               for key, value in setting.items())
 
 
 def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: dict[str, list[Path]]) -> str:

@@ -540,5 +540,5 @@ def test_a_checkpoint_from_another_version_resumes_and_a_changed_key_is_refused(
     with pytest.raises(FedloraError, match="key 'train.lr' differs"):
         changed = longer.model_copy(update={"train": longer.train.model_copy(update={"lr": longer.train.lr * 2})})
         Simulator(changed, tmp_path / "run", progress=False).run(resume=True)
-    summary = Simulator(longer, tmp_path / "run", progress=False).run(resume=True)
+    Simulator(longer, tmp_path / "run", progress=False).run(resume=True)
     assert [row["round"] for row in read_log(tmp_path / "run")] == [0, 1, 2]

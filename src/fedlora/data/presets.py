@@ -10,7 +10,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import DataError, FedloraError
 from .sources import (ClassificationData, ClassificationSplit, _load_hub_table, _read_file, _Table, build_data,
-                      empty_split, encode_split, label_vocabulary)
+                      empty_split, encode_split)
 
 DATA_DIR_ENV = "FEDLORA_DATA_DIR"
 
@@ -117,12 +117,17 @@ def load_evaluation(cfg: DataConfig, label_names: list[str]) -> ClassificationSp
     return relabel(data.eval, data.label_names, label_names)
 
 
-def read_split(cfg: DataConfig, path: str, key: str, label_names: list[str]) -> ClassificationSplit:
-    """One file in the data's format (its columns, header, preset), its labels as ids of the classes
-    `label_names`; `key` names where the path was given (a config key, a node's setting)."""
+def _read_table(cfg: DataConfig, path: str | Path, key: str) -> tuple[_Table, Preset | None]:
+    """One file in the data's format (its columns and header, its preset's where it names one); `key` names
+    where the path was given (a config key, a node's setting)."""
     preset = get_preset(cfg.name) if cfg.name else None
     text_columns, label_column = _columns(cfg, preset)
-    table = _read_file(_existing_file(path, key), text_columns, label_column, cfg.header)
+    return _read_file(_existing_file(path, key), text_columns, label_column, cfg.header), preset
+
+
+def read_split(cfg: DataConfig, path: str, key: str, label_names: list[str]) -> ClassificationSplit:
+    """One file in the data's format, its labels as ids of the classes `label_names`."""
+    table, preset = _read_table(cfg, path, key)
     integer_ids = preset is not None and list(preset.label_names) == list(label_names)
     ids = encode_split(table, label_names, integer_ids, "of the trained model")
     return ClassificationSplit(table.text_a, table.text_b, ids, table.source)
@@ -132,9 +137,7 @@ def load_own_training_file(cfg: DataConfig, path: str, key: str) -> Classificati
     """A party's own training file, all of it, validated as a run's files are; its classes as the data's
     format gives them (a preset's names, else the file's labels in sorted order). No evaluation rows: a
     party's evaluation file is read apart (read_split), so that a bad one leaves its training alone."""
-    preset = get_preset(cfg.name) if cfg.name else None
-    text_columns, label_column = _columns(cfg, preset)
-    table = _read_file(_existing_file(path, key), text_columns, label_column, cfg.header)
+    table, preset = _read_table(cfg, path, key)
     data = build_data(table, table, preset.label_names if preset else None)
     return replace(data, eval=empty_split(table))
 
@@ -163,8 +166,7 @@ def _load_client_files(cfg: DataConfig, preset: Preset | None) -> Classification
                     [x for t in tables for x in t.labels], "data.client_paths", where)
     evaluation = _read_file(server_eval, text_columns, label_column, cfg.header) if server_eval else None
     data = build_data(joined, evaluation or joined, preset.label_names if preset else None)
-    names, _ = label_vocabulary(joined, preset.label_names if preset else None)
-    client_eval = [read_split(cfg, str(p), f"data.client_eval_paths[{i}]", names) if p else None
+    client_eval = [read_split(cfg, str(p), f"data.client_eval_paths[{i}]", data.label_names) if p else None
                    for i, p in enumerate(eval_paths)] if cfg.client_eval_paths else None
     return replace(data, eval=data.eval if evaluation else empty_split(joined),
                    train=replace(data.train, source=", ".join(t.source for t in tables)),
