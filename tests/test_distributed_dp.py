@@ -44,6 +44,19 @@ def test_the_rotation_is_the_normalised_hadamard_transform_and_is_undone_exactly
     assert turned.norm().item() == pytest.approx(big.norm().item(), rel=1e-12)
     assert torch.allclose(dd.unrotate(turned, 123), big, atol=1e-12)
     assert not torch.allclose(dd.unrotate(turned, 124), big, atol=1e-3)  # the seed is the rotation
+    # blocks: the block-diagonal rotation, each block with its own signs
+    x = torch.randn(3 * 8, dtype=torch.float64)
+    signs = dd._signs(5, 24)
+    blocks = scipy.linalg.block_diag(*[scipy.linalg.hadamard(8)] * 3).astype(np.float64) / math.sqrt(8)
+    assert torch.allclose(dd.rotate(x, 5, 8), torch.from_numpy(blocks) @ (signs * x), atol=1e-12)
+    assert torch.allclose(dd.unrotate(dd.rotate(x, 5, 8), 5, 8), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("dimension, block", [(1, 1), (16, 16), (17, 2), (4610, 256), (50_000, 2048), (1 << 20, 1 << 20)])
+def test_the_block_pads_by_at_most_a_sixteenth(dimension, block):
+    assert dd.block_size(dimension) == block
+    padded = math.ceil(dimension / block) * block
+    assert padded <= dimension * 17 / 16 and (block == 1 or math.ceil(dimension / (2 * block)) * 2 * block > dimension * 17 / 16)
 
 
 def test_without_noise_the_decoded_sum_is_the_clipped_sum_within_the_rounding_bound():
@@ -226,7 +239,8 @@ def test_a_round_with_too_few_survivors_costs_more_or_is_refused():
 def test_the_plan_from_the_config_fits_the_target_epsilon():
     cfg = distributed_config(epsilon=3.0)
     plan = dd.distributed_plan(cfg, 50_000)
-    assert plan.padded_dimension == 1 << 16 and plan.bits == 32 and plan.rounds == 50
+    # 50,000 padded to a multiple of 2,048 (51,200: 2.4% more); 4,096 would pad by 6.5%, beyond 1/16
+    assert (plan.block, plan.padded_dimension) == (2048, 51_200) and plan.bits == 32 and plan.rounds == 50
     assert plan.min_survivors == 8  # ceil(0.8 x 10)
     assert 0.97 * 3.0 <= dd.epsilon(plan) <= 3.0
     assert plan.wrap_probability <= dd.WRAP_PROBABILITY
@@ -258,8 +272,6 @@ def test_a_modulus_too_small_is_refused_naming_the_key(privacy, federation, dime
     ({"unit": "client", "epsilon": 3.0, "mechanism": "distributed", "clipping": "adaptive"},
      ["privacy.clipping", "privacy.mechanism"]),
     ({"unit": "client", "epsilon": 3.0, "mechanism": "distributed", "modulus_bits": 4}, ["privacy.modulus_bits"]),
-    ({"unit": "client", "epsilon": 3.0, "mechanism": "distributed"},
-     ["privacy.mechanism", "not available in this runtime yet"]),
 ])
 def test_bad_distributed_settings_are_refused_before_loading_naming_the_keys(privacy, words):
     raw = {"method": {"name": "ffa"}, "model": {"path": "/nonexistent/model"},

@@ -21,6 +21,7 @@ from .init_sb import PrivateRelease, client_reply, private_gradient_sum, reply_f
 from .methods.base import Method, State
 from .plan import FederationPlan, PrivacySettings
 from .privacy.client_level import clip_update
+from .privacy.distributed import client_message
 from .privacy.dpsgd import DPSGD
 from .privacy.grad_sample import PerExampleGradients, for_trainable
 from .privacy.randomness import noise_generator, sampling_rng
@@ -34,6 +35,7 @@ class ClientUpdate:
     loss: float
     optimizer_state: dict | None = None  # kept on the client across rounds with train.keep_optimizer_state
     within_clip: bool | None = None  # under client-level DP: the change was within the bound before clipping
+    message: torch.Tensor | None = None  # under distributed DP: what enters the secure sum, in place of the payload
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -201,6 +203,12 @@ class ClientTrainer:
         if own:
             self.own_states[client] = own
         return update
+
+    def seal(self, client: int, r: int, update: ClientUpdate, start: State, plan) -> None:
+        """Under distributed DP (privacy.distributed): replace the update's payload with the client's message, its
+        change from `start` clipped, rotated, rounded and noised with the client's secret randomness."""
+        update.message = client_message(self.cfg, plan, update.payload, self.method.upload(client, start, r), r, client)
+        update.payload = {}
 
     def keep(self, client: int, update: ClientUpdate) -> None:
         """What the client keeps of an update the server accepted."""

@@ -30,6 +30,7 @@ from .models import pick_device
 from .plan import FederationPlan, PrivacySettings, client_shards, shard_sizes
 from .privacy.accounting import PrivacyLedger
 from .privacy.client_level import ClientLevelDP, sum_clipped
+from .privacy.distributed import DistributedDP, update_dimension
 from .files import write_error
 from .run_folder import SUMMARY, RunFolder
 from .tasks import ClassificationTask, Task
@@ -174,7 +175,8 @@ class FederationServer:
         if not self.cfg.privacy.enabled:
             return
         if self.cfg.privacy.per_client:
-            self.client_dp = ClientLevelDP(self.cfg, self.device)
+            self.client_dp = (DistributedDP(self.cfg, update_dimension(self.method), self.device) if self.distributed
+                              else ClientLevelDP(self.cfg, self.device))
             if saved is not None:
                 self.client_dp.load_state_dict(saved)
             return
@@ -182,6 +184,11 @@ class FederationServer:
             self.ledger = PrivacyLedger.from_state_dict(saved)
         else:
             self.ledger = PrivacyLedger(self.cfg.privacy.accountant, self.plan.delta(), self.plan.noise_multiplier())
+
+    @property
+    def distributed(self) -> bool:
+        """Distributed DP: the clients noise their updates, the server sees only the secure sum of their messages."""
+        return self.cfg.privacy.per_client and self.cfg.privacy.mechanism == "distributed"
 
     def privacy_for(self, client: int) -> PrivacySettings | None:
         """What a client trains with under DP (None without DP): the server's noise multiplier and delta, and its
@@ -242,14 +249,16 @@ class FederationServer:
         return {k: v.detach().clone() for k, v in sent.items()}
 
     def close_round(self, r: int, clients: list[int], outcomes: list[Outcome], bytes_down: int, t0: float, *,
-                    secure_mean: State | None = None, attempts: list[list[dict]] | None = None,
-                    may_retry: bool = False) -> tuple[dict, State]:
+                    secure_mean: State | None = None, distributed_sum: torch.Tensor | None = None,
+                    attempts: list[list[dict]] | None = None, may_retry: bool = False) -> tuple[dict, State]:
         """Round r once transport is done, the same in every runtime: charge every client that released, check
         the uploads together (the size rule compares each with their median), drop the failing ones, enforce
         federation.min_clients, weight, aggregate with the method's rule, record and log the round. Returns the
         round's record and what every client receives after aggregation (the method's broadcast).
         `secure_mean`: under secure aggregation, the weighted mean of the uploads of the clients whose outcome
         has no reason (no upload is seen, so none is checked: the protocol's clipping range bounds each).
+        `distributed_sum`: under distributed DP, the secure sum (mod 2^bits) of the messages of the clients whose
+        outcome has no reason (None: none was summed); each message is clipped and bounded by the mechanism.
         Too few clients: with `may_retry` (and no private release a retry would charge again beyond
         privacy.epsilon) RetryRound, with the attempt added to `attempts`; else the failed round is logged and
         RoundFailed raised."""
@@ -259,7 +268,7 @@ class FederationServer:
                     self.charge_training(o.client)
         dropped = [{"client": o.client, "reason": o.reason} for o in outcomes if o.reason is not None]
         accepted = [o for o in outcomes if o.reason is None]
-        if secure_mean is None:
+        if secure_mean is None and not self.distributed:
             payloads, references = [o.update.payload for o in accepted], [self.reference(o.client, r) for o in accepted]
             # under client-level DP clipping bounds every update: a size rule relative to the others would let one
             # client's update decide whether another's counts
@@ -274,7 +283,7 @@ class FederationServer:
         if (len(accepted) < min_clients or not accepted) and not nobody_sampled:
             attempts.append(dropped)
             why = (f"round {r}: {len(accepted)} of {len(clients)} clients answered"
-                   + (" through secure aggregation" if secure_mean is not None else "")
+                   + (" through secure aggregation" if secure_mean is not None or self.distributed else "")
                    + f", fewer than federation.min_clients = {min_clients} (dropped: "
                    + "; ".join(f"client {d['client']}: {d['reason']}" for d in dropped) + ")")
             if may_retry and any(o.released for o in outcomes) and self.ledger is not None \
@@ -285,20 +294,28 @@ class FederationServer:
                 raise RetryRound(why)
             self.log_failed_round(r, clients, attempts, t0)
             raise RoundFailed(f"{why}; the run stopped after round {r - 1}: --resume continues it")
-        record, broadcast = self.aggregate_round(r, accepted, dropped, bytes_down, t0, secure_mean)
+        record, broadcast = self.aggregate_round(r, accepted, dropped, bytes_down, t0, secure_mean, distributed_sum)
         if len(attempts):
             record["retries"] = len(attempts)
         self.run.log(record)
         return record, broadcast
 
     def aggregate_round(self, r: int, accepted: list[Outcome], dropped: list[dict], bytes_down: int, t0: float,
-                        secure_mean: State | None = None) -> tuple[dict, State]:
-        """Aggregate the accepted updates of round r (or their secure mean) with the method's rule; the round's
-        record and broadcast."""
+                        secure_mean: State | None = None,
+                        distributed_sum: torch.Tensor | None = None) -> tuple[dict, State]:
+        """Aggregate the accepted updates of round r (or their secure mean, or under distributed DP the secure
+        sum of their messages) with the method's rule; the round's record and broadcast."""
         method = self.method
         answered = [o.client for o in accepted]
-        secure, dp_record = secure_mean is not None, {}
-        if self.client_dp is not None:
+        secure, dp_record = secure_mean is not None or self.distributed, {}
+        if self.distributed:
+            reference = self.reference(answered[0] if answered else 0, r)
+            secure_mean, dp_record = self.client_dp.release_sum(reference, distributed_sum, answered, r)
+            if secure_mean is None:  # withheld: nothing released, the global model stays
+                record = self.record(r, answered, None, self.client_dp.message_bytes() * len(answered), bytes_down,
+                                     None, self.maybe_evaluate(r, {}), t0)
+                return record | {"dropped": dropped, "secure_aggregation": True} | dp_record, {}
+        elif self.client_dp is not None:
             reference = self.reference(answered[0] if answered else 0, r)
             if secure_mean is not None:  # the mean of the clipped uploads (weights 1 / answered)
                 update_sum = {k: (secure_mean[k].float() - reference[k].float()) * len(answered) for k in reference}
@@ -309,7 +326,8 @@ class FederationServer:
             secure_mean, dp_record = self.client_dp.release(reference, update_sum, within, r)
         if secure_mean is not None:
             aggregate = method.aggregate([secure_mean], [1.0], answered, r)
-            bytes_up = payload_bytes(secure_mean) * len(answered)  # the payloads' own size; the protocol's on top
+            # the payloads' own size (distributed DP: the integers at privacy.modulus_bits); the protocol's on top
+            bytes_up = (self.client_dp.message_bytes() if self.distributed else payload_bytes(secure_mean)) * len(answered)
             agg_error, train_loss = None, None
         else:
             weights = self.weights(answered)

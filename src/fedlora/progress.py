@@ -45,9 +45,13 @@ def round_line(record: dict, rounds: int) -> str:
     parts.append(f"{record['bytes_up']:,} bytes up")
     if record.get("epsilon") is not None:
         parts.append(f"epsilon {record['epsilon']:.3f}")
-    if record.get("client_clip") is not None:  # client-level DP: the bound S and the noise against the signal
+    if record.get("withheld"):  # distributed DP: too few noise shares in the sum
+        parts.append(f"withheld: {record['withheld']}")
+    elif "update_norm" in record:  # client-level DP: the bound S and the noise against the signal
         ratio = record["noise_norm"] / max(record["update_norm"], 1e-12)
         parts.append(f"clip {record['client_clip']:.3g}, noise/update {ratio:.2f}")
+    elif record.get("client_clip") is not None:  # distributed DP: the sum's noise is nobody's to measure
+        parts.append(f"clip {record['client_clip']:.3g}, planned noise norm {record['noise_norm']:.3g}")
     if record.get("delta_to_base"):  # a set-up that moves the weights: its largest step against the base weight
         layer, ratio = max(record["delta_to_base"].items(), key=lambda item: item[1])
         parts.append(f"||initial delta||/||W0|| up to {ratio:.2g} ({layer})")

@@ -3,7 +3,8 @@ import numpy as np
 import torch
 
 PURPOSES = {"init": 0, "sample": 1, "client": 2, "fresh_lora": 3, "partition": 4, "svd": 5, "noise": 6, "public": 7, "sketch": 8,
-            "cohort": 9, "client-noise": 10, "clip-count-noise": 11}
+            "cohort": 9, "client-noise": 10, "clip-count-noise": 11, "rotation": 12,
+            "distributed-noise": 13}
 
 
 def derive_seed(seed: int, purpose: str, *parts: int) -> int:

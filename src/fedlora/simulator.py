@@ -19,6 +19,7 @@ from .experiment import build_task
 from .federation import FederationServer, Outcome, RetryRound, client_model, evaluate_model
 from .models import pick_device
 from .plan import client_shards, shard_sizes
+from .privacy.distributed import modular_sum
 
 
 def failure(err: Exception) -> str:
@@ -135,6 +136,7 @@ class Simulator:
             outcomes, bytes_down = self.train_round(clients, r)
             try:
                 record, _ = server.close_round(r, clients, outcomes, bytes_down, t0, attempts=attempts,
+                                               distributed_sum=self.secure_sum(outcomes),
                                                may_retry=retrying and len(attempts) < fed.round_retries)
             except RetryRound:  # a failed attempt may have touched the state: the round starts again from it
                 method_state, self.trainer.own_states = copy.deepcopy(snapshot)
@@ -144,6 +146,14 @@ class Simulator:
             for c in record["clients"]:
                 self.trainer.keep(c, updates[c])
             return record
+
+    def secure_sum(self, outcomes: list[Outcome]) -> torch.Tensor | None:
+        """Under distributed DP, what secure aggregation gives the server: the sum of the messages of the clients
+        that answered, mod 2^bits (None: none answered, or another mechanism)."""
+        messages = [o.update.message for o in outcomes if o.reason is None]
+        if not self.server.distributed or not messages:
+            return None
+        return modular_sum(messages, self.server.client_dp.mechanism.bits)
 
     def train_round(self, clients: list[int], r: int) -> tuple[list[Outcome], int]:
         """Train every client of the round: each one's outcome (its update, or why it has none) and the bytes
@@ -168,6 +178,8 @@ class Simulator:
                           else trainer.update(c, r, starts[c], deadline, privacy[c], clip))
                 if update is None:
                     reason = "returned no update"
+                elif self.server.distributed:
+                    trainer.seal(c, r, update, starts[c], self.server.client_dp.mechanism)
                 elif deadline is not None and time.monotonic() > deadline:
                     reason = f"answered after {time.monotonic() - began:.1f} s > federation.client_timeout"
             except ClientTimeout as err:

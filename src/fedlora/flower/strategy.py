@@ -50,6 +50,9 @@ def check_supported(cfg, resume: bool = False, secagg: float | None = None) -> N
                           "one message and keeps no optimizer between rounds)")
     if cfg.federation.on_too_few_clients == "retry":
         raise ConfigError("federation.on_too_few_clients = 'retry': not supported on Flower; use 'stop'")
+    if cfg.privacy.per_client and cfg.privacy.mechanism == "distributed":
+        raise ConfigError("privacy.mechanism = 'distributed' is not available on Flower yet (the simulator runs it); "
+                          "use privacy.mechanism = 'central'")
 
 
 class FedloraStrategy(Strategy):

@@ -152,9 +152,8 @@ class Method:
     @classmethod
     def check_client_level(cls, cfg: Config) -> None:
         """Refuse, with a ConfigError, what client-level DP cannot privatise: a server rule that is no sum of the
-        uploads (the noise is calibrated to a sum), a set-up exchange that reads the clients' data, the
-        distributed mechanism (no runtime runs it yet), and a plan the accountant cannot fit into privacy.epsilon
-        (privacy.client_level.client_level_plan)."""
+        uploads (the noise is calibrated to a sum), a set-up exchange that reads the clients' data, and a plan the
+        accountant cannot fit into privacy.epsilon (privacy.client_level.client_level_plan)."""
         if not cls.summed:
             raise ConfigError(f"privacy.unit = 'client': method '{cls.name}' cannot be private at the client level: "
                               "its server needs each client's factors, not their sum, to which the noise is added "
@@ -163,10 +162,6 @@ class Method:
             raise ConfigError(f"privacy.unit = 'client': method '{cls.name}''s set-up exchange reads the clients' "
                               "data, which client-level DP does not privatise; set up from public data "
                               "(fedsb.init_data = 'public' with fedsb.public_data)")
-        if cfg.privacy.mechanism == "distributed":
-            raise ConfigError("privacy.mechanism = 'distributed' is not available in this runtime yet: neither the "
-                              "simulator nor the Flower apps run the clients' noising; use privacy.mechanism = "
-                              "'central'")
         client_level_plan(cfg)
 
     @classmethod

@@ -9,10 +9,11 @@ mechanism's distribution whoever survives, and Poisson samplers are at hand.
 
 A client, each round (`encode`):
   1. clips its flat update x (dimension d) to L2 norm S;
-  2. pads it with zeros to D = 2^ceil(log2 d) and rotates it: x' = H diag(s) x / sqrt(D), H the Walsh-Hadamard
-     matrix, s random signs from the round's rotation seed, which every client and the server share (the
-     rotation is orthogonal and public; it spreads the norm over the coordinates, so that no coordinate is
-     large and the modulus can be small);
+  2. pads it with zeros to D = k B, B a power of 2 (`block_size`: the largest that pads by at most 1/16 of d,
+     so that the integers sent are at most 6% more than the values), and rotates each of the k blocks:
+     x'_j = H diag(s_j) x_j / sqrt(B), H the Walsh-Hadamard matrix, s random signs from the round's rotation
+     seed, which every client and the server share (the rotation is orthogonal and public; it spreads the
+     norm over the coordinates, so that no coordinate is large and the modulus can be small);
   3. scales by 1/gamma and rounds every coordinate up or down at random, unbiased, repeating the draw until the
      integer vector y has ||y||^2 <= Delta2^2 (conditional randomized rounding, beta = exp(-1/2)), where
          Delta2 = min(S/gamma + sqrt(D),
@@ -35,11 +36,11 @@ privacy.accountant) raised until this module's `epsilon` fits privacy.epsilon.
 Granularity gamma: the finest for which the probability that any coordinate of the sum leaves
 [-2^(bits-1), 2^(bits-1)) (and wraps around) is at most WRAP_PROBABILITY per round, with the cohort at most
 n_max, the smallest n with P(Binomial(N, q) > n) <= WRAP_PROBABILITY / 2 (`wrap_probability`):
-    P(wrap | n) <= D [2 exp(-(t1 gamma)^2 D / (2 (n S)^2)) + 2 exp(-t3 asinh(r) + n v (sqrt(1 + r^2) - 1))],
+    P(wrap | n) <= D [2 exp(-(t1 gamma)^2 B / (2 (n S)^2)) + 2 exp(-t3 asinh(r) + n v (sqrt(1 + r^2) - 1))],
     r = t3 / (n v),
 for any t1 + t3 = 2^(bits-1) - 1 - n: the sum of the rotated updates has norm <= n S and, the signs being
-independent of the updates, each of its coordinates is sub-Gaussian with variance proxy (n S)^2 / D
-(Hoeffding); the rounding moves each coordinate of each client by less than 1 (at most n in all); the noise
+independent of the updates, each of its coordinates is sub-Gaussian with variance proxy (n S)^2 / B
+(Hoeffding, within the coordinate's block, whose norm is at most n S); the rounding moves each coordinate of each client by less than 1 (at most n in all); the noise
 is Sk of variance n v, whose two-sided tail is bounded by the Chernoff bound of its moment generating function
 exp(n v (cosh(theta) - 1)). gamma is coarsened where needed so that no client's Poisson rate exceeds
 MAX_POISSON_RATE (torch.poisson's float64 rejection sampler; a sampler exact in integer arithmetic is not
@@ -83,7 +84,9 @@ from scipy.special import gammaln, logsumexp
 from scipy.stats import binom
 
 from ..errors import ConfigError
-from .client_level import client_level_plan
+from ..seeding import derive_seed
+from .client_level import ClientLevelDP, State, client_level_plan
+from .randomness import noise_generator
 
 WRAP_PROBABILITY = 1e-6  # per round: some coordinate of the sum wraps around the modulus
 BETA = math.exp(-0.5)  # conditional rounding: a draw is repeated with probability at most beta (Kairouz et al.)
@@ -96,7 +99,8 @@ ORDERS = tuple(range(2, 129)) + (160, 192, 256)
 class DistributedPlan:
     """What every client and the server run in every round; integer units are multiples of `granularity`."""
     dimension: int  # d, the flat update's length
-    padded_dimension: int  # D, a power of 2
+    padded_dimension: int  # D = k B
+    block: int  # B, a power of 2: the rotation's block
     clip: float  # S
     noise_multiplier: float  # z: n_min clients' noise is (z S)^2 per coordinate, in the update's units
     sample_rate: float  # q
@@ -142,10 +146,19 @@ def _skellam_tail(t: float, variance: float) -> float:
     return min(1.0, 2 * math.exp(-t * math.asinh(r) + variance * (math.sqrt(1 + r * r) - 1)))
 
 
+def block_size(dimension: int) -> int:
+    """B: the largest power of 2 for which padding `dimension` to a multiple of B adds at most dimension / 16."""
+    block = 1 << max(0, math.ceil(math.log2(max(1, dimension))))
+    while block > 1 and math.ceil(dimension / block) * block > dimension + dimension / 16:
+        block //= 2
+    return block
+
+
 def wrap_probability(granularity: float, dimension: int, clip: float, survivors: int, client_variance: float,
-                     bits: int) -> float:
+                     bits: int, block: int | None = None) -> float:
     """An upper bound on the probability that some coordinate of `survivors` clients' sum wraps around 2^bits
-    (the module's docstring gives the formula); `dimension` is the padded D."""
+    (the module's docstring gives the formula); `dimension` is the padded D, `block` B (default D)."""
+    block = dimension if block is None else block
     budget = 2.0 ** (bits - 1) - 1 - survivors
     if budget <= 0:
         return 1.0
@@ -154,7 +167,7 @@ def wrap_probability(granularity: float, dimension: int, clip: float, survivors:
     best = 1.0
     for share in np.linspace(0.0, 1.0, 65):
         t1, t3 = share * budget, (1 - share) * budget
-        tail_signal = 2 * math.exp(-t1 ** 2 * dimension / (2 * signal ** 2)) if signal > 0 else 0.0
+        tail_signal = 2 * math.exp(-t1 ** 2 * block / (2 * signal ** 2)) if signal > 0 else 0.0
         best = min(best, dimension * (tail_signal + _skellam_tail(t3, variance)))
     return min(1.0, best)
 
@@ -170,12 +183,13 @@ def make_plan(dimension: int, clip: float, noise_multiplier: float, sample_rate:
               min_survivors: int, bits: int, rounds: int = 1, delta: float = 1e-5) -> DistributedPlan:
     """The plan for these settings: gamma, the per-client variance and the sensitivities (the module's
     docstring); a ConfigError naming privacy.modulus_bits when the modulus cannot hold the sum."""
-    padded = 1 << max(0, math.ceil(math.log2(max(1, dimension))))
+    block = block_size(dimension)
+    padded = math.ceil(dimension / block) * block
     n_max = max(max_cohort(population, sample_rate), min_survivors)
     z2s2 = (noise_multiplier * clip) ** 2  # central variance in the update's units
 
     def wraps(gamma: float) -> float:
-        return wrap_probability(gamma, padded, clip, n_max, z2s2 / gamma ** 2 / min_survivors, bits)
+        return wrap_probability(gamma, padded, clip, n_max, z2s2 / gamma ** 2 / min_survivors, bits, block)
 
     coarsest = clip / math.sqrt(padded)
     if wraps(coarsest) > WRAP_PROBABILITY / 2:
@@ -198,7 +212,7 @@ def make_plan(dimension: int, clip: float, noise_multiplier: float, sample_rate:
     variance = z2s2 / gamma ** 2 / min_survivors
     l2 = rounded_l2_bound(clip / gamma, padded)
     l1 = min(math.sqrt(padded) * l2, l2 ** 2)
-    return DistributedPlan(dimension, padded, clip, noise_multiplier, sample_rate, sample_rate * population,
+    return DistributedPlan(dimension, padded, block, clip, noise_multiplier, sample_rate, sample_rate * population,
                            min_survivors, n_max, rounds, delta, bits, gamma, variance, l2, l1, wraps(gamma))
 
 
@@ -252,16 +266,16 @@ def _distributed_plan(dimension, clip, given_sigma, central_sigma, target, delta
 
 # -- the client's side ------------------------------------------------------------------------------------------
 
-def _hadamard(x: torch.Tensor) -> torch.Tensor:
-    """H x / sqrt(len(x)) (orthogonal and its own inverse), len(x) a power of 2: the fast Walsh-Hadamard
-    transform's butterflies, one level at a time."""
+def _hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """H x_j / sqrt(B) for every block x_j of B = `block` values (a power of 2 dividing len(x); orthogonal and
+    its own inverse): the fast Walsh-Hadamard transform's butterflies, one level at a time."""
     n = x.numel()
     h = 1
-    while h < n:
+    while h < block:
         pairs = x.view(-1, 2, h)
         x = torch.stack((pairs[:, 0] + pairs[:, 1], pairs[:, 0] - pairs[:, 1]), dim=1)
         h *= 2
-    return x.reshape(n) / math.sqrt(n)
+    return x.reshape(n) / math.sqrt(block)
 
 
 def _signs(rotation_seed: int, n: int) -> torch.Tensor:
@@ -269,13 +283,14 @@ def _signs(rotation_seed: int, n: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
 
 
-def rotate(x: torch.Tensor, rotation_seed: int) -> torch.Tensor:
-    """H diag(s) x / sqrt(D) for a float64 vector of length D = 2^k."""
-    return _hadamard(x * _signs(rotation_seed, x.numel()))
+def rotate(x: torch.Tensor, rotation_seed: int, block: int | None = None) -> torch.Tensor:
+    """H diag(s_j) x_j / sqrt(B) for every block x_j of a float64 vector of length k B (default B: its length,
+    a power of 2)."""
+    return _hadamard(x * _signs(rotation_seed, x.numel()), block or x.numel())
 
 
-def unrotate(y: torch.Tensor, rotation_seed: int) -> torch.Tensor:
-    return _hadamard(y) * _signs(rotation_seed, y.numel())
+def unrotate(y: torch.Tensor, rotation_seed: int, block: int | None = None) -> torch.Tensor:
+    return _hadamard(y, block or y.numel()) * _signs(rotation_seed, y.numel())
 
 
 def clip(update: torch.Tensor, bound: float) -> torch.Tensor:
@@ -293,7 +308,7 @@ def quantise(update: torch.Tensor, plan: DistributedPlan, rotation_seed: int,
         raise ValueError(f"the update has {update.numel()} values, the plan {plan.dimension}")
     x = torch.zeros(plan.padded_dimension, dtype=torch.float64)
     x[:plan.dimension] = clip(update, plan.clip)
-    scaled = rotate(x, rotation_seed) / plan.granularity
+    scaled = rotate(x, rotation_seed, plan.block) / plan.granularity
     floor = scaled.floor()
     up = scaled - floor
     bound = math.floor(plan.l2_sensitivity ** 2)
@@ -339,7 +354,7 @@ def centred(total: torch.Tensor, bits: int) -> torch.Tensor:
 def decode(total: torch.Tensor, plan: DistributedPlan, rotation_seed: int) -> torch.Tensor:
     """The noised sum of the clipped updates (float32, length d) from the unmasked sum mod 2^bits."""
     x = centred(total, plan.bits).double() * plan.granularity
-    return unrotate(x, rotation_seed)[:plan.dimension].float()
+    return unrotate(x, rotation_seed, plan.block)[:plan.dimension].float()
 
 
 # -- accounting -------------------------------------------------------------------------------------------------
@@ -431,3 +446,106 @@ def release_epsilon(plan: DistributedPlan, survivors: int, target: float | None 
                           f"{plan.min_survivors}) would spend epsilon {spent:.3f} > privacy.epsilon = {target:g}; "
                           "it must not be released")
     return spent
+
+
+# -- the runtimes' side: a client's message, and the server's release ----------------------------------------------
+
+def update_dimension(method) -> int:
+    """d: the values of a client's update, the largest of the method's uploads (RoLoRA's alternate: a round's
+    update is zero-padded to d, so that one plan serves every round)."""
+    params = method.adapted.parameters_by_key()
+    return max(sum(params[k].numel() for k in method.adapted.keys_of(method.uploads_in(r))) for r in (1, 2))
+
+
+def rotation_seed(cfg, r: int) -> int:
+    """Round r's rotation: public (every client and the server derive it from the run's seed)."""
+    return derive_seed(cfg.seed, "rotation", r)
+
+
+def flat_change(upload: State, start: State, dimension: int) -> torch.Tensor:
+    """upload - start, every tensor flattened in key order, zero-padded to `dimension` values (float64)."""
+    x = torch.zeros(dimension, dtype=torch.float64)
+    parts = [(upload[k].detach().double() - start[k].detach().double()).reshape(-1).cpu() for k in sorted(upload)]
+    flat = torch.cat(parts) if parts else x[:0]
+    if not torch.isfinite(flat).all():
+        raise ValueError("the update is not finite")
+    if flat.numel() > dimension:
+        raise ValueError(f"the update has {flat.numel()} values, the plan {dimension}")
+    x[:flat.numel()] = flat
+    return x
+
+
+def client_message(cfg, plan: DistributedPlan, upload: State, start: State, r: int, client: int) -> torch.Tensor:
+    """What a client sends into the secure sum in round r: its change from `start` (what it would upload
+    untrained), encoded with its secret generator (its rounding and its noise share)."""
+    generator = noise_generator(cfg, "distributed-noise", r, client)
+    return encode(flat_change(upload, start, plan.dimension), plan, rotation_seed(cfg, r), generator)
+
+
+class DistributedDP(ClientLevelDP):
+    """The server's side of privacy.mechanism = "distributed": the cohort's Poisson draw (as ClientLevelDP), and
+    the release of the unmasked sum of the clients' messages, which already carries the noise: decoded,
+    divided by the expected cohort, added to the reference. A round whose sum holds fewer than n_min clients'
+    noise shares is withheld (nothing of it is released, nothing charged); a cohort drawn below n_min is not
+    trained at all."""
+
+    def __init__(self, cfg, dimension: int, device: torch.device | str = "cpu"):
+        super().__init__(cfg, device)
+        self.mechanism = distributed_plan(cfg, dimension)
+        self.participation: Counter = Counter()  # client -> the released sums that held its update
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.mechanism.noise_multiplier
+
+    def cohort(self, r: int) -> list[int]:
+        drawn = super().cohort(r)
+        return drawn if len(drawn) >= self.mechanism.min_survivors else []
+
+    def message_bytes(self) -> int:
+        """A client's message: D integers of privacy.modulus_bits each."""
+        return math.ceil(self.mechanism.padded_dimension * self.mechanism.bits / 8)
+
+    def release_sum(self, reference: State, total: torch.Tensor | None, clients: list[int],
+                    r: int) -> tuple[State | None, dict]:
+        """Round r's average from the unmasked sum of the messages of `clients` (mod 2^bits): reference +
+        decode(total) / m, and the round's record; (None, record) when the round is withheld."""
+        plan, survivors = self.mechanism, len(clients)
+        record = {"client_clip": self.clip, "survivors": survivors, "min_survivors": plan.min_survivors}
+        if total is None or survivors < plan.min_survivors:
+            return None, record | {"withheld": f"{survivors} clients' noise in the sum, fewer than "
+                                                f"privacy.min_survivors' {plan.min_survivors}"}
+        m = plan.expected_cohort
+        flat = decode(total, plan, rotation_seed(self.cfg, r))
+        mean, at = {}, 0
+        for k in sorted(reference):
+            n = reference[k].numel()
+            change = flat[at:at + n].reshape(reference[k].shape).to(self.device)
+            mean[k] = (reference[k].float() + change / m).to(reference[k].dtype)
+            at += n
+        # the noise of the sum is not known to anyone: its planned norm over the d values, in the average's units
+        record["noise_norm"] = math.sqrt(survivors * plan.client_variance * plan.dimension) * plan.granularity / m
+        self.rounds_released += 1
+        self.participation.update(clients)
+        return mean, record
+
+    def epsilon(self, rounds: int | None = None) -> float:
+        n = self.rounds_released if rounds is None else rounds
+        return epsilon(self.mechanism, n)
+
+    def summary(self) -> dict:
+        plan = self.mechanism
+        return super().summary() | {
+            "mechanism": "distributed", "update_noise_multiplier": plan.noise_multiplier,
+            # against the server, which knows the cohorts: the client in the most released sums
+            "server_epsilon": server_epsilon(plan, max(self.participation.values(), default=0)),
+            "modulus_bits": plan.bits,
+            "granularity": plan.granularity, "min_survivors": plan.min_survivors, "dimension": plan.dimension,
+            "padded_dimension": plan.padded_dimension, "wrap_probability": plan.wrap_probability}
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"participation": {str(c): n for c, n in self.participation.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.participation = Counter({int(c): n for c, n in state.get("participation", {}).items()})
