@@ -6,7 +6,11 @@ With --client-ranks the methods that take clients of different ranks (FlexLoRA, 
 zero-padded) run with those ranks, one per client (adapter.client_ranks; adapter.rank is the largest).
 With --unit client the comparison is the client-level DP recipe's (examples/sst2_user_dp.toml: thousands of
 clients, Poisson cohorts, DP-FedAvg), FedIT, FFA-LoRA and Fed-SB by default, each row also with the numbers a
-client trains and the noise added to the average against the average update's norm (the mean over rounds).
+client trains and the noise added to the average against the average update's norm (the mean over rounds);
+--mechanism distributed runs the methods with distributed DP (the clients noise their updates in the integers
+of the secure sum; named e.g. fedsb+distributed) and sets each beside the same method under central DP;
+--fixed-clip S clips every update to S (privacy.clipping = 'fixed', which distributed DP needs; named e.g.
+fedsb+clip3).
 Every run is a `fedlora run` into OUT/<name>; finished runs are skipped when the script runs again, so it can
 be stopped and continued, and the tables show every finished run in OUT with its accuracy and the megabytes
 all clients exchanged. With --keep-recorded the runs the results file already holds count too and are not
@@ -14,7 +18,9 @@ repeated, so runs made on several machines, or in an OUT since deleted, add up. 
 results/dp_comparison.json and .md (with --unit client, results/user_dp_comparison.json and .md).
 
     FEDLORA_DATA_DIR=../shared/data python experiments/dp_comparison.py [--seeds 0 1 2] [--epsilons 1 3 8 none]
-        [--methods ...] [--client-ranks 4 16] [--unit client] [--lr METHOD=LR ...] [--keep-recorded]
+        [--methods ...] [--client-ranks 4 16] [--unit client [--fixed-clip S] [--mechanism distributed]]
+        [--lr METHOD=LR ...]
+        [--keep-recorded]
 """
 from __future__ import annotations
 
@@ -59,16 +65,23 @@ def recorded(path: Path) -> list[dict]:
 
 
 def run(out: Path, method: str, epsilon: float, seed: int, client_ranks: list[int] | None = None,
-        unit: str = "example", lr: float | None = None, done_before: frozenset = frozenset()) -> dict:
+        unit: str = "example", lr: float | None = None, done_before: frozenset = frozenset(),
+        mechanism: str = "central", fixed_clip: float | None = None) -> dict:
     """One run of the recipe; with client_ranks, the clients hold those ranks (named e.g. flexlora-r4-16)."""
     variant = method if client_ranks is None else f"{method}-r{'-'.join(map(str, client_ranks))}"
     variant += f"@lr{lr:g}" if lr is not None else ""
+    variant += f"+clip{fixed_clip:g}" if fixed_clip is not None else ""
+    variant += "+distributed" if mechanism == "distributed" else ""
     name = f"{variant}_eps{epsilon_name(epsilon)}_seed{seed}"
     folder = out / name
     ranks = ["--set", f"adapter.rank={rank_of(method, unit)}"] if client_ranks is None else [
         "--set", f"adapter.rank={max(client_ranks)}", "--set", f"adapter.client_ranks={client_ranks}"]
     if lr is not None:
         ranks += ["--set", f"train.lr={lr}"]
+    if fixed_clip is not None and epsilon != NO_DP:
+        ranks += ["--set", "privacy.clipping='fixed'", "--set", f"privacy.client_clip={fixed_clip}"]
+    if mechanism == "distributed" and epsilon != NO_DP:
+        ranks += ["--set", "privacy.mechanism='distributed'"]
     if name not in done_before and not (folder / "summary.json").is_file():
         args = [sys.executable, "-m", "fedlora.cli", "run", str(RECIPES[unit]), "--quiet", "--out", str(folder),
                 "--resume", "--set", f"method.name='{method}'", *ranks,
@@ -124,9 +137,11 @@ def verdict(better: dict | None, worse: dict | None) -> str:
 
 
 def variant_label(method: str, unit: str) -> tuple[str, str]:
-    """("FlexLoRA", "r = 4/16") for flexlora-r4-16, ("FedIT (LoRA)", "r = 8") for fedit (and fedit@lr0.003)."""
-    name, _, ranks = method.split("@")[0].partition("-r")
-    label = METHODS[name][0]
+    """("FlexLoRA", "r = 4/16") for flexlora-r4-16, ("FedIT (LoRA)", "r = 8") for fedit (and fedit@lr0.003),
+    ("Fed-SB, clip 3, distributed DP", "r = 16") for fedsb+clip3+distributed."""
+    name, *tags = method.split("+")
+    name, _, ranks = name.split("@")[0].partition("-r")
+    label = ", ".join([METHODS[name][0]] + [f"clip {t[4:]}" if t.startswith("clip") else f"{t} DP" for t in tags])
     return label, f"r = {ranks.replace('-', '/')}" if ranks else f"r = {rank_of(name, unit)}"
 
 
@@ -171,6 +186,17 @@ def table(results: list[dict], unit: str) -> tuple[list[dict], str]:
                                                           by_key.get((worse, epsilon_name(e))))
                     for e in epsilons if e != NO_DP]
         lines.append(f"- {claim}: " + "; ".join(verdicts))
+    for method in [m for m in methods if m.endswith("+distributed")]:
+        central = method.removesuffix("+distributed")
+        for e in epsilons:
+            ours, theirs = by_key.get((method, epsilon_name(e))), by_key.get((central, epsilon_name(e)))
+            if e == NO_DP or not ours or not theirs or ours["mean"] is None or theirs["mean"] is None:
+                continue
+            difference = ours["mean"] - theirs["mean"]
+            lines.append(f"- {variant_label(method, unit)[0]} against central DP at epsilon {epsilon_name(e)}: "
+                         f"{ours['mean']:.4f} vs {theirs['mean']:.4f}, difference {difference:+.4f}; within one "
+                         f"standard error of central DP ({standard_error(theirs):.4f}): "
+                         f"{'yes' if abs(difference) <= standard_error(theirs) else 'no'}")
     return rows, "\n".join(lines) + "\n"
 
 
@@ -187,6 +213,9 @@ def main() -> None:
                         help="client: the client-level DP recipe (examples/sst2_user_dp.toml)")
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                         help="a method's learning rate (default: the recipe's), e.g. fedsb=3e-2")
+    parser.add_argument("--mechanism", choices=["central", "distributed"], default="central",
+                        help="with --unit client: distributed, the clients noise their updates (privacy.mechanism)")
+    parser.add_argument("--fixed-clip", type=float, help="with --unit client: clip every update to this norm")
     parser.add_argument("--keep-recorded", action="store_true",
                         help="count the runs the results file already holds and do not repeat them")
     parser.add_argument("--out", help="default: runs/dp_comparison, with --unit client runs/user_dp_comparison")
@@ -202,7 +231,9 @@ def main() -> None:
     done_before = frozenset(r["name"] for r in earlier)
     started = time.time()
     failed = [r["name"] for seed in args.seeds for e in epsilons for m in args.methods
-              for r in [run(out, m, e, seed, args.client_ranks, args.unit, lrs.get(m), done_before)] if "error" in r]
+              for r in [run(out, m, e, seed, args.client_ranks, args.unit, lrs.get(m), done_before, args.mechanism,
+                           args.fixed_clip)]
+              if "error" in r]
     wall = time.time() - started
     results = finished(out)
     results += [r for r in earlier if r["name"] not in {mine["name"] for mine in results}]
