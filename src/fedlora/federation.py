@@ -280,7 +280,10 @@ class FederationServer:
         attempts = attempts if attempts is not None else []
         min_clients = self.cfg.federation.min_clients
         nobody_sampled = self.client_dp is not None and not clients  # a Poisson cohort may be empty: noise alone
-        if (len(accepted) < min_clients or not accepted) and not nobody_sampled:
+        # distributed DP: a sum of fewer than n_min clients' noise shares is withheld, whatever min_clients says
+        # (through SecAgg+ no such sum can even be unmasked, so no client is known to be in it)
+        withheld = self.distributed and len(accepted) < self.client_dp.mechanism.min_survivors
+        if (len(accepted) < min_clients or not accepted) and not nobody_sampled and not withheld:
             attempts.append(dropped)
             why = (f"round {r}: {len(accepted)} of {len(clients)} clients answered"
                    + (" through secure aggregation" if secure_mean is not None or self.distributed else "")

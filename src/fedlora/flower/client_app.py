@@ -51,7 +51,7 @@ class ClientRuntime:
         """`data_path`, `eval_path`: the node's own files (node config data-path, eval-path); without them,
         client `client`'s files of data.client_paths and data.client_eval_paths when the config gives them."""
         cfg = from_run_config(run_config)
-        check_supported(cfg)
+        check_supported(cfg, server=False)
         d = cfg.data
         if not data_path and d.client_paths:
             data_path = d.client_paths[client]
@@ -75,6 +75,7 @@ class ClientRuntime:
         # the noise multiplier of the config's partition; each message under DP brings the server's (take_privacy)
         self.own_sigma = plan.noise_multiplier() if cfg.privacy.per_example else None
         self.trainer = ClientTrainer(cfg, task, adapted, method, plan, shards)
+        self.mechanism_plan = None  # distributed DP's, made at the first round (distributed_plan)
         method.global_state = method.seed_state(generator(cfg.seed, "init"))
         self.initial_state = flatten(method.state_dict())  # before the first message: what the seed gives
         self.pristine_base = adapted.base_weights() if method.changes_base else None
@@ -128,6 +129,35 @@ class ClientRuntime:
             raise ConfigError("privacy.unit = 'client': the server sent no clipping bound (client-clip) with the "
                               "round; this client does not train unclipped")
         return float(settings["client-clip"])
+
+    def distributed_plan(self, context: Context, secure_settings, clip: float | None):
+        """Under distributed DP, this client's own plan (from its config and its update's size, as the server's),
+        after checking that the round is what the plan needs: an integer SecAgg+ round at its modulus, whose
+        threshold lets no sum of fewer than n_min clients be unmasked, and the plan's clipping bound. None
+        under any other mechanism."""
+        cfg = self.trainer.cfg
+        if not (cfg.privacy.per_client and cfg.privacy.mechanism == "distributed"):
+            return None
+        from ..privacy.distributed import distributed_plan, update_dimension
+        from .secure import INTEGER_BITS, round_threshold
+
+        if self.mechanism_plan is None:
+            self.mechanism_plan = distributed_plan(cfg, update_dimension(self.trainer.method))
+        plan = self.mechanism_plan
+        if secure_settings is None or INTEGER_BITS not in secure_settings:
+            raise ConfigError("privacy.mechanism = 'distributed': the server asked for an update outside SecAgg+'s "
+                              "integer sum; this client sends only its noised integers into the secure sum")
+        if int(secure_settings[INTEGER_BITS]) != plan.bits:
+            raise ConfigError(f"privacy.mechanism = 'distributed': the round sums mod 2^{secure_settings[INTEGER_BITS]},"
+                              f" this client's plan mod 2^{plan.bits} (privacy.modulus_bits)")
+        if round_threshold(context) < plan.min_survivors:
+            raise ConfigError(f"privacy.mechanism = 'distributed': SecAgg+'s threshold {round_threshold(context)} "
+                              f"would let the server unmask a sum of fewer than the {plan.min_survivors} clients "
+                              "whose noise shares make the planned noise (privacy.min_survivors)")
+        if clip != plan.clip:
+            raise ConfigError(f"privacy.mechanism = 'distributed': the server asked for clipping bound {clip}, this "
+                              f"client's plan has privacy.client_clip = {plan.clip}")
+        return plan
 
     def _own_state_folder(self, context: Context) -> Path | None:
         folder = context.node_config.get("state-dir")
@@ -220,12 +250,13 @@ def _inject_fault(r: int) -> None:
 
 
 def secure_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower's secaggplus_mod for the messages of a SecAgg+ round (imported only then: every message
-    starts a process); every other message passes untouched."""
+    """The messages of a SecAgg+ round go to secure.secagg_mod (imported only then: every message starts a
+    process): Flower's secaggplus_mod, which for an integer round masks the node's integers as they are;
+    every other message passes untouched."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
-        from flwr.client.mod import secaggplus_mod
+        from .secure import secagg_mod
 
-        return secaggplus_mod(msg, context, call_next)
+        return secagg_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
@@ -305,14 +336,20 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         else:
             download, r = from_record(msg.content["arrays"], trainer.device), int(msg.content["config"]["round"])
             privacy, clip = runtime.take_privacy(client, msg.content["config"]), runtime.take_clip(msg.content["config"])
+        plan = runtime.distributed_plan(context, secure_settings if secure else None, clip)
         _inject_fault(r)
         runtime.restore(context, client)
         trainer.method.take_download(client, download)
         timeout = trainer.cfg.federation.client_timeout
-        update = trainer.update(client, r, trainer.start(client, r), time.monotonic() + timeout if timeout else None,
-                                privacy, clip)
+        start = trainer.start(client, r)
+        update = trainer.update(client, r, start, time.monotonic() + timeout if timeout else None, privacy, clip)
         runtime.keep(context, client)  # what the client keeps of its training (FedSA-LoRA's own B)
         runtime.save_own_state(context, client, r)
+        if plan is not None:  # distributed DP: only the noised integers leave, into SecAgg+'s sum
+            from .secure import integer_fitres_content
+
+            trainer.seal(client, r, update, start, plan)
+            return Message(integer_fitres_content(update.message), reply_to=msg)
         if secure:
             return Message(fitres_content(update.payload, secure_settings, client), reply_to=msg)
         metrics = {"num-examples": trainer.plan.client_sizes[client]}

@@ -7,15 +7,30 @@ go through it as well, each client weighing 1, and the server learns only each p
 Flower's SecAgg+ runs in its legacy workflow: it asks a legacy Strategy (configure_fit) for each sampled
 node's FitIns and gives the strategy's aggregate_fit the unmasked mean as a FitRes. `RoundStrategy` is
 that strategy for one round; on the node the TRAIN message the mod passes on carries the FitIns, and the
-ClientApp answers with a FitRes (`download_of`, `fitres_content`)."""
+ClientApp answers with a FitRes (`download_of`, `fitres_content`).
+
+Integer rounds (`secure_integer_sum` on the server, `secagg_mod` on the nodes) carry each client's vector of
+integers in [0, 2^bits) and give the server only their exact sum mod 2^bits (no weights, clipping or
+quantisation). The masks are Flower's own: `pseudo_rand_gen` seeds numpy's RandomState with a 32-bit fold of
+each 32-byte seed (and draws in [0, 2^bits - 2]), so the masks' strength is that of Flower's SecAgg+ as
+shipped."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+# flwr is pinned to 1.41.* (pyproject.toml): the integer rounds run Flower's own SecAgg+ stages of this version
+from flwr.client.mod import secaggplus_mod
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+from flwr.common import (Code, FitIns, FitRes, Status, bytes_to_ndarray, ndarray_to_bytes, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_addition, parameters_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 import flwr.compat.common.recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
@@ -109,6 +124,12 @@ def fitins(download: dict[str, torch.Tensor], r: int, weight: int, max_weight: i
 def secure_mean(grid, fitins_of: dict[int, FitIns], r: int, threshold: float, timeout: float,
                 max_weight: int, clip: float = CLIP) -> RoundStrategy:
     """One round of SecAgg+ over the nodes in `fitins_of`; the strategy holds the mean and who is in it."""
+    return run_round(grid, fitins_of, r, SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=threshold, max_weight=float(max_weight), clipping_range=clip,
+        quantization_range=QUANTIZATION, timeout=timeout))
+
+
+def run_round(grid, fitins_of: dict[int, FitIns], r: int, workflow: SecAggPlusWorkflow) -> RoundStrategy:
     strategy = RoundStrategy(fitins_of)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=r), strategy=strategy,
@@ -116,8 +137,7 @@ def secure_mean(grid, fitins_of: dict[int, FitIns], r: int, threshold: float, ti
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: r})
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters([]), True)
-    SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=threshold, max_weight=float(max_weight),
-                       clipping_range=clip, quantization_range=QUANTIZATION, timeout=timeout)(grid, context)
+    workflow(grid, context)
     return strategy
 
 
@@ -183,6 +203,37 @@ def secure_round(grid, server, nodes, downloads: dict[int, dict], r: int, thresh
     return outcomes, mean_state(result, server.reference(min(summed), r))
 
 
+def distributed_round(grid, server, nodes, downloads: dict[int, dict], r: int, threshold: float, timeout: float,
+                      settings: dict[int, dict]) -> tuple[list, torch.Tensor | None]:
+    """Round r under distributed DP: each client of `downloads` trains and sends its message (integers mod
+    2^bits, noised by the client) into SecAgg+'s integer sum. SecAgg+'s threshold, as a count, is raised to the
+    plan's n_min, so that the server cannot unmask a sum of fewer clients' noise shares (and each node checks
+    it). Returns each asked client's federation.Outcome and the sum mod 2^bits (None when there is none)."""
+    from ..federation import Outcome
+
+    plan = server.client_dp.mechanism
+    count = max(plan.min_survivors, math.ceil(threshold * len(downloads) - 1e-9), 2)
+    asked = {nodes.node_of[c]: fitins(download, r, 1, 1, settings=settings[c]) for c, download in downloads.items()}
+    result = secure_integer_sum(grid, asked, r, count, timeout, plan.bits)
+    summed = {nodes.client_of[n] for n in result.summed}
+    outcomes = [Outcome(c, released=True) if c in summed else
+                Outcome(c, reason=f"left the secure aggregation (failed, or no answer within {timeout:g} s)")
+                for c in downloads]
+    return outcomes, result.total
+
+
+def round_threshold(context: Context) -> int:
+    """On a node, during a SecAgg+ round: the protocol's threshold the server set up (the fewest clients whose
+    vectors any unmasked sum holds)."""
+    return int(SecAggPlusState(**context.state.config_records[RECORD_KEY_STATE]).threshold)
+
+
+def integer_fitres_content(message: torch.Tensor) -> RecordDict:
+    """The FitRes of an integer round: the client's message, one int64 array, which secagg_mod masks."""
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([message.cpu().numpy().astype(np.int64)]), 1, {})
+    return compat.fitres_to_recorddict(res, keep_input=True)
+
+
 def set_up_sums(grid, server, nodes, threshold: float, timeout: float, settings_of):
     """The set-up phases' sums through SecAgg+ (Fed-SB's replies are sums the server only adds up): each
     client weighs 1, the clipping range is the largest value any reply to the phase can hold. The function
@@ -202,3 +253,107 @@ def set_up_sums(grid, server, nodes, threshold: float, timeout: float, settings_
         return sum_state(result, request.expected, len(summed), server.device), summed, left_out
 
     return secure_sum
+
+
+# -- integer rounds: vectors mod 2^bits, summed exactly ----------------------------------------------------
+
+INTEGER_BITS = "integer-bits"  # in a FitIns's config: an integer round, its modulus 2^bits
+
+
+@dataclass
+class IntegerSum:
+    total: torch.Tensor | None  # the vectors' sum mod 2^bits (int64); None when the round did not complete
+    summed: list[int]  # the nodes whose vectors are in it
+
+
+def secure_integer_sum(grid, fitins_of: dict[int, FitIns], r: int, threshold: int, timeout: float,
+                       bits: int) -> IntegerSum:
+    """One integer round of SecAgg+ at modulus 2^bits over the nodes in `fitins_of` (their FitIns get
+    INTEGER_BITS = bits); each node's ClientApp answers with a FitRes holding one integer array in
+    [0, 2^bits), which `secagg_mod` masks as is. Returns the arrays' exact sum mod 2^bits and who is in it.
+
+    `threshold` is an absolute number of nodes (Flower reads the int 1 as the fraction 1.0, every node: it is
+    refused here, as is any threshold below 2). The sum Flower unmasks always holds at least `threshold`
+    nodes' vectors: after collecting the masked vectors, SecAggPlusWorkflow._check_threshold halts the round
+    unless every sampled node has at least `threshold` neighbours among the nodes whose vectors came back
+    (with num_shares=1.0 a node's neighbours are all the sampled nodes), and the unmask stage removes the
+    masks of exactly those nodes: a node lost later only withholds shares, and with fewer than `threshold`
+    shares for some node the round halts. Each node's `_unmask` also refuses to send shares when fewer than
+    `threshold` nodes are active. With fewer nodes asked than `threshold`, no round is run.
+
+    Exactness: the workflow is Flower's, unchanged. With clipping_range 1, quantization_range 2 and weight
+    factor 1 per node, its affine map of the unmasked sum S (mod 2^bits) of n nodes is x = (S - n) * (2 / n),
+    which is inverted here with rounding (see below); this is shorter than overriding its unmask stage."""
+    if threshold < 2:
+        raise ValueError(f"integer secure sum: threshold {threshold} < 2 would release one node's vector "
+                         "(and Flower reads the int 1 as every node)")
+    if not 1 < bits <= 48:
+        raise ValueError(f"integer secure sum: bits = {bits} outside 2..48, which the exact inversion covers")
+    if len(fitins_of) >= 1 << bits:
+        raise ValueError(f"integer secure sum: {len(fitins_of)} nodes reach 2^{bits}, where the nodes' weight "
+                         "factors (1 each, summed mod 2^bits) would wrap around")
+    if len(fitins_of) < threshold:
+        return IntegerSum(None, [])
+    asked = {node: FitIns(ins.parameters, ins.config | {INTEGER_BITS: bits}) for node, ins in fitins_of.items()}
+    result = run_round(grid, asked, r, SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=int(threshold), max_weight=1.0, clipping_range=1.0,
+        quantization_range=2, modulus_range=1 << bits, timeout=timeout))
+    if result.mean is None:
+        return IntegerSum(None, [])
+    # Flower's unmask stage: S - 1 (dequantize, exact: integers below 2^53), minus n - 1 (exact), times
+    # fl(2 / n): x = fl((S - n) * fl(2 / n)). Here fl(x * (n / 2)) (n / 2 exact) = (S - n)(1 + e) with
+    # |e| <= 3 * 2^-53 + 2^-105, and |S - n| < 2^48 + n, so the error is below 0.1 for any n < 2^47:
+    # rounding gives S - n exactly.
+    n = len(result.summed)
+    total = (np.rint(result.mean[0] * (n / 2)).astype(np.int64) + n) % (1 << bits)
+    return IntegerSum(torch.from_numpy(total), result.summed)
+
+
+def secagg_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's secaggplus_mod, except at the collect stage of an integer round (its FitIns has INTEGER_BITS):
+    there the ClientApp's reply, a FitRes holding one integer array y in [0, 2^bits), is masked as it is, with
+    weight factor 1 and no weight, clipping or quantisation, so that the server unmasks the exact sum.
+
+    Masking is addition mod 2^bits, so Flower's own stage masks a stand-in, which it turns into [q, 0...]
+    (values below its clipping range quantise to exactly 0; q is its weight factor for the stand-in's
+    weight), and [1 - q, y] is added to the masked vector mod 2^bits: the masks, the shares' decryption and
+    their checks stay Flower's. A reply that is not one integer array in [0, 2^bits), or a round whose
+    modulus is not 2^bits, is refused with a ValueError."""
+    stage = msg.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
+    fit_config = msg.content.config_records.get("fitins.config", {})
+    if (msg.metadata.message_type != MessageType.TRAIN or stage != Stage.COLLECT_MASKED_VECTORS
+            or INTEGER_BITS not in fit_config):
+        return secaggplus_mod(msg, context, call_next)
+    bits = int(fit_config[INTEGER_BITS])
+    shift = []
+
+    def stand_in(msg: Message, context: Context) -> Message:
+        state = SecAggPlusState(**context.state.config_records[RECORD_KEY_STATE])
+        if state.mod_range != 1 << bits:
+            raise ValueError(f"integer secure aggregation: the round's SecAgg+ modulus is {state.mod_range}, "
+                             f"not 2^{bits} as its FitIns's '{INTEGER_BITS}' says")
+        reply = call_next(msg, context)
+        res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        arrays = parameters_to_ndarrays(res.parameters)
+        if len(arrays) != 1 or not np.issubdtype(arrays[0].dtype, np.integer):
+            raise ValueError(f"integer secure aggregation: the reply must hold one integer array, not "
+                             f"{[str(a.dtype) for a in arrays]}")
+        y = arrays[0]
+        if y.size and (y.min() < 0 or y.max() >= state.mod_range):
+            raise ValueError(f"integer secure aggregation: the reply holds values in [{y.min()}, {y.max()}], "
+                             f"outside [0, 2^{bits})")
+        # weight >= max_weight: Flower's weight ratio is >= 1 and keeps the stand-in's -inf below its clipping
+        # range; q is the weight factor Flower computes for it (as its _collect_masked_vectors does)
+        weight = math.ceil(state.max_weight)
+        q = round(weight / state.max_weight * state.target_range)
+        shift.extend([np.array([1 - q], dtype=np.int64), y.astype(np.int64)])
+        res.parameters, res.num_examples = ndarrays_to_parameters([np.full(y.shape, -np.inf)]), weight
+        reply.content.update(compat.fitres_to_recorddict(res, keep_input=True))
+        return reply
+
+    out = secaggplus_mod(msg, context, stand_in)
+    record = out.content.config_records[RECORD_KEY_CONFIGS]
+    masked = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]]
+    record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in
+                                     parameters_mod(parameters_addition(masked, shift), 1 << bits)]
+    return out

@@ -39,7 +39,9 @@ FLOWER_BYTES = "flower_bytes.json"  # Flower's own count of the ArrayRecord byte
 RESUME_COMMAND = "`fedlora flower run APP CONNECTION --resume`"
 
 
-def check_supported(cfg, resume: bool = False, secagg: float | None = None) -> None:
+def check_supported(cfg, resume: bool = False, secagg: float | None = None, server: bool = True) -> None:
+    """Refuse what Flower cannot run, before anything loads; `server`: the ServerApp's check (a node does not
+    know the run's secagg-threshold)."""
     refuse_seeded(cfg, "on Flower")
     if secagg is not None:
         from .secure import check_secure
@@ -50,9 +52,10 @@ def check_supported(cfg, resume: bool = False, secagg: float | None = None) -> N
                           "one message and keeps no optimizer between rounds)")
     if cfg.federation.on_too_few_clients == "retry":
         raise ConfigError("federation.on_too_few_clients = 'retry': not supported on Flower; use 'stop'")
-    if cfg.privacy.per_client and cfg.privacy.mechanism == "distributed":
-        raise ConfigError("privacy.mechanism = 'distributed' is not available on Flower yet (the simulator runs it); "
-                          "use privacy.mechanism = 'central'")
+    if server and cfg.privacy.per_client and cfg.privacy.mechanism == "distributed" and secagg is None:
+        raise ConfigError("privacy.mechanism = 'distributed' needs secure aggregation on Flower (the run config "
+                          "entry secagg-threshold): each client's message is noised only with its share of the "
+                          "noise, and the server must see only their sum")
 
 
 class FedloraStrategy(Strategy):
@@ -212,23 +215,28 @@ class FedloraStrategy(Strategy):
         """Round r through Flower's SecAgg+: the server gets the weighted mean of the uploads of the clients
         that stayed, never an upload, and applies the method's rule to it. The per-upload checks cannot see
         a masked upload: SecAgg+'s clipping range bounds every value instead (a node refuses to exceed it)."""
-        from .secure import secure_round
+        from .secure import distributed_round, secure_round
 
         t0 = time.time()
         clients = self.server.sample_clients(r)
         downloads, absent, bytes_down = self._downloads(clients)
         settings = {c: self._privacy(c) for c in downloads}
+        if self.server.distributed:  # the clients' noised integers: the sum is released as it is unmasked
+            outcomes, total = distributed_round(grid, self.server, self.nodes, downloads, r, self.secagg,
+                                                self.round_timeout, settings)
+            return self._close(r, clients, sorted(absent + outcomes, key=lambda o: o.client), bytes_down, t0,
+                               distributed_sum=total)
         outcomes, mean = secure_round(grid, self.server, self.nodes, downloads, r, self.secagg,
                                       self.round_timeout, settings)
         return self._close(r, clients, sorted(absent + outcomes, key=lambda o: o.client), bytes_down, t0, mean)
 
     def _close(self, r: int, clients: list[int], outcomes: list[Outcome], bytes_down: int, t0: float,
-               secure_mean: dict | None = None) -> tuple[ArrayRecord, MetricRecord]:
+               secure_mean: dict | None = None, distributed_sum=None) -> tuple[ArrayRecord, MetricRecord]:
         """The server core closes the round; what Flower's loop gets back: the global state and the metrics."""
         server = self.server
         try:
             record, self.broadcast = server.close_round(r, clients, outcomes, bytes_down, t0,
-                                                        secure_mean=secure_mean)
+                                                        secure_mean=secure_mean, distributed_sum=distributed_sum)
         except RoundFailed:
             self._log_dropped(r, server.run.logged["attempts"][-1])
             raise

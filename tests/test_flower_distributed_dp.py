@@ -1,0 +1,133 @@
+"""Distributed DP on Flower (privacy.mechanism = "distributed" with secagg-threshold): the nodes' noised
+integers go through SecAgg+'s integer sum, the server unmasks only their sum, and the run equals the
+simulator's exactly in seeded mode."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="flwr (the 'flower' extra of fedlora) is not installed")
+
+from flwr.common import bytes_to_ndarray  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
+
+from fedlora.client import ClientTrainer  # noqa: E402
+from fedlora.errors import ConfigError  # noqa: E402
+from fedlora.federation import FederationServer  # noqa: E402
+from fedlora.flower import strategy as flower_strategy  # noqa: E402
+from fedlora.flower.client_app import client_app  # noqa: E402
+from fedlora.flower.project import to_run_config  # noqa: E402
+from fedlora.privacy import distributed as dd  # noqa: E402
+from fedlora.simulator import Simulator  # noqa: E402
+
+from conftest import read_log  # noqa: E402
+from test_distributed_runtime import distributed  # noqa: E402
+from test_flower import InMemoryGrid, server_identity  # noqa: E402,F401
+
+
+def flower_run(cfg, out, monkeypatch, secagg=0.5, grid=None):
+    monkeypatch.setattr(flower_strategy, "refuse_seeded", lambda cfg, where: None)  # seeded, to compare
+    strategy = flower_strategy.FedloraStrategy(FederationServer.from_config(cfg, out, progress=False),
+                                               round_timeout=10, node_wait=0, secagg=secagg)
+    strategy.start(grid or InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients))
+    return strategy
+
+
+@pytest.mark.parametrize("name", ["ffa", "fedsb"])
+def test_the_unmasked_sum_is_the_nodes_integers_plus_their_noise_and_equals_the_simulator(
+        sim_config, tmp_path, monkeypatch, name):
+    """Every node's own record (its upload and start, as it sealed them) gives its clean integers and its noise
+    share; their sum mod 2^bits is exactly what the server unmasked, every vector the server received was
+    masked, and the global state is the simulator's bit for bit."""
+    cfg = distributed(sim_config, name, noise_multiplier=1.0)
+    sim = Simulator(cfg, tmp_path / "sim", progress=False)
+    sim.run()
+    sealed, sums = [], []
+    real_seal, real_close = ClientTrainer.seal, FederationServer.close_round
+
+    def seal(self, client, r, update, start, plan):
+        sealed.append((r, client, {k: v.clone() for k, v in update.payload.items()}, self.method.upload(client, start, r)))
+        real_seal(self, client, r, update, start, plan)
+        sealed[-1] += (update.message.clone(),)
+
+    def close(self, r, clients, outcomes, *args, **kwargs):
+        sums.append((r, kwargs.get("distributed_sum")))
+        return real_close(self, r, clients, outcomes, *args, **kwargs)
+
+    monkeypatch.setattr(ClientTrainer, "seal", seal)
+    monkeypatch.setattr(FederationServer, "close_round", close)
+    grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
+    received, real_send = [], grid.send_and_receive
+
+    def capture(messages, *, timeout=None):
+        replies = real_send(messages, timeout=timeout)
+        for reply in replies:
+            if not reply.has_error() and RECORD_KEY_CONFIGS in reply.content.config_records:
+                record = reply.content.config_records[RECORD_KEY_CONFIGS]
+                if Key.MASKED_PARAMETERS in record:
+                    received.append(np.concatenate([bytes_to_ndarray(b).ravel() for b in record[Key.MASKED_PARAMETERS]]))
+        return replies
+
+    grid.send_and_receive = capture
+    strategy = flower_run(cfg, tmp_path / "flower", monkeypatch, grid=grid)
+    plan = strategy.server.client_dp.mechanism
+    assert [r for r, _ in sums] == [1, 2] and len(sealed) == 8
+    for r, total in sums:
+        clean = torch.zeros(plan.padded_dimension, dtype=torch.int64)
+        noise = torch.zeros_like(clean)
+        for rr, c, upload, start, _ in sealed:
+            if rr == r:
+                g = dd.noise_generator(cfg, "distributed-noise", r, c)
+                clean += dd.quantise(dd.flat_change(upload, start, plan.dimension), plan, dd.rotation_seed(cfg, r), g)
+                noise += dd.skellam_noise(plan, g)
+        assert torch.equal(total, torch.remainder(clean + noise, plan.modulus))
+    messages = [m.numpy() for *_, m in sealed]
+    assert len(received) == 8
+    for vector in received:  # [0] is SecAgg+'s weight factor
+        assert vector.shape == (plan.padded_dimension + 1,)
+        assert all(np.mean(vector[1:] == m) < 0.01 for m in messages)
+    for k, v in sim.method.global_state.items():
+        assert torch.equal(strategy.server.method.global_state[k], v), k
+    for a, b in zip(read_log(tmp_path / "sim")[1:], read_log(tmp_path / "flower")[1:], strict=True):
+        assert a["clients"] == b["clients"] and a["epsilon"] == pytest.approx(b["epsilon"])
+        assert b["secure_aggregation"] and b["bytes_up"] == a["bytes_up"]
+
+
+def test_a_node_lost_below_the_minimum_withholds_the_round(sim_config, tmp_path, monkeypatch):
+    """n_min = 4 of 4: a node failing at the collect stage leaves SecAgg+ without the threshold, no sum is
+    unmasked, the round is withheld and charged nothing (as in the simulator)."""
+    cfg = distributed(sim_config, noise_multiplier=1.0, min_survivors=0.75)  # n_min = 3
+    real_seal = ClientTrainer.seal
+
+    def seal(self, client, r, update, start, plan):
+        if r == 1 and client in (1, 2):
+            raise RuntimeError("lost")
+        real_seal(self, client, r, update, start, plan)
+
+    monkeypatch.setattr(ClientTrainer, "seal", seal)
+    strategy = flower_run(cfg, tmp_path, monkeypatch)
+    log = read_log(tmp_path)
+    assert "withheld" in log[1] and log[1]["epsilon"] == 0.0 and "withheld" not in log[2]
+    assert log[2]["epsilon"] == pytest.approx(dd.epsilon(strategy.server.client_dp.mechanism, 1))
+
+
+def test_a_node_refuses_a_round_whose_threshold_is_below_its_minimum(sim_config, tmp_path, monkeypatch):
+    """A server that sets SecAgg+'s threshold below n_min could unmask a sum of fewer noise shares: every node
+    refuses to train, and nothing is released."""
+    from fedlora.flower import secure
+
+    cfg = distributed(sim_config, noise_multiplier=1.0)  # n_min = 4
+    real = secure.secure_integer_sum
+    monkeypatch.setattr(secure, "secure_integer_sum", lambda grid, asked, r, count, *a: real(grid, asked, r, 2, *a))
+    trained = []
+    monkeypatch.setattr(ClientTrainer, "update", lambda self, *a, **k: trained.append(a))
+    strategy = flower_run(cfg, tmp_path, monkeypatch)
+    assert not trained
+    assert all("withheld" in record for record in read_log(tmp_path)[1:])
+    assert strategy.server.client_dp.rounds_released == 0
+
+
+def test_flower_refuses_distributed_dp_without_secure_aggregation(sim_config):
+    cfg = distributed(sim_config, noise_multiplier=1.0, randomness="secret")
+    with pytest.raises(ConfigError, match="secagg-threshold"):
+        flower_strategy.check_supported(cfg)
+    flower_strategy.check_supported(cfg, server=False)  # a node does not know the threshold: the server checks
