@@ -79,6 +79,34 @@ def test_without_noise_the_decoded_sum_is_the_clipped_sum_within_the_rounding_bo
     assert (dd.centred(total, plan.bits) < 0).any() and total.min() >= 0 and total.max() < plan.modulus
 
 
+def test_no_wrap_around_in_trials_at_the_narrowest_width_the_plan_accepts():
+    """At the smallest modulus the plan accepts for the cohort, 200 rounds of the largest cohort it plans for,
+    every client sending the same update of norm S (the sum's norm at its bound, n S), never leave
+    [-2^(bits-1), 2^(bits-1)): the integer sum without the modulus stays inside, and the modular sum decodes to
+    it. One bit fewer is refused with the numbers."""
+    d, clip, population, q = 1000, 1.0, 200, 0.1
+    bits = next(b for b in range(8, 33) if _accepted(d, clip, q, population, b))
+    plan = dd.make_plan(d, clip, 1.0, q, population, 16, bits)
+    update = torch.randn(d, generator=generator(3)).double()
+    half = 1 << (bits - 1)
+    for trial in range(200):
+        g = generator(1000 + trial)
+        raw = sum(dd.quantise(update, plan, trial, g) + dd.skellam_noise(plan, g) for _ in range(plan.max_cohort))
+        assert int(raw.abs().max()) < half, (trial, bits)
+        assert torch.equal(dd.centred(torch.remainder(raw, plan.modulus), bits), raw)
+    with pytest.raises(ConfigError, match=f"privacy.modulus_bits = {bits - 1} cannot hold the sum of up to "
+                                          f"{plan.max_cohort} clients"):
+        dd.make_plan(d, clip, 1.0, q, population, 16, bits - 1)
+
+
+def _accepted(d, clip, q, population, bits) -> bool:
+    try:
+        dd.make_plan(d, clip, 1.0, q, population, 16, bits)
+        return True
+    except ConfigError:
+        return False
+
+
 def test_centring_maps_the_residues_to_the_signed_range():
     bits = 8
     residues = torch.tensor([0, 1, 127, 128, 255, 256 + 3, -1])

@@ -153,6 +153,15 @@ def test_the_summary_reports_the_mechanisms_epsilons(sim_config, tmp_path):
     assert privacy["epsilon"] == pytest.approx(dd.epsilon(plan, 2)) and privacy["epsilon"] <= 8.0
     assert privacy["server_epsilon"] == pytest.approx(dd.server_epsilon(plan, 2))
     assert privacy["noise_multiplier"] == plan.noise_multiplier
+    # independently: every client in every round (q = 1), so no amplification: Agarwal et al.'s Theorem 3.5 at
+    # the plan's sensitivities and n_min clients' variance, composed over 2 rounds, converted by Opacus
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    mu, l1, l2 = plan.min_survivors * plan.client_variance, plan.l1_sensitivity, plan.l2_sensitivity
+    orders = list(dd.ORDERS)
+    rdp = [2 * (a * l2 ** 2 / (2 * mu) + min(((2 * a - 1) * l2 ** 2 + 6 * l1) / (4 * mu ** 2), 3 * l1 / (2 * mu)))
+           for a in orders]
+    assert privacy["epsilon"] == pytest.approx(get_privacy_spent(orders=orders, rdp=rdp, delta=plan.delta)[0], rel=1e-9)
     assert (privacy["dimension"], privacy["modulus_bits"]) == (dd.update_dimension(sim.method), 32)
 
 
@@ -165,3 +174,18 @@ def test_secret_randomness_differs_between_runs(sim_config, tmp_path):
         sim.run()
         states.append(sim.method.global_state)
     assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_resumed_run_continues_the_mechanism(sim_config, tmp_path):
+    """Seeded: one round, then resumed to two, ends where two rounds straight end, with the same accounting."""
+    cfg = distributed(sim_config, noise_multiplier=1.0)
+    straight = Simulator(cfg, tmp_path / "straight", progress=False)
+    expected = straight.run()
+    one = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 1})})
+    Simulator(one, tmp_path / "resumed", progress=False).run()
+    resumed = Simulator(cfg, tmp_path / "resumed", progress=False)
+    summary = resumed.run(resume=True)
+    for k, v in straight.method.global_state.items():
+        assert torch.equal(resumed.method.global_state[k], v), k
+    assert summary["privacy"]["epsilon"] == expected["privacy"]["epsilon"]
+    assert summary["privacy"]["server_epsilon"] == expected["privacy"]["server_epsilon"]
