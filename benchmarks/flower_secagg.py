@@ -1,6 +1,8 @@
 """B6, the cost of secure aggregation on Flower: the same run on a live loopback federation (one
 flower-superlink, N flower-supernode processes, `fedlora flower run`), plain and with Flower's SecAgg+
-(`--run-config secagg-threshold=...`), alternating over repeats. Per run: the SuperLink's own count of the
+(`--run-config secagg-threshold=...`), and with distributed DP through SecAgg+'s integer sum (client-level DP,
+privacy.mechanism = "distributed", fixed clipping, epsilon 8: each node's message is its noised integers mod
+2^32), alternating over repeats. Per run: the SuperLink's own count of the
 run's network traffic (`flwr ls --format json`, inbound + outbound bytes) and the wall time of each round
 (rounds.jsonl, from the downloads to the aggregated model). Medians are reported; writes
 results/flower_secagg.json.
@@ -29,8 +31,9 @@ from fedlora.flower.project import write_app  # noqa: E402
 from fedlora.run_folder import read_log  # noqa: E402
 
 
-def make_config(args):
-    return build_config({
+def make_config(args, privacy: dict | None = None):
+    privacy = {"privacy": privacy} if privacy else {}
+    return build_config(privacy | {
         "seed": 0, "method": {"name": args.method}, "model": {"name": "minilm-l6"}, "adapter": {"rank": 16},
         "data": {"name": "sst2", "partition": "iid", "max_length": 64},
         "federation": {"num_clients": args.clients, "clients_per_round": args.clients, "rounds": args.rounds},
@@ -65,15 +68,16 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.66)
     parser.add_argument("--out", default="results/flower_secagg.json")
     args = parser.parse_args()
-    cfg = make_config(args)
-    runs = {"plain": [], "secagg": []}
+    configs = {"plain": make_config(args), "secagg": make_config(args), "distributed": make_config(args, {
+        "unit": "client", "mechanism": "distributed", "clipping": "fixed", "client_clip": 1.0, "epsilon": 8.0})}
+    runs = {kind: [] for kind in configs}
     with tempfile.TemporaryDirectory() as tmp:
         federation = LoopbackFederation(Path(tmp) / "federation", num_nodes=args.clients)
         try:
             for k in range(args.repeats):
-                for kind in ("plain", "secagg"):
+                for kind, cfg in configs.items():
                     result = one_run(federation, Path(tmp) / f"{kind}-{k}", cfg,
-                                     args.threshold if kind == "secagg" else None)
+                                     args.threshold if kind != "plain" else None)
                     runs[kind].append(result)
                     print(kind, result, flush=True)
         finally:
@@ -86,6 +90,8 @@ def main() -> None:
     summary = {kind: {"network_bytes": median(kind, "network_bytes"), "round_seconds": median(kind, "round_seconds")}
                for kind in runs}
     summary["ratio"] = {key: summary["secagg"][key] / summary["plain"][key] for key in summary["plain"]}
+    summary["distributed_over_secagg"] = {key: summary["distributed"][key] / summary["secagg"][key]
+                                          for key in summary["plain"]}
     write_results(args.out, {"benchmark": "B6 secure aggregation on Flower", "args": vars(args), "runs": runs,
                              "summary": summary})
     print(json.dumps(summary, indent=2))

@@ -538,31 +538,14 @@ def test_a_client_that_drops_out_of_a_secure_round_is_tolerated(sim_config, tmp_
     assert_same_tensors(secure.server.method.global_state, plain.server.method.global_state, tol=secagg_bound(2))
 
 
-@pytest.mark.parametrize("name", ["ffa", "fedsb"])
-def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypatch, name):
-    """Every upload a node hands to SecAgg+ (Fed-SB's set-up replies too) is compared with what reaches the
-    server: the masked vectors the server receives, dequantised, are nowhere near the uploads (nor is any
-    unmasked upload sent)."""
+def capture_masked_vectors(grid) -> dict:
+    """Every masked vector the grid's nodes send the server through SecAgg+ (client -> [vector], in the order
+    received, SecAgg+'s weight factor first), checking that no reply carries plain arrays."""
     import numpy as np
     from flwr.common import bytes_to_ndarray
-    from flwr.common.secure_aggregation.quantization import dequantize
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-    import fedlora.flower.secure as secure_module
-
-    uploads = {}  # client -> [(upload, clipping range)], in the order sent
-    real_fitres = secure_module.fitres_content
-
-    def spy(payload, settings, client):
-        vector = np.concatenate([payload[k].float().numpy().ravel() for k in sorted(payload)])
-        uploads.setdefault(client, []).append((vector, float(settings["clip"])))
-        return real_fitres(payload, settings, client)
-
-    monkeypatch.setattr(secure_module, "fitres_content", spy)
-    cfg = sim_config(method={"name": name}, eval={"every": 0}, federation={"rounds": 1})
-    grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
-    received = {}  # client -> [masked vector], in the order received
-    real_send = grid.send_and_receive
+    received, real_send = {}, grid.send_and_receive
 
     def capture(messages, *, timeout=None):
         replies = real_send(messages, timeout=timeout)
@@ -577,6 +560,31 @@ def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypat
         return replies
 
     grid.send_and_receive = capture
+    return received
+
+
+@pytest.mark.parametrize("name", ["ffa", "fedsb"])
+def test_the_server_receives_only_masked_uploads(sim_config, tmp_path, monkeypatch, name):
+    """Every upload a node hands to SecAgg+ (Fed-SB's set-up replies too) is compared with what reaches the
+    server: the masked vectors the server receives, dequantised, are nowhere near the uploads (nor is any
+    unmasked upload sent)."""
+    import numpy as np
+    from flwr.common.secure_aggregation.quantization import dequantize
+
+    import fedlora.flower.secure as secure_module
+
+    uploads = {}  # client -> [(upload, clipping range)], in the order sent
+    real_fitres = secure_module.fitres_content
+
+    def spy(payload, settings, client):
+        vector = np.concatenate([payload[k].float().numpy().ravel() for k in sorted(payload)])
+        uploads.setdefault(client, []).append((vector, float(settings["clip"])))
+        return real_fitres(payload, settings, client)
+
+    monkeypatch.setattr(secure_module, "fitres_content", spy)
+    cfg = sim_config(method={"name": name}, eval={"every": 0}, federation={"rounds": 1})
+    grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
+    received = capture_masked_vectors(grid)
     run_secure(cfg, tmp_path, grid=grid)
     assert sorted(received) == sorted(uploads)
     # a round's uploads, and for Fed-SB its two set-up phases before it

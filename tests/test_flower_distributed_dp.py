@@ -7,9 +7,6 @@ import torch
 
 pytest.importorskip("flwr", reason="flwr (the 'flower' extra of fedlora) is not installed")
 
-from flwr.common import bytes_to_ndarray  # noqa: E402
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
-
 from fedlora.client import ClientTrainer  # noqa: E402
 from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.federation import FederationServer  # noqa: E402
@@ -22,6 +19,7 @@ from fedlora.simulator import Simulator  # noqa: E402
 from conftest import read_log  # noqa: E402
 from test_distributed_runtime import distributed  # noqa: E402
 from test_flower import InMemoryGrid, server_identity  # noqa: E402,F401
+from test_flower_deploy import capture_masked_vectors  # noqa: E402
 
 
 def flower_run(cfg, out, monkeypatch, secagg=0.5, grid=None):
@@ -56,18 +54,7 @@ def test_the_unmasked_sum_is_the_nodes_integers_plus_their_noise_and_equals_the_
     monkeypatch.setattr(ClientTrainer, "seal", seal)
     monkeypatch.setattr(FederationServer, "close_round", close)
     grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
-    received, real_send = [], grid.send_and_receive
-
-    def capture(messages, *, timeout=None):
-        replies = real_send(messages, timeout=timeout)
-        for reply in replies:
-            if not reply.has_error() and RECORD_KEY_CONFIGS in reply.content.config_records:
-                record = reply.content.config_records[RECORD_KEY_CONFIGS]
-                if Key.MASKED_PARAMETERS in record:
-                    received.append(np.concatenate([bytes_to_ndarray(b).ravel() for b in record[Key.MASKED_PARAMETERS]]))
-        return replies
-
-    grid.send_and_receive = capture
+    by_client = capture_masked_vectors(grid)
     strategy = flower_run(cfg, tmp_path / "flower", monkeypatch, grid=grid)
     plan = strategy.server.client_dp.mechanism
     assert [r for r, _ in sums] == [1, 2] and len(sealed) == 8
@@ -81,6 +68,7 @@ def test_the_unmasked_sum_is_the_nodes_integers_plus_their_noise_and_equals_the_
                 noise += dd.skellam_noise(plan, g)
         assert torch.equal(total, torch.remainder(clean + noise, plan.modulus))
     messages = [m.numpy() for *_, m in sealed]
+    received = [v for vectors in by_client.values() for v in vectors]
     assert len(received) == 8
     for vector in received:  # [0] is SecAgg+'s weight factor
         assert vector.shape == (plan.padded_dimension + 1,)
