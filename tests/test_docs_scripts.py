@@ -47,6 +47,8 @@ SCRIPTS = {  # the longest first: the commands run two at a time, in this order
     PY + "benchmarks/throughput.py --repeats 5": Shown("performance.md", r"'peft_s': [\d.]+"),
     DATA + PY + "benchmarks/clients_memory.py": Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
     DATA + PY + "benchmarks/clients_memory.py --population": Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
+    DATA + PY + "benchmarks/clients_memory.py --population --same-cohort --rounds 6":
+        Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
     DATA + PY + "experiments/dp_comparison.py --unit client": Shown("privacy.md", "rounds:runs/user_dp_comparison/*"),
     DATA + PY + "experiments/tuned_comparison.py": Shown("privacy.md", "rounds:runs/tuned_comparison/tune/*/trials/*"),
     PY + "benchmarks/communication.py": Shown("performance.md", r"Mistral-7B: Fed-SB r=200 sends 8,960,000 parameters",
