@@ -122,8 +122,10 @@ def test_a_round_below_the_minimum_of_survivors_is_withheld(sim_config, tmp_path
     log = read_log(tmp_path)
     assert log[1]["survivors"] == 3 and "fewer than privacy.min_survivors' 4" in log[1]["withheld"]
     assert log[1]["epsilon"] == 0.0 and "withheld" not in log[2]
-    assert all(torch.equal(closed[1][3][k], v) for k, v in closed[0][3].items())  # round 1 changed nothing
     plan = sim.server.client_dp.mechanism
+    assert log[1]["epsilon_if_released"] == pytest.approx(dd.epsilon(plan, survivors=[4, 3]))
+    assert log[1]["epsilon_if_released"] > dd.epsilon(plan, 2)  # 3 clients' noise is less than planned
+    assert all(torch.equal(closed[1][3][k], v) for k, v in closed[0][3].items())  # round 1 changed nothing
     assert log[2]["epsilon"] == pytest.approx(dd.epsilon(plan, 1))
     assert summary["privacy"]["epsilon"] == pytest.approx(dd.epsilon(plan, 1)) and summary["privacy"]["rounds"] == 1
 

@@ -50,6 +50,10 @@ SCRIPTS = {  # the longest first: the commands run two at a time, in this order
     DATA + PY + "benchmarks/clients_memory.py --population --same-cohort --rounds 6":
         Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
     DATA + PY + "experiments/dp_comparison.py --unit client": Shown("privacy.md", "rounds:runs/user_dp_comparison/*"),
+    DATA + PY + "experiments/dp_comparison.py --unit client --epsilons 3 --methods fedsb --fixed-clip 3":
+        Shown("privacy.md", "rounds:runs/user_dp_comparison/*"),
+    DATA + PY + "experiments/dp_comparison.py --unit client --epsilons 3 --methods fedsb --fixed-clip 3 "
+                "--mechanism distributed": Shown("privacy.md", "rounds:runs/user_dp_comparison/*"),
     DATA + PY + "experiments/tuned_comparison.py": Shown("privacy.md", "rounds:runs/tuned_comparison/tune/*/trials/*"),
     PY + "benchmarks/communication.py": Shown("performance.md", r"Mistral-7B: Fed-SB r=200 sends 8,960,000 parameters",
                                               to_the_end=True),

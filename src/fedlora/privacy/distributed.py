@@ -513,8 +513,11 @@ class DistributedDP(ClientLevelDP):
         plan, survivors = self.mechanism, len(clients)
         record = {"client_clip": self.clip, "survivors": survivors, "min_survivors": plan.min_survivors}
         if total is None or survivors < plan.min_survivors:
+            # what releasing it would have cost, the other planned rounds at n_min (None: no noise at all)
+            cost = release_epsilon(plan, survivors) if survivors else None
             return None, record | {"withheld": f"{survivors} clients' noise in the sum, fewer than "
-                                                f"privacy.min_survivors' {plan.min_survivors}"}
+                                                f"privacy.min_survivors' {plan.min_survivors}",
+                                   "epsilon_if_released": cost}
         m = plan.expected_cohort
         flat = decode(total, plan, rotation_seed(self.cfg, r))
         mean, at = {}, 0
