@@ -13,9 +13,11 @@ from fedlora.simulator import Simulator
 from conftest import read_log
 
 
-def distributed(sim_config, name="ffa", cohort=4, **privacy):
-    """Every client in every round (q = 1) unless `cohort` < 4; Fed-SB set up from public data (the toy file)."""
-    sections = {"method": {"name": name}, "federation": {"num_clients": 4, "clients_per_round": cohort, "rounds": 2},
+def distributed(sim_config, name="ffa", cohort=4, clients=4, rounds=2, **privacy):
+    """Every client in every round (q = 1) unless `cohort` < `clients`; Fed-SB set up from public data (the toy
+    file)."""
+    sections = {"method": {"name": name},
+                "federation": {"num_clients": clients, "clients_per_round": cohort, "rounds": rounds},
                 "privacy": {"unit": "client", "randomness": "seeded", "mechanism": "distributed",
                             "client_clip": 0.05} | privacy}
     if name == "fedsb":
@@ -34,7 +36,7 @@ def spy_on_messages(monkeypatch):
     def seal(self, client, r, update, start, plan):
         sealed.append((r, client, {k: v.clone() for k, v in update.payload.items()},
                        self.method.upload(client, start, r)))
-        real_seal(self, client, r, update, start, plan)
+        return real_seal(self, client, r, update, start, plan)
 
     def close(self, r, clients, outcomes, *args, **kwargs):
         closed.append((r, [o.update.payload if o.update is not None else None for o in outcomes],

@@ -44,8 +44,9 @@ def test_the_unmasked_sum_is_the_nodes_integers_plus_their_noise_and_equals_the_
 
     def seal(self, client, r, update, start, plan):
         sealed.append((r, client, {k: v.clone() for k, v in update.payload.items()}, self.method.upload(client, start, r)))
-        real_seal(self, client, r, update, start, plan)
+        parts = real_seal(self, client, r, update, start, plan)
         sealed[-1] += (update.message.clone(),)
+        return parts
 
     def close(self, r, clients, outcomes, *args, **kwargs):
         sums.append((r, kwargs.get("distributed_sum")))
@@ -89,7 +90,7 @@ def test_a_node_lost_below_the_minimum_withholds_the_round(sim_config, tmp_path,
     def seal(self, client, r, update, start, plan):
         if r == 1 and client in (1, 2):
             raise RuntimeError("lost")
-        real_seal(self, client, r, update, start, plan)
+        return real_seal(self, client, r, update, start, plan)
 
     monkeypatch.setattr(ClientTrainer, "seal", seal)
     strategy = flower_run(cfg, tmp_path, monkeypatch)
@@ -119,3 +120,46 @@ def test_flower_refuses_distributed_dp_without_secure_aggregation(sim_config):
     with pytest.raises(ConfigError, match="secagg-threshold"):
         flower_strategy.check_supported(cfg)
     flower_strategy.check_supported(cfg, server=False)  # a node does not know the threshold: the server checks
+
+
+@pytest.mark.live
+@pytest.mark.slow
+def test_live_loopback_distributed_dp_sums_exactly_what_the_nodes_sealed(sim_config, tmp_path, monkeypatch):
+    """Fed-SB and FFA-LoRA on a live loopback federation (a SuperLink and two SuperNode processes) with SecAgg+
+    and distributed DP, secret randomness: from each node's own record (FEDLORA_FLOWER_RECORD) of its upload,
+    its clean integers and its noise share, the sum of their messages mod 2^32 is exactly what the server
+    unmasked, each clean vector is its clipped, rotated update rounded (within one unit of each value), and the
+    round is logged as secure and released."""
+    from fedlora.flower.project import write_app
+
+    from flower_federation import LoopbackFederation
+    from test_flower_deploy import SECURE_RUN, documented
+
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv("FEDLORA_FLOWER_RECORD", str(records))
+    federation = LoopbackFederation(tmp_path / "federation", num_nodes=2, connection="fedlora-link")
+    try:
+        for name in ("fedsb", "ffa"):
+            for old in records.iterdir():
+                old.unlink()
+            cfg = distributed(sim_config, name, cohort=2, clients=2, rounds=1, randomness="secret", noise_multiplier=1.0)
+            out = tmp_path / f"flower-{name}"
+            write_app(tmp_path / name / "my-app", cfg, out, round_timeout=120, node_wait=60)
+            done = documented(SECURE_RUN, tmp_path / name, federation, timeout=400)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + federation.logs()
+            record = read_log(out)[1]
+            assert record["secure_aggregation"] and record["clients"] == [0, 1] and "withheld" not in record
+            server = torch.load(records / "round1-sum.pt")
+            nodes = [torch.load(records / f"round1-client{c}.pt") for c in (0, 1)]
+            plan = dd.distributed_plan(cfg, sum(v.numel() for v in nodes[0]["upload"].values()))  # the nodes' plan
+            assert torch.equal(server["sum"], torch.remainder(sum(n["clean"] + n["noise"] for n in nodes), plan.modulus))
+            for n in nodes:
+                assert torch.equal(n["message"], torch.remainder(n["clean"] + n["noise"], plan.modulus))
+                x = torch.zeros(plan.padded_dimension, dtype=torch.float64)
+                x[:plan.dimension] = dd.clip(dd.flat_change(n["upload"], n["start"], plan.dimension), plan.clip)
+                scaled = dd.rotate(x, dd.rotation_seed(cfg, 1), plan.block) / plan.granularity
+                assert (n["clean"].double() - scaled).abs().max() < 1
+                assert n["noise"].double().var().item() == pytest.approx(plan.client_variance, rel=0.2)
+    finally:
+        federation.stop()

@@ -21,7 +21,7 @@ from .init_sb import PrivateRelease, client_reply, private_gradient_sum, reply_f
 from .methods.base import Method, State
 from .plan import FederationPlan, PrivacySettings
 from .privacy.client_level import clip_update
-from .privacy.distributed import client_message
+from .privacy.distributed import client_parts
 from .privacy.dpsgd import DPSGD
 from .privacy.grad_sample import PerExampleGradients, for_trainable
 from .privacy.randomness import noise_generator, sampling_rng
@@ -204,11 +204,14 @@ class ClientTrainer:
             self.own_states[client] = own
         return update
 
-    def seal(self, client: int, r: int, update: ClientUpdate, start: State, plan) -> None:
+    def seal(self, client: int, r: int, update: ClientUpdate, start: State, plan) -> tuple[torch.Tensor, torch.Tensor]:
         """Under distributed DP (privacy.distributed): replace the update's payload with the client's message, its
-        change from `start` clipped, rotated, rounded and noised with the client's secret randomness."""
-        update.message = client_message(self.cfg, plan, update.payload, self.method.upload(client, start, r), r, client)
+        change from `start` clipped, rotated, rounded and noised with the client's secret randomness; returns
+        the message's two parts, the clean integers and the noise share, which only the client knows."""
+        clean, noise = client_parts(self.cfg, plan, update.payload, self.method.upload(client, start, r), r, client)
+        update.message = torch.remainder(clean + noise, plan.modulus)
         update.payload = {}
+        return clean, noise
 
     def keep(self, client: int, update: ClientUpdate) -> None:
         """What the client keeps of an update the server accepted."""

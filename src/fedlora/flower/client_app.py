@@ -37,7 +37,7 @@ from ..plan import FederationPlan, PrivacySettings, client_shards, shard_sizes
 from ..tasks import ClassificationTask
 from ..seeding import generator
 from .project import from_run_config
-from .records import flatten, from_record, nest, privacy_from, to_record
+from .records import flatten, from_record, keep_for_audit, nest, privacy_from, to_record
 from .strategy import check_supported
 
 METHOD_STATE, BASE_WEIGHTS, OWN_STATE = "fedlora.method", "fedlora.base", "fedlora.own"
@@ -348,7 +348,10 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         if plan is not None:  # distributed DP: only the noised integers leave, into SecAgg+'s sum
             from .secure import integer_fitres_content
 
-            trainer.seal(client, r, update, start, plan)
+            sent = {"upload": dict(update.payload), "start": trainer.method.upload(client, start, r)}
+            clean, noise = trainer.seal(client, r, update, start, plan)
+            keep_for_audit(f"round{r}-client{client}", sent | {"clean": clean, "noise": noise,
+                                                               "message": update.message})
             return Message(integer_fitres_content(update.message), reply_to=msg)
         if secure:
             return Message(fitres_content(update.payload, secure_settings, client), reply_to=msg)

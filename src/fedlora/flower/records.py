@@ -3,6 +3,7 @@ count of a record is the payload's bytes plus the key names it also counts."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from flwr.app import Array, ArrayRecord
@@ -85,3 +86,13 @@ def privacy_from(settings) -> PrivacySettings | None:
         return None
     return PrivacySettings(float(settings["noise-multiplier"]), float(settings["delta"]),
                            int(settings["init-examples"]))
+
+
+def keep_for_audit(name: str, tensors: dict) -> None:
+    """With FEDLORA_FLOWER_RECORD=DIR in the environment (a testing aid, off by default), save `tensors` as
+    DIR/NAME.pt on this party's own disk: a node what it sealed under distributed DP, the server the sum it
+    unmasked, so that a test can recompute one from the other across processes."""
+    folder = os.environ.get("FEDLORA_FLOWER_RECORD")
+    if folder:
+        torch.save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()},
+                   os.path.join(folder, f"{name}.pt"))

@@ -32,7 +32,7 @@ from ..client import ClientUpdate
 from ..federation import FederationServer, Outcome, federated_evaluation
 from ..privacy.randomness import refuse_seeded
 from .nodes import NodeMap
-from .records import flower_bytes, from_record, privacy_settings, to_record
+from .records import flower_bytes, from_record, keep_for_audit, privacy_settings, to_record
 from .resume import resync
 
 FLOWER_BYTES = "flower_bytes.json"  # Flower's own count of the ArrayRecord bytes, per round, up and down
@@ -224,6 +224,7 @@ class FedloraStrategy(Strategy):
         if self.server.distributed:  # the clients' noised integers: the sum is released as it is unmasked
             outcomes, total = distributed_round(grid, self.server, self.nodes, downloads, r, self.secagg,
                                                 self.round_timeout, settings)
+            keep_for_audit(f"round{r}-sum", {"sum": total, "clients": [o.client for o in outcomes if o.reason is None]})
             return self._close(r, clients, sorted(absent + outcomes, key=lambda o: o.client), bytes_down, t0,
                                distributed_sum=total)
         outcomes, mean = secure_round(grid, self.server, self.nodes, downloads, r, self.secagg,

@@ -475,11 +475,13 @@ def flat_change(upload: State, start: State, dimension: int) -> torch.Tensor:
     return x
 
 
-def client_message(cfg, plan: DistributedPlan, upload: State, start: State, r: int, client: int) -> torch.Tensor:
-    """What a client sends into the secure sum in round r: its change from `start` (what it would upload
-    untrained), encoded with its secret generator (its rounding and its noise share)."""
+def client_parts(cfg, plan: DistributedPlan, upload: State, start: State, r: int,
+                 client: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's clean integers and noise share in round r, from its change from `start` (what it would
+    upload untrained) and its secret generator; its message is their sum mod 2^bits (as `encode`)."""
     generator = noise_generator(cfg, "distributed-noise", r, client)
-    return encode(flat_change(upload, start, plan.dimension), plan, rotation_seed(cfg, r), generator)
+    clean = quantise(flat_change(upload, start, plan.dimension), plan, rotation_seed(cfg, r), generator)
+    return clean, skellam_noise(plan, generator)
 
 
 class DistributedDP(ClientLevelDP):
