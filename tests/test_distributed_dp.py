@@ -227,21 +227,36 @@ def test_epsilon_falls_with_the_noise_and_grows_with_the_rounds():
     assert servers[1] > epsilons[1]  # 3 rounds known to the server cost more than 100 hidden among 1000 clients
 
 
+def test_the_release_rate_is_the_chance_of_a_client_in_a_released_cohort():
+    """Cohorts drawn below n_min are not released, which raises a client's chance of being in a released one
+    above q: the formula against 200,000 Poisson cohorts, conditioned on their size."""
+    plan = dd.make_plan(1000, 0.1, 1.0, 0.1, 100, 8, 32)
+    rng = np.random.default_rng(0)
+    members = rng.random((200_000, 100)) < 0.1
+    released = members.sum(1) >= 8
+    observed = members[released, 0].mean()
+    assert dd.release_rate(plan) == pytest.approx(observed, abs=4 * math.sqrt(observed / released.sum()))
+    assert dd.release_rate(plan) > 1.05 * 0.1
+    assert dd.release_rate(dd.make_plan(1000, 0.1, 1.0, 1.0, 10, 8, 32)) == 1.0
+
+
 def test_epsilon_approaches_the_gaussians_as_the_integers_grow_finer():
     """With more bits the noise in integer units grows, the rounding's inflation and the discrete term fade,
-    and epsilon reaches the Gaussian mechanism's under the same amplification bound; that is at most 12% above
+    and epsilon reaches the Gaussian mechanism's under the same amplification bound; that is at most 14% above
     Opacus' exact sampled-Gaussian figure here, and equal to it without sampling."""
-    z, q, rounds, delta = 1.1, 0.01, 200, 1e-5
+    z, rounds, delta = 1.1, 200, 1e-5
+    plans = {bits: dd.make_plan(100_000, 0.1, z, 0.01, 1000, 8, bits, rounds=rounds, delta=delta)
+             for bits in (14, 16, 20, 32)}
+    q = dd.release_rate(plans[32])  # a client's chance of being in a released round (cohorts below 8 are not)
     gaussian = dd.rdp_epsilon(rounds * dd.poisson_subsampled_rdp(np.arange(2, dd.ORDERS[-1] + 1) / (2 * z * z), q),
                               delta)
-    spent = {bits: dd.epsilon(dd.make_plan(100_000, 0.1, z, q, 1000, 8, bits, rounds=rounds, delta=delta))
-             for bits in (14, 16, 20, 32)}
+    spent = {bits: dd.epsilon(plan) for bits, plan in plans.items()}
     assert spent[14] > spent[16] > spent[20] >= spent[32] >= gaussian
     assert spent[14] > 1.1 * gaussian
     assert spent[32] == pytest.approx(gaussian, rel=1e-3)
     opacus = RDPAccountant()
     opacus.history = [(z, q, rounds)]
-    assert opacus.get_epsilon(delta) < spent[32] < 1.12 * opacus.get_epsilon(delta)
+    assert opacus.get_epsilon(delta) < spent[32] < 1.14 * opacus.get_epsilon(delta)
     unsampled = dd.make_plan(100_000, 0.1, 5.0, 1.0, 10, 8, 32, rounds=10, delta=delta)
     opacus.history = [(5.0, 1.0, 10)]
     assert dd.epsilon(unsampled) == pytest.approx(opacus.get_epsilon(delta), rel=1e-3)

@@ -122,7 +122,7 @@ def test_a_round_below_the_minimum_of_survivors_is_withheld(sim_config, tmp_path
     sim = Simulator(cfg, tmp_path, progress=False)
     summary = sim.run()
     log = read_log(tmp_path)
-    assert log[1]["survivors"] == 3 and "fewer than privacy.min_survivors' 4" in log[1]["withheld"]
+    assert log[1]["survivors"] == 3 and "fewer than n_min = 4" in log[1]["withheld"]
     assert log[1]["epsilon"] == 0.0 and "withheld" not in log[2]
     plan = sim.server.client_dp.mechanism
     assert log[1]["epsilon_if_released"] == pytest.approx(dd.epsilon(plan, survivors=[4, 3]))
@@ -193,3 +193,26 @@ def test_a_resumed_run_continues_the_mechanism(sim_config, tmp_path):
         assert torch.equal(resumed.method.global_state[k], v), k
     assert summary["privacy"]["epsilon"] == expected["privacy"]["epsilon"]
     assert summary["privacy"]["server_epsilon"] == expected["privacy"]["server_epsilon"]
+
+
+@pytest.mark.parametrize("mechanism", ["central", "distributed"])
+def test_resuming_with_more_rounds_at_a_target_epsilon_is_refused(sim_config, tmp_path, mechanism):
+    """With privacy.epsilon given, more rounds re-calibrate the noise; the rounds already run used the old one,
+    which the accountant would no longer charge: the resume is refused, naming the keys."""
+    from fedlora.errors import ConfigError
+
+    cfg = distributed(sim_config, epsilon=8.0, rounds=1)
+    if mechanism == "central":
+        cfg = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"mechanism": "central"})})
+    Simulator(cfg, tmp_path, progress=False).run()
+    longer = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 3})})
+    with pytest.raises(ConfigError, match="federation.rounds") as err:
+        Simulator(longer, tmp_path, progress=False).run(resume=True)
+    assert "privacy.noise_multiplier" in str(err.value)
+
+
+def test_federation_min_clients_raises_the_minimum_of_survivors(sim_config):
+    cfg = distributed(sim_config, noise_multiplier=1.0, min_survivors=0.5)
+    assert dd.distributed_plan(cfg, 100).min_survivors == 2
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_clients": 3})})
+    assert dd.distributed_plan(cfg, 100).min_survivors == 3

@@ -163,3 +163,28 @@ def test_live_loopback_distributed_dp_sums_exactly_what_the_nodes_sealed(sim_con
                 assert n["noise"].double().var().item() == pytest.approx(plan.client_variance, rel=0.2)
     finally:
         federation.stop()
+
+
+def test_a_node_seals_only_inside_secure_aggregation_and_each_round_once(sim_config, tmp_path, monkeypatch):
+    """A server breaking the protocol gets nothing more: a train message carrying the integer round's settings
+    outside SecAgg+'s masked-vector stage is refused (the node would send its integers unmasked), and after the
+    run a round asked for again through SecAgg+ is refused by every node (a second noised copy of an update)."""
+    from flwr.app import Message
+    from flwr.app.message_type import MessageType
+    import flwr.compat.common.recorddict_compat as compat
+
+    from fedlora.flower import secure
+
+    cfg = distributed(sim_config, noise_multiplier=1.0)
+    grid = InMemoryGrid(client_app(), to_run_config(cfg), cfg.federation.num_clients)
+    strategy = flower_run(cfg, tmp_path, monkeypatch, grid=grid)
+    server, nodes = strategy.server, strategy.nodes
+    downloads, _, _ = strategy._downloads([0, 1, 2, 3])
+    settings = strategy._privacy(0) | {secure.INTEGER_BITS: 32}
+    plain = Message(compat.fitins_to_recorddict(secure.fitins(downloads[0], 3, 1, 1, settings=settings), True),
+                    dst_node_id=nodes.node_of[0], message_type=MessageType.TRAIN, group_id="3")
+    reply = grid.send_and_receive([plain])[0]
+    assert reply.has_error() and "outside SecAgg+'s integer sum" in reply.error.reason
+    again, total = secure.distributed_round(grid, server, nodes, downloads, 1, 0.5, 10,
+                                            {c: strategy._privacy(c) for c in downloads})
+    assert total is None and all(o.reason for o in again)

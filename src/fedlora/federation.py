@@ -280,9 +280,10 @@ class FederationServer:
         attempts = attempts if attempts is not None else []
         min_clients = self.cfg.federation.min_clients
         nobody_sampled = self.client_dp is not None and not clients  # a Poisson cohort may be empty: noise alone
-        # distributed DP: a sum of fewer than n_min clients' noise shares is withheld, whatever min_clients says
-        # (through SecAgg+ no such sum can even be unmasked, so no client is known to be in it)
-        withheld = self.distributed and len(accepted) < self.client_dp.mechanism.min_survivors
+        # distributed DP: a round of fewer than n_min clients' noise shares (or federation.min_clients) is
+        # withheld, never failed or retried: through SecAgg+ no such sum is unmasked, and a round run again
+        # would give the server a second noised copy of the same updates
+        withheld = self.distributed and len(accepted) < self.client_dp.minimum
         if (len(accepted) < min_clients or not accepted) and not nobody_sampled and not withheld:
             attempts.append(dropped)
             why = (f"round {r}: {len(accepted)} of {len(clients)} clients answered"

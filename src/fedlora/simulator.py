@@ -151,8 +151,8 @@ class Simulator:
         """Under distributed DP, what secure aggregation gives the server: the sum of the messages of the clients
         that answered, mod 2^bits (None: none answered, or another mechanism)."""
         messages = [o.update.message for o in outcomes if o.reason is None]
-        if not self.server.distributed or not messages:
-            return None
+        if not self.server.distributed or len(messages) < self.server.client_dp.minimum:
+            return None  # as SecAgg+ at its threshold: no sum the run would withhold is formed
         return modular_sum(messages, self.server.client_dp.mechanism.bits)
 
     def train_round(self, clients: list[int], r: int) -> tuple[list[Outcome], int]:
@@ -178,10 +178,10 @@ class Simulator:
                           else trainer.update(c, r, starts[c], deadline, privacy[c], clip))
                 if update is None:
                     reason = "returned no update"
-                elif self.server.distributed:
-                    trainer.seal(c, r, update, starts[c], self.server.client_dp.mechanism)
                 elif deadline is not None and time.monotonic() > deadline:
                     reason = f"answered after {time.monotonic() - began:.1f} s > federation.client_timeout"
+                elif self.server.distributed:
+                    trainer.seal(c, r, update, starts[c], self.server.client_dp.mechanism)
             except ClientTimeout as err:
                 reason = str(err)
             except Exception as err:  # a client's failure must not stop the federation

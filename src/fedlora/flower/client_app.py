@@ -139,14 +139,18 @@ class ClientRuntime:
         if not (cfg.privacy.per_client and cfg.privacy.mechanism == "distributed"):
             return None
         from ..privacy.distributed import distributed_plan, update_dimension
-        from .secure import INTEGER_BITS, round_threshold
+        from .secure import INTEGER_BITS, masked_collect_stage, round_threshold
 
         if self.mechanism_plan is None:
             self.mechanism_plan = distributed_plan(cfg, update_dimension(self.trainer.method))
         plan = self.mechanism_plan
-        if secure_settings is None or INTEGER_BITS not in secure_settings:
+        if secure_settings is None or INTEGER_BITS not in secure_settings or not masked_collect_stage():
             raise ConfigError("privacy.mechanism = 'distributed': the server asked for an update outside SecAgg+'s "
                               "integer sum; this client sends only its noised integers into the secure sum")
+        r, sealed = int(secure_settings["round"]), sealed_round(context)
+        if r <= sealed:  # a round asked again would give the server another noised copy of the same update
+            raise ConfigError(f"privacy.mechanism = 'distributed': round {r} was asked for after this client "
+                              f"sealed round {sealed}; each round's update is sealed once")
         if int(secure_settings[INTEGER_BITS]) != plan.bits:
             raise ConfigError(f"privacy.mechanism = 'distributed': the round sums mod 2^{secure_settings[INTEGER_BITS]},"
                               f" this client's plan mod 2^{plan.bits} (privacy.modulus_bits)")
@@ -237,6 +241,14 @@ def _client_id(context: Context, run_config: dict) -> int:
         raise ConfigError(f"node config: partition-id {client} of num-partitions {partitions} does not fit "
                           f"federation.num_clients = {num_clients}")
     return client
+
+
+SEALED = "fedlora.sealed"  # in a node's context.state under distributed DP: the last round it sealed
+
+
+def sealed_round(context: Context) -> int:
+    """The last round this node sealed in this run (its context.state outlives the ClientApp's processes)."""
+    return int(context.state.config_records[SEALED]["round"]) if SEALED in context.state.config_records else 0
 
 
 def _inject_fault(r: int) -> None:
@@ -350,6 +362,7 @@ def client_app(defaults: dict | None = None) -> ClientApp:
 
             sent = {"upload": dict(update.payload), "start": trainer.method.upload(client, start, r)}
             clean, noise = trainer.seal(client, r, update, start, plan)
+            context.state.config_records[SEALED] = ConfigRecord({"round": r})
             keep_for_audit(f"round{r}-client{client}", sent | {"clean": clean, "noise": noise,
                                                                "message": update.message})
             return Message(integer_fitres_content(update.message), reply_to=msg)

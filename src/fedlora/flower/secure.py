@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,7 +213,8 @@ def distributed_round(grid, server, nodes, downloads: dict[int, dict], r: int, t
     from ..federation import Outcome
 
     plan = server.client_dp.mechanism
-    count = max(plan.min_survivors, math.ceil(threshold * len(downloads) - 1e-9), 2)
+    # a sum the run would not release must not be unmasked at all (DistributedDP.minimum)
+    count = max(server.client_dp.minimum, math.ceil(threshold * len(downloads) - 1e-9), 2)
     asked = {nodes.node_of[c]: fitins(download, r, 1, 1, settings=settings[c]) for c, download in downloads.items()}
     result = secure_integer_sum(grid, asked, r, count, timeout, plan.bits)
     summed = {nodes.client_of[n] for n in result.summed}
@@ -258,6 +260,13 @@ def set_up_sums(grid, server, nodes, threshold: float, timeout: float, settings_
 # -- integer rounds: vectors mod 2^bits, summed exactly ----------------------------------------------------
 
 INTEGER_BITS = "integer-bits"  # in a FitIns's config: an integer round, its modulus 2^bits
+MASKING = ContextVar("fedlora_integer_masking", default=False)  # set while secagg_mod masks the reply it asks for
+
+
+def masked_collect_stage() -> bool:
+    """Whether the ClientApp is answering from inside secagg_mod's masked-vector stage of an integer round:
+    what it returns there is masked before it leaves, and nowhere else."""
+    return MASKING.get()
 
 
 @dataclass
@@ -332,7 +341,11 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         if state.mod_range != 1 << bits:
             raise ValueError(f"integer secure aggregation: the round's SecAgg+ modulus is {state.mod_range}, "
                              f"not 2^{bits} as its FitIns's '{INTEGER_BITS}' says")
-        reply = call_next(msg, context)
+        marker = MASKING.set(True)  # the ClientApp seals only inside this stage (masked_collect_stage)
+        try:
+            reply = call_next(msg, context)
+        finally:
+            MASKING.reset(marker)
         res = compat.recorddict_to_fitres(reply.content, keep_input=True)
         arrays = parameters_to_ndarrays(res.parameters)
         if len(arrays) != 1 or not np.issubdtype(arrays[0].dtype, np.integer):

@@ -162,9 +162,16 @@ class ClientLevelDP:
                 "rounds": self.rounds_released, "epsilon": self.epsilon(), "client_clip": self.clip}
 
     def state_dict(self) -> dict:
-        return {"unit": "client", "clip": self.clip, "rounds_released": self.rounds_released}
+        return {"unit": "client", "clip": self.clip, "rounds_released": self.rounds_released,
+                "noise_multiplier": self.noise_multiplier}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("noise_multiplier")  # absent in checkpoints of older versions
+        if saved is not None and abs(saved - self.noise_multiplier) > 1e-9 * saved:
+            # the accountant composes every released round at one noise multiplier
+            raise ConfigError(f"privacy: the rounds run so far used noise multiplier {saved:.6g}, this config "
+                              f"plans {self.noise_multiplier:.6g} (federation.rounds changed with privacy.epsilon "
+                              "given?); resume with the run's federation.rounds, or give privacy.noise_multiplier")
         self.clip, self.rounds_released = float(state["clip"]), int(state["rounds_released"])
 
 

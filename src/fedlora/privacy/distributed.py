@@ -224,14 +224,15 @@ def distributed_plan(cfg, dimension: int) -> DistributedPlan:
     central = client_level_plan(cfg)
     return _distributed_plan(dimension, p.client_clip, p.noise_multiplier, central.noise_multiplier, p.epsilon,
                              central.delta, fed.clients_per_round, fed.num_clients, fed.rounds, p.min_survivors,
-                             p.modulus_bits)
+                             p.modulus_bits, fed.min_clients)
 
 
 @lru_cache(maxsize=64)
 def _distributed_plan(dimension, clip, given_sigma, central_sigma, target, delta, cohort, population, rounds,
-                      min_fraction, bits) -> DistributedPlan:
+                      min_fraction, bits, min_clients=1) -> DistributedPlan:
     q = cohort / population
-    n_min = max(1, math.ceil(min_fraction * cohort - 1e-9))
+    # federation.min_clients raises n_min: a sum the run would not release must not be formed at all
+    n_min = max(1, math.ceil(min_fraction * cohort - 1e-9), min_clients)
 
     def plan(sigma: float) -> DistributedPlan:
         return make_plan(dimension, clip, sigma, q, population, n_min, bits, rounds, delta)
@@ -418,8 +419,20 @@ def epsilon(plan: DistributedPlan, rounds: int | None = None, survivors: list[in
         return 0.0
     total = np.zeros(len(ORDERS))
     for n, k in Counter(counts).items():
-        total += k * poisson_subsampled_rdp(round_rdp(plan, n), plan.sample_rate)
+        total += k * poisson_subsampled_rdp(round_rdp(plan, n), release_rate(plan))
     return rdp_epsilon(total, plan.delta)
+
+
+def release_rate(plan: DistributedPlan) -> float:
+    """The probability that a given client's update is in a released round: q, raised because a cohort drawn
+    below n_min is not released (that choice does not depend on anyone's data):
+    q P(Bin(N - 1, q) >= n_min - 1) / P(Bin(N, q) >= n_min)."""
+    q = plan.sample_rate
+    if q >= 1:
+        return 1.0
+    population = round(plan.expected_cohort / q)
+    released = binom.sf(plan.min_survivors - 1, population, q)
+    return min(1.0, q * binom.sf(plan.min_survivors - 2, population - 1, q) / released) if released > 0 else 1.0
 
 
 def server_epsilon(plan: DistributedPlan, rounds_in_sum: int | list[int]) -> float:
@@ -494,6 +507,9 @@ class DistributedDP(ClientLevelDP):
     def __init__(self, cfg, dimension: int, device: torch.device | str = "cpu"):
         super().__init__(cfg, device)
         self.mechanism = distributed_plan(cfg, dimension)
+        # the fewest clients a released sum holds: n_min, raised to federation.min_clients (a sum the run would
+        # not release must not be formed at all: a round run again would be a second noised copy)
+        self.minimum = self.mechanism.min_survivors
         self.participation: Counter = Counter()  # client -> the released sums that held its update
 
     @property
@@ -502,7 +518,7 @@ class DistributedDP(ClientLevelDP):
 
     def cohort(self, r: int) -> list[int]:
         drawn = super().cohort(r)
-        return drawn if len(drawn) >= self.mechanism.min_survivors else []
+        return drawn if len(drawn) >= self.minimum else []
 
     def message_bytes(self) -> int:
         """A client's message: D integers of privacy.modulus_bits each."""
@@ -514,11 +530,11 @@ class DistributedDP(ClientLevelDP):
         decode(total) / m, and the round's record; (None, record) when the round is withheld."""
         plan, survivors = self.mechanism, len(clients)
         record = {"client_clip": self.clip, "survivors": survivors, "min_survivors": plan.min_survivors}
-        if total is None or survivors < plan.min_survivors:
+        if total is None or survivors < self.minimum:
             # what releasing it would have cost, the other planned rounds at n_min (None: no noise at all)
             cost = release_epsilon(plan, survivors) if survivors else None
-            return None, record | {"withheld": f"{survivors} clients' noise in the sum, fewer than "
-                                                f"privacy.min_survivors' {plan.min_survivors}",
+            return None, record | {"withheld": f"{survivors} clients' noise in the sum, fewer than n_min = "
+                                                f"{plan.min_survivors} (privacy.min_survivors, federation.min_clients)",
                                    "epsilon_if_released": cost}
         m = plan.expected_cohort
         flat = decode(total, plan, rotation_seed(self.cfg, r))
