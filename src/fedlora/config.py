@@ -379,6 +379,11 @@ class PrivacyConfig(Section):
         """Client-level DP: the server noises the sum of the clipped updates."""
         return self.enabled and self.unit == "client"
 
+    @property
+    def distributed(self) -> bool:
+        """Distributed client-level DP: the clients noise their updates, the server sees only their secure sum."""
+        return self.per_client and self.mechanism == "distributed"
+
     @model_validator(mode="after")
     def _unit_settings(self):
         # a key of the other unit away from its default would be ignored: refused (a full dump holds every key)

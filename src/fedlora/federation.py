@@ -187,8 +187,7 @@ class FederationServer:
 
     @property
     def distributed(self) -> bool:
-        """Distributed DP: the clients noise their updates, the server sees only the secure sum of their messages."""
-        return self.cfg.privacy.per_client and self.cfg.privacy.mechanism == "distributed"
+        return self.cfg.privacy.distributed
 
     def privacy_for(self, client: int) -> PrivacySettings | None:
         """What a client trains with under DP (None without DP): the server's noise multiplier and delta, and its
@@ -283,7 +282,7 @@ class FederationServer:
         # distributed DP: a round of fewer than n_min clients' noise shares (or federation.min_clients) is
         # withheld, never failed or retried: through SecAgg+ no such sum is unmasked, and a round run again
         # would give the server a second noised copy of the same updates
-        withheld = self.distributed and len(accepted) < self.client_dp.minimum
+        withheld = self.distributed and len(accepted) < self.client_dp.mechanism.min_survivors
         if (len(accepted) < min_clients or not accepted) and not nobody_sampled and not withheld:
             attempts.append(dropped)
             why = (f"round {r}: {len(accepted)} of {len(clients)} clients answered"
@@ -312,15 +311,15 @@ class FederationServer:
         method = self.method
         answered = [o.client for o in accepted]
         secure, dp_record = secure_mean is not None or self.distributed, {}
-        if self.distributed:
+        if self.client_dp is not None:
             reference = self.reference(answered[0] if answered else 0, r)
+        if self.distributed:
             secure_mean, dp_record = self.client_dp.release_sum(reference, distributed_sum, answered, r)
             if secure_mean is None:  # withheld: nothing released, the global model stays
                 record = self.record(r, answered, None, self.client_dp.message_bytes() * len(answered), bytes_down,
                                      None, self.maybe_evaluate(r, {}), t0)
                 return record | {"dropped": dropped, "secure_aggregation": True} | dp_record, {}
         elif self.client_dp is not None:
-            reference = self.reference(answered[0] if answered else 0, r)
             if secure_mean is not None:  # the mean of the clipped uploads (weights 1 / answered)
                 update_sum = {k: (secure_mean[k].float() - reference[k].float()) * len(answered) for k in reference}
                 within = None

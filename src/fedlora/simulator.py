@@ -151,7 +151,7 @@ class Simulator:
         """Under distributed DP, what secure aggregation gives the server: the sum of the messages of the clients
         that answered, mod 2^bits (None: none answered, or another mechanism)."""
         messages = [o.update.message for o in outcomes if o.reason is None]
-        if not self.server.distributed or len(messages) < self.server.client_dp.minimum:
+        if not self.server.distributed or len(messages) < self.server.client_dp.mechanism.min_survivors:
             return None  # as SecAgg+ at its threshold: no sum the run would withhold is formed
         return modular_sum(messages, self.server.client_dp.mechanism.bits)
 

@@ -136,7 +136,7 @@ class ClientRuntime:
         threshold lets no sum of fewer than n_min clients be unmasked, and the plan's clipping bound. None
         under any other mechanism."""
         cfg = self.trainer.cfg
-        if not (cfg.privacy.per_client and cfg.privacy.mechanism == "distributed"):
+        if not cfg.privacy.distributed:
             return None
         from ..privacy.distributed import distributed_plan, update_dimension
         from .secure import INTEGER_BITS, masked_collect_stage, round_threshold
@@ -360,11 +360,12 @@ def client_app(defaults: dict | None = None) -> ClientApp:
         if plan is not None:  # distributed DP: only the noised integers leave, into SecAgg+'s sum
             from .secure import integer_fitres_content
 
-            sent = {"upload": dict(update.payload), "start": trainer.method.upload(client, start, r)}
+            upload = update.payload  # seal replaces it, leaving this dict as it is
             clean, noise = trainer.seal(client, r, update, start, plan)
             context.state.config_records[SEALED] = ConfigRecord({"round": r})
-            keep_for_audit(f"round{r}-client{client}", sent | {"clean": clean, "noise": noise,
-                                                               "message": update.message})
+            keep_for_audit(f"round{r}-client{client}", lambda: {
+                "upload": upload, "start": trainer.method.upload(client, start, r), "clean": clean, "noise": noise,
+                "message": update.message})
             return Message(integer_fitres_content(update.message), reply_to=msg)
         if secure:
             return Message(fitres_content(update.payload, secure_settings, client), reply_to=msg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 from flwr.app import Array, ArrayRecord
@@ -88,11 +89,11 @@ def privacy_from(settings) -> PrivacySettings | None:
                            int(settings["init-examples"]))
 
 
-def keep_for_audit(name: str, tensors: dict) -> None:
-    """With FEDLORA_FLOWER_RECORD=DIR in the environment (a testing aid, off by default), save `tensors` as
+def keep_for_audit(name: str, tensors: Callable[[], dict]) -> None:
+    """With FEDLORA_FLOWER_RECORD=DIR in the environment (a testing aid, off by default), save `tensors()` as
     DIR/NAME.pt on this party's own disk: a node what it sealed under distributed DP, the server the sum it
-    unmasked, so that a test can recompute one from the other across processes."""
+    unmasked, so that a test can recompute one from the other across processes. Without it nothing is built."""
     folder = os.environ.get("FEDLORA_FLOWER_RECORD")
     if folder:
-        torch.save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()},
+        torch.save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in tensors().items()},
                    os.path.join(folder, f"{name}.pt"))

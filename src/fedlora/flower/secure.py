@@ -213,8 +213,8 @@ def distributed_round(grid, server, nodes, downloads: dict[int, dict], r: int, t
     from ..federation import Outcome
 
     plan = server.client_dp.mechanism
-    # a sum the run would not release must not be unmasked at all (DistributedDP.minimum)
-    count = max(server.client_dp.minimum, math.ceil(threshold * len(downloads) - 1e-9), 2)
+    # a sum the run would not release must not be unmasked at all: n_min (at least federation.min_clients)
+    count = max(plan.min_survivors, math.ceil(threshold * len(downloads) - 1e-9), 2)
     asked = {nodes.node_of[c]: fitins(download, r, 1, 1, settings=settings[c]) for c, download in downloads.items()}
     result = secure_integer_sum(grid, asked, r, count, timeout, plan.bits)
     summed = {nodes.client_of[n] for n in result.summed}

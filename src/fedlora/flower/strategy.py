@@ -52,7 +52,7 @@ def check_supported(cfg, resume: bool = False, secagg: float | None = None, serv
                           "one message and keeps no optimizer between rounds)")
     if cfg.federation.on_too_few_clients == "retry":
         raise ConfigError("federation.on_too_few_clients = 'retry': not supported on Flower; use 'stop'")
-    if server and cfg.privacy.per_client and cfg.privacy.mechanism == "distributed" and secagg is None:
+    if server and cfg.privacy.distributed and secagg is None:
         raise ConfigError("privacy.mechanism = 'distributed' needs secure aggregation on Flower (the run config "
                           "entry secagg-threshold): each client's message is noised only with its share of the "
                           "noise, and the server must see only their sum")
@@ -224,7 +224,8 @@ class FedloraStrategy(Strategy):
         if self.server.distributed:  # the clients' noised integers: the sum is released as it is unmasked
             outcomes, total = distributed_round(grid, self.server, self.nodes, downloads, r, self.secagg,
                                                 self.round_timeout, settings)
-            keep_for_audit(f"round{r}-sum", {"sum": total, "clients": [o.client for o in outcomes if o.reason is None]})
+            keep_for_audit(f"round{r}-sum", lambda: {"sum": total,
+                                                     "clients": [o.client for o in outcomes if o.reason is None]})
             return self._close(r, clients, sorted(absent + outcomes, key=lambda o: o.client), bytes_down, t0,
                                distributed_sum=total)
         outcomes, mean = secure_round(grid, self.server, self.nodes, downloads, r, self.secagg,

@@ -507,9 +507,6 @@ class DistributedDP(ClientLevelDP):
     def __init__(self, cfg, dimension: int, device: torch.device | str = "cpu"):
         super().__init__(cfg, device)
         self.mechanism = distributed_plan(cfg, dimension)
-        # the fewest clients a released sum holds: n_min, raised to federation.min_clients (a sum the run would
-        # not release must not be formed at all: a round run again would be a second noised copy)
-        self.minimum = self.mechanism.min_survivors
         self.participation: Counter = Counter()  # client -> the released sums that held its update
 
     @property
@@ -518,7 +515,7 @@ class DistributedDP(ClientLevelDP):
 
     def cohort(self, r: int) -> list[int]:
         drawn = super().cohort(r)
-        return drawn if len(drawn) >= self.minimum else []
+        return drawn if len(drawn) >= self.mechanism.min_survivors else []
 
     def message_bytes(self) -> int:
         """A client's message: D integers of privacy.modulus_bits each."""
@@ -530,7 +527,7 @@ class DistributedDP(ClientLevelDP):
         decode(total) / m, and the round's record; (None, record) when the round is withheld."""
         plan, survivors = self.mechanism, len(clients)
         record = {"client_clip": self.clip, "survivors": survivors, "min_survivors": plan.min_survivors}
-        if total is None or survivors < self.minimum:
+        if total is None or survivors < plan.min_survivors:
             # what releasing it would have cost, the other planned rounds at n_min (None: no noise at all)
             cost = release_epsilon(plan, survivors) if survivors else None
             return None, record | {"withheld": f"{survivors} clients' noise in the sum, fewer than n_min = "
