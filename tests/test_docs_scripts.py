@@ -49,7 +49,8 @@ SCRIPTS = {  # the longest first: the commands run two at a time, in this order
     DATA + PY + "benchmarks/clients_memory.py --population": Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
     DATA + PY + "benchmarks/clients_memory.py --population --same-cohort --rounds 6":
         Shown("performance.md", r"'peak_rss_mb': [\d.]+"),
-    DATA + PY + "experiments/dp_comparison.py --unit client": Shown("privacy.md", "rounds:runs/user_dp_comparison/*"),
+    DATA + PY + "experiments/dp_comparison.py --unit client --tune":
+        Shown("privacy.md", "rounds:runs/user_dp_comparison/tune/*/trials/*"),
     DATA + PY + "experiments/dp_comparison.py --unit client --epsilons 3 --methods fedsb --fixed-clip 3":
         Shown("privacy.md", "rounds:runs/user_dp_comparison/*"),
     DATA + PY + "experiments/dp_comparison.py --unit client --epsilons 3 --methods fedsb --fixed-clip 3 "
