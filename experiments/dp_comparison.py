@@ -279,9 +279,10 @@ def main() -> None:
     stem = "user_dp_comparison" if args.unit == "client" else "dp_comparison"
     out = Path(args.out or f"runs/{stem}")
     lrs = {m: float(lr) for m, lr in (item.split("=") for item in args.lr)}
-    earlier = recorded(RESULTS / f"{stem}.json") if args.keep_recorded or args.report else []
-    done_before = frozenset(r["name"] for r in earlier)
+    args.keep_recorded |= args.report
     results_file = RESULTS / f"{stem}.json"
+    earlier = recorded(results_file) if args.keep_recorded else []
+    done_before = frozenset(r["name"] for r in earlier)
     tunings = json.loads(results_file.read_text()).get("tuning", {}) if results_file.is_file() else {}
     started = time.time()
     chosen = {}
@@ -292,7 +293,7 @@ def main() -> None:
         for method in args.methods:
             if args.report and not (out / "tune" / method / "tuning.json").is_file() and method not in tunings:
                 continue
-            lr = tuned_lr(out, method, args.unit, tunings if args.keep_recorded or args.report else {})
+            lr = tuned_lr(out, method, args.unit, tunings if args.keep_recorded else {})
             tunings[method] = json.loads((out / "tune" / method / "tuning.json").read_text())
             lrs[method] = None if lr == recipe_lr else lr  # the recipe's own rate: the runs named without it
             chosen[method] = method + (f"@lr{lr:g}" if lrs[method] is not None else "")
