@@ -306,8 +306,8 @@ def main() -> None:
     results += [r for r in earlier if r["name"] not in {mine["name"] for mine in results}]
     results.sort(key=lambda r: r["name"])
     rows, markdown = table(results, args.unit, chosen)
-    markdown += "".join(line + "\n" for line in tuning_lines({m: t for m, t in tunings.items() if m in chosen}
-                                                               if chosen else {}))
+    tuned = {m: t for m, t in tunings.items() if m in chosen} if chosen else {}
+    markdown += "".join(line + "\n" for line in tuning_lines(tuned))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"runs": [r | {"epsilon": epsilon_name(r["epsilon"])} for r in results], "table": rows, "failed": failed,
