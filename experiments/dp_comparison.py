@@ -12,7 +12,7 @@ of the secure sum; named e.g. fedsb+distributed) and sets each beside the same m
 --fixed-clip S clips every update to S (privacy.clipping = 'fixed', which distributed DP needs; named e.g.
 fedsb+clip3); --tune first picks each method's learning rate with `fedlora tune` on held-out training rows
 at the recipe's epsilon (8; the dev split is never read while tuning) over CLIENT_LEVEL_GRIDS and
-TUNING_SEEDS seeds (a rate tuned on fewer is tuned again, its finished trials kept), runs every
+TUNING_SEEDS seeds (a tuning short of a rate or a seed is continued, its finished trials kept), runs every
 epsilon at that rate, and judges the paper claims on those rows.
 Every run is a `fedlora run` into OUT/<name>; finished runs are skipped when the script runs again, so it can
 be stopped and continued, and the tables show every finished run in OUT with its accuracy and the megabytes
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -51,8 +52,9 @@ CLAIMS = [("ffa", "fedit", "FFA-LoRA beats LoRA (FedIT) under DP"), ("fedsb", "f
 # FedEx-LoRA's server rule is not a sum of uploads, so client-level DP refuses it; the Fed-SB paper's other baseline
 CLIENT_LEVEL_CLAIMS = CLAIMS[:2] + [("fedsb", "fedit", "Fed-SB beats LoRA (FedIT) under DP")]
 # Each grid brackets the rate picked: it began with three rates around those that learned in the recipe's first
-# runs, and FedIT's and FFA-LoRA's grew by one where the best came out at an edge.
-CLIENT_LEVEL_GRIDS = {"fedit": "1e-3,3e-3,1e-2,3e-2", "ffa": "1e-2,3e-2,1e-1,3e-1", "fedsb": "1e-2,3e-2,1e-1"}
+# runs, and grew by one where the best came out at an edge (a rate added last, since a trial's folder is named
+# by its place in the grid and the finished trials are kept).
+CLIENT_LEVEL_GRIDS = {"fedit": "1e-3,3e-3,1e-2,3e-2", "ffa": "1e-2,3e-2,1e-1,3e-1,3e-3", "fedsb": "1e-2,3e-2,1e-1"}
 # A pick on one seed can sit at the edge of divergence (FFA-LoRA's 1e-1 held out on seed 0, diverged on dev);
 # the mean over two seeds is what the rate is picked by.
 TUNING_SEEDS = 2
@@ -109,15 +111,16 @@ def run(out: Path, method: str, epsilon: float, seed: int, client_ranks: list[in
 
 def tuned_lr(out: Path, method: str, unit: str, recorded_tuning: dict, report: bool) -> float:
     """The learning rate `fedlora tune` picks for the method on held-out training rows at the recipe's epsilon
-    (tuning first, unless `report`, where neither OUT nor the results file holds a tuning over TUNING_SEEDS
-    seeds; finished trials are skipped)."""
+    (tuning first, unless `report`, where neither OUT nor the results file holds a tuning of every rate of
+    CLIENT_LEVEL_GRIDS over TUNING_SEEDS seeds; finished trials are skipped)."""
     path = out / "tune" / method / "tuning.json"
     tuning = json.loads(path.read_text()) if path.is_file() else None
-    if tuning_seeds(recorded_tuning.get(method)) > tuning_seeds(tuning):
-        tuning = recorded_tuning[method]
+    recorded = recorded_tuning.get(method)
+    if recorded and len(recorded["trials"]) > len(tuning["trials"] if tuning else []):
+        tuning = recorded
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(tuning, indent=2) + "\n")
-    if tuning_seeds(tuning) < TUNING_SEEDS and not report:
+    if not tuning_complete(tuning, method) and not report:
         args = [sys.executable, "-m", "fedlora.cli", "tune", str(RECIPES[unit]), "--quiet", "--out", str(path.parent),
                 "--seeds", str(TUNING_SEEDS),
                 "--grid", f"train.lr={CLIENT_LEVEL_GRIDS[method]}", "--set", f"method.name='{method}'",
@@ -130,9 +133,10 @@ def tuned_lr(out: Path, method: str, unit: str, recorded_tuning: dict, report: b
     return float(json.loads(path.read_text())["best"]["train.lr"])
 
 
-def tuning_seeds(tuning: dict | None) -> int:
-    """How many seeds every setting of a tuning ran (0 where there is none)."""
-    return min((score["n"] for score in tuning["scores"]), default=0) if tuning else 0
+def tuning_complete(tuning: dict | None, method: str) -> bool:
+    """Whether a tuning ran every rate of the method's grid for TUNING_SEEDS seeds."""
+    trials = Counter(float(t["setting"]["train.lr"]) for t in (tuning or {}).get("trials", []))
+    return all(trials[float(lr)] >= TUNING_SEEDS for lr in CLIENT_LEVEL_GRIDS[method].split(","))
 
 
 def tuning_lines(tunings: dict) -> list[str]:
