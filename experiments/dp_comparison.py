@@ -109,10 +109,10 @@ def run(out: Path, method: str, epsilon: float, seed: int, client_ranks: list[in
     return {"name": name}
 
 
-def tuned_lr(out: Path, method: str, unit: str, recorded_tuning: dict, report: bool) -> float:
-    """The learning rate `fedlora tune` picks for the method on held-out training rows at the recipe's epsilon
-    (tuning first, unless `report`, where neither OUT nor the results file holds a tuning of every rate of
-    CLIENT_LEVEL_GRIDS over TUNING_SEEDS seeds; finished trials are skipped)."""
+def method_tuning(out: Path, method: str, unit: str, recorded_tuning: dict, report: bool) -> dict:
+    """The method's `fedlora tune` record (its pick: ["best"]["train.lr"]) on held-out training rows at the
+    recipe's epsilon (tuning first, unless `report`, where neither OUT nor the results file holds a tuning of
+    every rate of CLIENT_LEVEL_GRIDS over TUNING_SEEDS seeds; finished trials are skipped)."""
     path = out / "tune" / method / "tuning.json"
     tuning = json.loads(path.read_text()) if path.is_file() else None
     recorded = recorded_tuning.get(method)
@@ -130,7 +130,7 @@ def tuned_lr(out: Path, method: str, unit: str, recorded_tuning: dict, report: b
         if done.returncode != 0:
             raise SystemExit(f"tuning {method} failed: {done.stderr.strip()[-2000:]}")
         print(f"  tune {method}: {done.stdout.strip()} ({time.time() - started:.0f} s)", flush=True)
-    return float(json.loads(path.read_text())["best"]["train.lr"])
+    return json.loads(path.read_text())
 
 
 def tuning_complete(tuning: dict | None, method: str) -> bool:
@@ -316,8 +316,8 @@ def main() -> None:
         for method in args.methods:
             if args.report and not (out / "tune" / method / "tuning.json").is_file() and method not in tunings:
                 continue
-            lr = tuned_lr(out, method, args.unit, tunings if args.keep_recorded else {}, args.report)
-            tunings[method] = json.loads((out / "tune" / method / "tuning.json").read_text())
+            tunings[method] = method_tuning(out, method, args.unit, tunings if args.keep_recorded else {}, args.report)
+            lr = float(tunings[method]["best"]["train.lr"])
             lrs[method] = None if lr == recipe_lr else lr  # the recipe's own rate: the runs named without it
             chosen[method] = method + (f"@lr{lr:g}" if lrs[method] is not None else "")
     failed = [] if args.report else [r["name"] for seed in args.seeds for e in epsilons for m in args.methods
