@@ -6,16 +6,20 @@ the reference's rule or 1e-5) on a tenth of the SST-2 training rows held out fro
 never read while tuning. The chosen setting then runs for 3 seeds on the whole training set and is evaluated
 on the dev split. The ablation runs Fed-SB without DP at its tuned rate over its set-up step (train.lr, the
 reference's rule, 1e-5), set-up data (public IMDB as in the recipe, or the clients' own rows) and rank (32, 64).
+For the accuracy-per-byte front, each method also runs at other ranks (4 and 16 for the LoRA methods, 16 and 128
+for Fed-SB), without DP and at epsilon 3, 3 seeds, at the setting tuned for its main rank (r = 8; Fed-SB r = 16
+takes r = 32's, r = 128 takes r = 64's).
 
-Every finished run's record (its summary.json and rounds.jsonl, a few kB) is kept in
-results/tuned_comparison.json. Finished runs in OUT are skipped when the script runs again; with
---keep-recorded the recorded ones are first put back into OUT, so runs made on another machine, or in an OUT
-since deleted, are not repeated either and the results add up. It writes
-results/tuned_comparison.md (the table, the paper claims' verdicts by twice the standard error of the
-difference, the ablation) and results/tuned_comparison_pareto.png (accuracy against the run's bytes).
+Every finished run's record (its summary.json and rounds.jsonl, a few kB) and every finished tuning's
+tuning.json are kept in results/tuned_comparison.json. Finished runs in OUT are skipped when the script runs
+again; with --keep-recorded the recorded ones are first put back into OUT, so runs made on another machine, or
+in an OUT since deleted, are not repeated either and the results add up. It writes results/tuned_comparison.md
+(the table, the paper claims' verdicts by twice the standard error of the difference, the other ranks, the
+ablation) and results/tuned_comparison_pareto.png (accuracy against the run's bytes).
 
     FEDLORA_DATA_DIR=../shared/data python experiments/tuned_comparison.py [--epsilons none 3 8 1]
-        [--methods ...] [--seeds 0 1 2] [--no-ablation] [--keep-recorded] [--report] [--out runs/tuned_comparison]
+        [--methods ...] [--seeds 0 1 2] [--no-ablation] [--no-other-ranks] [--keep-recorded] [--report]
+        [--out runs/tuned_comparison]
 """
 from __future__ import annotations
 
@@ -39,6 +43,10 @@ VARIANTS = {"fedit": ("fedit", 8, "FedIT (LoRA)"), "ffa": ("ffa", 8, "FFA-LoRA")
             "fedsb-r32": ("fedsb", 32, "Fed-SB"), "fedsb-r64": ("fedsb", 64, "Fed-SB")}
 LEARNING_RATES = "1e-3,2e-3,5e-3,1e-2,2e-2"
 FEDSB_SET_UP_STEPS = "none,1e-5"  # none: the reference's rule (the default)
+# the accuracy-per-byte front's other ranks, each at the setting tuned for its variant's main rank
+OTHER_RANKS = {"fedit": (4, 16), "ffa": (4, 16), "fedex": (4, 16), "fedsvd": (4, 16), "flexlora": (4, 16),
+               "fedsb-r32": (16,), "fedsb-r64": (128,)}
+OTHER_RANK_EPSILONS = ("none", "3")
 CLAIMS = [("ffa", "fedit", "FFA-LoRA beats LoRA (FedIT) under DP"),
           ("fedsb-r32", "ffa", "Fed-SB (r = 32) beats FFA-LoRA under DP"),
           ("fedsb-r32", "fedex", "Fed-SB (r = 32) beats FedEx-LoRA under DP")]
@@ -50,21 +58,23 @@ def load_record() -> dict:
 
 
 def restore(record: dict, out: Path) -> None:
-    """Put every recorded run's small files back under OUT (tune and the runs below then skip them)."""
+    """Put every recorded file back under OUT (tune and the runs below then skip what is there)."""
     for relative, files in record["files"].items():
         folder = out / relative
-        if not (folder / "summary.json").is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            for name in FILES:
-                (folder / name).write_text(files[name])
+        for name, text in files.items():
+            if not (folder / name).is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_text(text)
 
 
 def keep(record: dict, out: Path) -> None:
-    """Record the small files of every finished run under OUT, and write the record."""
+    """Record the small files of every finished run and every finished tuning under OUT, and write the record."""
     for summary in sorted(out.rglob("summary.json")):
         folder = summary.parent
         if (folder / "rounds.jsonl").is_file():
             record["files"][str(folder.relative_to(out))] = {name: (folder / name).read_text() for name in FILES}
+    for tuning in sorted(out.glob("tune/*/tuning.json")):
+        record["files"][str(tuning.parent.relative_to(out))] = {tuning.name: tuning.read_text()}
     RESULTS.mkdir(exist_ok=True)
     RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
@@ -181,6 +191,7 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
                      f"{row['megabytes']:.1f} | {cell(row)} |")
     if not any(rows.values()):
         lines[2:] = ["No final run yet."]
+    lines += other_rank_table(out, variants, epsilons)
     lines += tuning_table(out, variants, epsilons)
     lines.append("")
     for better, worse, claim in CLAIMS:
@@ -197,7 +208,8 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
                 lines.append(f"| {rank[1:]} | {step} | {data} | {cell(row_of(done))} |")
     markdown = "\n".join(lines) + "\n"
     (RESULTS / "tuned_comparison.md").write_text(markdown)
-    finals = [f for f in (out / "runs").glob("*_eps*_seed*") if (f / "summary.json").is_file()]
+    finals = [f for pattern in ("*_eps*_seed*", "ranks/*_eps*_seed*") for f in sorted((out / "runs").glob(pattern))
+              if (f / "summary.json").is_file()]
     if finals:
         from fedlora.plots import plot_pareto, read_run
 
@@ -206,19 +218,66 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
     return markdown
 
 
-def ablation_runs(out: Path, record: dict, seeds: list[int]) -> dict[str, list[Path]]:
-    """Fed-SB without DP: set-up step x set-up data x rank, at the rate tuned for that rank."""
+def other_rank_folder(out: Path, variant: str, rank: int, epsilon: str, seed: int) -> Path:
+    return out / "runs" / "ranks" / f"{variant}_r{rank}_eps{epsilon}_seed{seed}"
+
+
+def other_rank_runs(out: Path, record: dict, variants: list[str], epsilons: list[str], seeds: list[int]) -> None:
+    """The front's other ranks: each variant's OTHER_RANKS at the setting tuned for its main rank."""
+    for epsilon in [e for e in OTHER_RANK_EPSILONS if e in epsilons]:
+        for variant in variants:
+            setting = tuned(out, record, variant, epsilon)
+            for rank in OTHER_RANKS[variant]:
+                for seed in seeds:
+                    folder = other_rank_folder(out, variant, rank, epsilon, seed)
+                    final_run(out, record, variant, epsilon, seed, setting, name=str(folder.relative_to(out / "runs")),
+                              extra=("--set", f"adapter.rank={rank}"))
+
+
+def other_rank_table(out: Path, variants: list[str], epsilons: list[str]) -> list[str]:
+    lines = []
+    for epsilon in [e for e in OTHER_RANK_EPSILONS if e in epsilons]:
+        for variant in variants:
+            for rank in OTHER_RANKS[variant]:
+                folders = [f for f in sorted((out / "runs" / "ranks").glob(f"{variant}_r{rank}_eps{epsilon}_seed*"))
+                           if (f / "summary.json").is_file()]
+                if folders:
+                    row = row_of(folders)
+                    lines.append(f"| {VARIANTS[variant][2]} | {rank} | {epsilon} | {row['lr']:g} | "
+                                 f"{row['megabytes']:.1f} | {cell(row)} |")
+    if not lines:
+        return []
+    return ["", "Other ranks, for the accuracy-per-byte front, each at the setting tuned for its method's main rank "
+            "(r = 8; Fed-SB r = 16 at r = 32's, r = 128 at r = 64's):", "",
+            "| method | rank | epsilon | lr | MB per run | accuracy |", "|---|---|---|---|---|---|", *lines]
+
+
+def ablation_runs(out: Path, record: dict, seeds: list[int], run: bool = True) -> dict[str, list[Path]]:
+    """Fed-SB without DP: set-up step x set-up data x rank, at the rate tuned for that rank. The cell that is
+    the tuned setting itself is the main runs. `run` False: only the folders there are (for --report)."""
     runs = {}
     for rank in (32, 64):
         variant = f"fedsb-r{rank}"
+        if not run and not (out / "tune" / f"{variant}_epsnone" / "tuning.json").is_file():
+            continue
         best = tuned(out, record, variant, "none")
         lr = float(best["train.lr"])
+        step_chosen = best.get("fedsb.init_lr")
+        if str(step_chosen) in ("None", "none"):
+            step_chosen = "rule"
+        else:
+            step_chosen = f"{float(step_chosen):.0e}".replace("e-0", "e-")
         for step_name, step in (("train.lr", f"{lr:g}"), ("rule", "'none'"), ("1e-5", "1e-5")):
             for data_name, data in (("public-imdb", ()), ("clients-dense", (
                     "--set", "fedsb.init_data='clients'", "--set", "fedsb.init='dense'"))):
                 name = f"r{rank}_{step_name}_{data_name}"
-                runs[name] = [final_run(out, record, variant, "none", seed, {"train.lr": lr, "fedsb.init_lr": step},
-                                        name=f"ablation/{name}_seed{seed}", extra=data) for seed in seeds]
+                if data_name == "public-imdb" and step_name == step_chosen:
+                    runs[name] = [out / "runs" / f"{variant}_epsnone_seed{seed}" for seed in seeds]
+                elif run:
+                    runs[name] = [final_run(out, record, variant, "none", seed, {"train.lr": lr, "fedsb.init_lr": step},
+                                            name=f"ablation/{name}_seed{seed}", extra=data) for seed in seeds]
+                else:
+                    runs[name] = [out / "runs" / "ablation" / f"{name}_seed{seed}" for seed in seeds]
     return runs
 
 
@@ -228,6 +287,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--no-other-ranks", action="store_true", help="skip the front's other ranks")
     parser.add_argument("--report", action="store_true",
                         help="only write the tables from the runs there are (with --keep-recorded: the recorded)")
     parser.add_argument("--keep-recorded", action="store_true",
@@ -239,7 +299,9 @@ def main() -> None:
     restore(record, out)
     started = time.time()
     if args.report:
-        print(write_tables(out, args.methods, args.epsilons, {}))
+        if args.keep_recorded:  # tunings finished under OUT since the record was written
+            keep(record, out)
+        print(write_tables(out, args.methods, args.epsilons, ablation_runs(out, record, args.seeds, run=False)))
         return
     try:
         for epsilon in args.epsilons:
@@ -248,6 +310,8 @@ def main() -> None:
                 setting = tuned(out, record, variant, epsilon)
                 for seed in args.seeds:
                     final_run(out, record, variant, epsilon, seed, setting)
+        if not args.no_other_ranks:
+            other_rank_runs(out, record, args.methods, args.epsilons, args.seeds)
         ablation = {} if args.no_ablation else ablation_runs(out, record, args.seeds)
     finally:
         keep(record, out)
