@@ -194,7 +194,7 @@ def tables(rows: list[dict], lr: dict[str, float], seeds: list[int]) -> str:
 
 
 def plots(rows: list[dict], results_dir: Path) -> list[str]:
-    from fedlora.plots import plot_runs, read_run
+    from fedlora.plots import plot_pareto, plot_runs, read_run
 
     written = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
@@ -210,7 +210,8 @@ def plots(rows: list[dict], results_dir: Path) -> list[str]:
             runs = [read_run(run, name) for r, name in chosen for run in r["runs"]]
             if runs:
                 out = results_dir / f"reproduce_{dataset}_{figure}.png"
-                plot_runs(runs, out, title=f"{dataset.upper()}, all-MiniLM-L6-v2, 3 clients: {figure}")
+                plot = plot_pareto if figure == "pareto" else plot_runs  # the front: one marker per method and rank
+                plot(runs, out, title=f"{dataset.upper()}, all-MiniLM-L6-v2, 3 clients: {figure}")
                 written.append(str(out))
     return written
 
