@@ -3,8 +3,9 @@ FedEx-LoRA, FedSVD and FlexLoRA at r = 8 and Fed-SB at r = 32 and 64, at epsilon
 
 For each method and privacy setting, `fedlora tune` picks the learning rate (and for Fed-SB the set-up step:
 the reference's rule or 1e-5) on a tenth of the SST-2 training rows held out from training; the dev split is
-never read while tuning. The chosen setting then runs for 3 seeds on the whole training set and is evaluated
-on the dev split. The ablation runs Fed-SB without DP at its tuned rate over its set-up step (train.lr, the
+never read while tuning. A pick at an edge of the grid makes the grid grow past that edge, so every pick is
+bracketed (or at the last rate EDGES allows). The chosen setting then runs for 3 seeds on the whole training
+set and is evaluated on the dev split. The ablation runs Fed-SB without DP at its tuned rate over its set-up step (train.lr, the
 reference's rule, 1e-5), set-up data (public IMDB as in the recipe, or the clients' own rows) and rank (32, 64).
 For the accuracy-per-byte front, each method also runs at other ranks (4 and 16 for the LoRA methods, 16 and 128
 for Fed-SB), without DP and at epsilon 3, 3 seeds, at the setting tuned for its main rank (r = 8; Fed-SB r = 16
@@ -42,6 +43,7 @@ VARIANTS = {"fedit": ("fedit", 8, "FedIT (LoRA)"), "ffa": ("ffa", 8, "FFA-LoRA")
             "fedsvd": ("fedsvd", 8, "FedSVD"), "flexlora": ("flexlora", 8, "FlexLoRA"),
             "fedsb-r32": ("fedsb", 32, "Fed-SB"), "fedsb-r64": ("fedsb", 64, "Fed-SB")}
 LEARNING_RATES = "1e-3,2e-3,5e-3,1e-2,2e-2"
+EDGES = {"high": [5e-2, 1e-1], "low": [5e-4, 2e-4], "": []}  # tried in turn while the pick is at an edge
 FEDSB_SET_UP_STEPS = "none,1e-5"  # none: the reference's rule (the default)
 # the accuracy-per-byte front's other ranks, each at the setting tuned for its variant's main rank
 OTHER_RANKS = {"fedit": (4, 16), "ffa": (4, 16), "fedex": (4, 16), "fedsvd": (4, 16), "flexlora": (4, 16),
@@ -95,16 +97,31 @@ def fedlora(out: Path, record: dict, *args: str) -> None:
     print(f"  {args[0]}: {done.stdout.strip()} ({time.time() - started:.0f} s)", flush=True)
 
 
-def tuned(out: Path, record: dict, variant: str, epsilon: str) -> dict:
+def tuned(out: Path, record: dict, variant: str, epsilon: str, run: bool = True) -> dict:
     """The setting `fedlora tune` picks for the variant at this epsilon (tuning first where it is not done; the
-    trials recorded before are skipped)."""
+    trials recorded before are skipped). A pick at an edge of the rates tried is not bracketed: the grid then
+    grows past that edge (EDGES), and the tuning continues. `run` False: the recorded pick, nothing run."""
     folder = out / "tune" / f"{variant}_eps{epsilon}"
-    if not (folder / "tuning.json").is_file():
-        grid = ["--grid", f"train.lr={LEARNING_RATES}"]
-        if variant.startswith("fedsb"):
-            grid += ["--grid", f"fedsb.init_lr={FEDSB_SET_UP_STEPS}"]
-        fedlora(out, record, "tune", str(RECIPE), *grid, *common(variant, epsilon), "--out", str(folder))
-    return json.loads((folder / "tuning.json").read_text())["best"]
+    rates = [float(r) for r in LEARNING_RATES.split(",")]
+    while True:
+        tuning = json.loads((folder / "tuning.json").read_text()) if (folder / "tuning.json").is_file() else None
+        if not run:
+            return tuning["best"]
+        recorded = tuning["grid"]["train.lr"] if tuning else []
+        if recorded[:len(rates)] == rates:  # the grid grown before (in this order: the folders are named so)
+            rates = recorded
+        else:
+            grid = ["--grid", "train.lr=" + ",".join(f"{r:g}" for r in rates)]
+            if variant.startswith("fedsb"):
+                grid += ["--grid", f"fedsb.init_lr={FEDSB_SET_UP_STEPS}"]
+            fedlora(out, record, "tune", str(RECIPE), *grid, *common(variant, epsilon), "--out", str(folder))
+            continue
+        best = float(tuning["best"]["train.lr"])
+        edge = "high" if best == max(rates) else "low" if best == min(rates) else ""
+        beyond = [r for r in EDGES[edge] if r not in rates]
+        if not beyond:
+            return tuning["best"]
+        rates = rates + beyond[:1]  # appended, so the trials' folders (named by their place in the grid) stay
 
 
 def final_run(out: Path, record: dict, variant: str, epsilon: str, seed: int, setting: dict, name: str | None = None,
@@ -176,7 +193,9 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
             folders = [f for f in folders if (f / "summary.json").is_file()]
             rows[variant, epsilon] = row_of(folders) if folders else None
     lines = [f"Every method at the learning rate `fedlora tune` picked on held-out SST-2 training rows (grid "
-             f"{LEARNING_RATES.replace(',', ', ')}; Fed-SB also its set-up step: the reference's rule or 1e-5), "
+             f"{LEARNING_RATES.replace(',', ', ')}, grown past an edge the pick landed on: "
+             f"{', '.join(f'{r:g}' for r in EDGES['high'])} above, {', '.join(f'{r:g}' for r in EDGES['low'])} below; "
+             f"Fed-SB also its set-up step: the reference's rule or 1e-5), "
              f"then the dev split ({DEV_EXAMPLES} sentences), mean ± sample std over seeds.", "",
              "| method | rank | epsilon | lr | Fed-SB set-up step | local steps | trained numbers (adapter / head) "
              "| MB per run | accuracy |", "|---|---|---|---|---|---|---|---|---|"]
@@ -260,7 +279,7 @@ def ablation_runs(out: Path, record: dict, seeds: list[int], run: bool = True) -
         variant = f"fedsb-r{rank}"
         if not run and not (out / "tune" / f"{variant}_epsnone" / "tuning.json").is_file():
             continue
-        best = tuned(out, record, variant, "none")
+        best = tuned(out, record, variant, "none", run)
         lr = float(best["train.lr"])
         step_chosen = best.get("fedsb.init_lr")
         if str(step_chosen) in ("None", "none"):
