@@ -1,15 +1,15 @@
 """Every method at its own best learning rate: the DP recipe (examples/sst2_dp.toml) with FedIT, FFA-LoRA,
 FedEx-LoRA, FedSVD and FlexLoRA at r = 8 and Fed-SB at r = 32 and 64, at epsilon 1, 3, 8 and without DP.
 
-For each method and privacy setting, `fedlora tune` picks the learning rate (and for Fed-SB the set-up step:
-the reference's rule or 1e-5) on a tenth of the SST-2 training rows held out from training; the dev split is
-never read while tuning. A pick at an edge of the grid makes the grid grow past that edge, so every pick is
-bracketed (or at the last rate EDGES allows). The chosen setting then runs for 3 seeds on the whole training
-set and is evaluated on the dev split. The ablation runs Fed-SB without DP at its tuned rate over its set-up step (train.lr, the
-reference's rule, 1e-5), set-up data (public IMDB as in the recipe, or the clients' own rows) and rank (32, 64).
-For the accuracy-per-byte front, each method also runs at other ranks (4 and 16 for the LoRA methods, 16 and 128
-for Fed-SB), without DP and at epsilon 3, 3 seeds, at the setting tuned for its main rank (r = 8; Fed-SB r = 16
-takes r = 32's, r = 128 takes r = 64's).
+For each method and privacy setting, `fedlora tune` picks the learning rate (and for Fed-SB the set-up step: the
+reference's rule or 1e-5) on a tenth of the SST-2 training rows held out from training; the dev split is never
+read while tuning. A pick at an edge of the grid makes the grid grow past that edge, so every pick is bracketed
+(or at the last rate EDGES allows). The chosen setting then runs for 3 seeds on the whole training set and is
+evaluated on the dev split. The ablation runs Fed-SB without DP at its tuned rate over its set-up step (train.lr,
+the reference's rule, 1e-5), set-up data (public IMDB as in the recipe, or the clients' own rows) and rank (32,
+64). For the accuracy-per-byte front, each method also runs at other ranks (4 and 16 for the LoRA methods, 16 and
+128 for Fed-SB), without DP and at epsilon 3, 3 seeds, at the setting tuned for its main rank (r = 8; Fed-SB r =
+16 takes r = 32's, r = 128 takes r = 64's).
 
 Every finished run's record (its summary.json and rounds.jsonl, a few kB) and every finished tuning's
 tuning.json are kept in results/tuned_comparison.json. Finished runs in OUT are skipped when the script runs
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -127,11 +128,28 @@ def tuned(out: Path, record: dict, variant: str, epsilon: str, run: bool = True)
 def final_run(out: Path, record: dict, variant: str, epsilon: str, seed: int, setting: dict, name: str | None = None,
               extra: tuple[str, ...] = ()) -> Path:
     folder = out / "runs" / (name or f"{variant}_eps{epsilon}_seed{seed}")
+    if (folder / "summary.json").is_file() and not ran_with(folder, setting):  # a pick since moved
+        superseded = out / "superseded" / folder.relative_to(out)
+        superseded.parent.mkdir(parents=True, exist_ok=True)
+        folder.rename(superseded)
+        record["files"].pop(str(folder.relative_to(out)), None)
     if not (folder / "summary.json").is_file():
         chosen = [item for key, value in setting.items() for item in ("--set", f"{key}={value}")]
         fedlora(out, record, "run", str(RECIPE), *common(variant, epsilon), *chosen, *extra, "--set", f"seed={seed}",
                 "--resume", "--out", str(folder))
     return folder
+
+
+def ran_with(folder: Path, setting: dict) -> bool:
+    """Whether the finished run in `folder` ran with the setting's values ({"train.lr": ..., ...})."""
+    config = json.loads((folder / "summary.json").read_text())["config"]
+    for key, value in setting.items():
+        section, name = key.split(".")
+        have = config[section][name]
+        want = None if str(value).strip("'") == "none" else float(value)
+        if (have is None) != (want is None) or (want is not None and not math.isclose(float(have), want)):
+            return False
+    return True
 
 
 def row_of(folders: list[Path]) -> dict:
