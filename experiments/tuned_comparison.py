@@ -140,6 +140,11 @@ def final_run(out: Path, record: dict, variant: str, epsilon: str, seed: int, se
     return folder
 
 
+def rate_text(rate: float) -> str:
+    """1e-05 as 1e-5, 0.05 as 5e-2."""
+    return f"{rate:.0e}".replace("e-0", "e-")
+
+
 def ran_with(folder: Path, setting: dict) -> bool:
     """Whether the finished run in `folder` ran with the setting's values ({"train.lr": ..., ...})."""
     config = json.loads((folder / "summary.json").read_text())["config"]
@@ -212,7 +217,7 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
             rows[variant, epsilon] = row_of(folders) if folders else None
     lines = [f"Every method at the learning rate `fedlora tune` picked on held-out SST-2 training rows (grid "
              f"{LEARNING_RATES.replace(',', ', ')}, grown past an edge the pick landed on: "
-             f"{', '.join(f'{r:g}' for r in EDGES['high'])} above, {', '.join(f'{r:g}' for r in EDGES['low'])} below; "
+             f"{', '.join(map(rate_text, EDGES['high']))} above, {', '.join(map(rate_text, EDGES['low']))} below; "
              f"Fed-SB also its set-up step: the reference's rule or 1e-5), "
              f"then the dev split ({DEV_EXAMPLES} sentences), mean ± sample std over seeds.", "",
              "| method | rank | epsilon | lr | Fed-SB set-up step | local steps | trained numbers (adapter / head) "
@@ -300,10 +305,7 @@ def ablation_runs(out: Path, record: dict, seeds: list[int], run: bool = True) -
         best = tuned(out, record, variant, "none", run)
         lr = float(best["train.lr"])
         step_chosen = best.get("fedsb.init_lr")
-        if str(step_chosen) in ("None", "none"):
-            step_chosen = "rule"
-        else:
-            step_chosen = f"{float(step_chosen):.0e}".replace("e-0", "e-")
+        step_chosen = "rule" if str(step_chosen) in ("None", "none") else rate_text(float(step_chosen))
         for step_name, step in (("train.lr", f"{lr:g}"), ("rule", "'none'"), ("1e-5", "1e-5")):
             for data_name, data in (("public-imdb", ()), ("clients-dense", (
                     "--set", "fedsb.init_data='clients'", "--set", "fedsb.init='dense'"))):

@@ -182,6 +182,8 @@ def test_fedlora_plot_pareto_draws_means_spreads_and_the_front(tmp_path, capsys)
     assert markers[(1_100, 0.82)][1] == markers[(4_000, 0.83)][1] != markers[(9_000, 0.85)][1]  # colour by method
     front = next(line for line in no_dp.get_lines() if line.get_label() == "non-dominated")
     assert front.get_xdata().tolist() == [1_100, 4_000, 9_000]  # each point adds accuracy for its bytes
+    alone = next(line for line in eps3.get_lines() if line.get_label() == "non-dominated")
+    assert alone.get_xdata().tolist() == [9_000] and alone.get_marker() == "o"  # a front of one point is ringed
     out = tmp_path / "pareto.png"
     assert main(["plot", "--pareto", str(runs), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -247,8 +247,9 @@ def pareto_figure(runs: list[Run], metric: str = "accuracy", title: str | None =
                         xytext=(5, 4), fontsize=7, color=colours[method])
             points.append((x, y))
         front = pareto_front(points, higher)
+        # ringed as well as joined, so that a front of one point shows
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="black", linestyle="--",
-                linewidth=1, label="non-dominated", zorder=0)
+                linewidth=1, marker="o", markersize=12, markerfacecolor="none", label="non-dominated", zorder=0)
         _bytes_axis(ax)
         ax.set_xlabel("total bytes of the run, all clients, up and down (log scale)")
         ax.set_ylabel(f"final {metric}")
