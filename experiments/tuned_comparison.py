@@ -285,13 +285,16 @@ def other_rank_table(out: Path, variants: list[str], epsilons: list[str]) -> lis
                            if (f / "summary.json").is_file()]
                 if folders:
                     row = row_of(folders)
+                    trained = row["trained"] or {}
                     lines.append(f"| {VARIANTS[variant][2]} | {rank} | {epsilon} | {row['lr']:g} | "
+                                 f"{row['local_steps']} | {trained.get('adapter', 0):,} / {trained.get('head', 0):,} | "
                                  f"{row['megabytes']:.1f} | {cell(row)} |")
     if not lines:
         return []
     return ["", "Other ranks, for the accuracy-per-byte front, each at the setting tuned for its method's main rank "
             "(r = 8; Fed-SB r = 16 at r = 32's, r = 128 at r = 64's):", "",
-            "| method | rank | epsilon | lr | MB per run | accuracy |", "|---|---|---|---|---|---|", *lines]
+            "| method | rank | epsilon | lr | local steps | trained numbers (adapter / head) | MB per run | accuracy |",
+            "|---|---|---|---|---|---|---|---|", *lines]
 
 
 def ablation_runs(out: Path, record: dict, seeds: list[int], run: bool = True) -> dict[str, list[Path]]:
