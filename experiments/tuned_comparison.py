@@ -169,6 +169,11 @@ def row_of(folders: list[Path]) -> dict:
             "megabytes": statistics.mean((s["bytes_up_total"] + s["bytes_down_total"]) / 1e6 for s in summaries)}
 
 
+def trained_text(row: dict) -> str:
+    trained = row["trained"] or {}
+    return f"{trained.get('adapter', 0):,} / {trained.get('head', 0):,}"
+
+
 def cell(row: dict | None) -> str:
     if row is None:
         return "-"
@@ -225,12 +230,10 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
     for (variant, epsilon), row in rows.items():
         if row is None:
             continue
-        trained = row["trained"] or {}
         step = ("-" if not variant.startswith("fedsb") else
                 "rule" if row["init_lr"] is None else f"{row['init_lr']:g}")
         lines.append(f"| {VARIANTS[variant][2]} | {row['rank']} | {epsilon} | {row['lr']:g} | {step} | "
-                     f"{row['local_steps']} | {trained.get('adapter', 0):,} / {trained.get('head', 0):,} | "
-                     f"{row['megabytes']:.1f} | {cell(row)} |")
+                     f"{row['local_steps']} | {trained_text(row)} | {row['megabytes']:.1f} | {cell(row)} |")
     if not any(rows.values()):
         lines[2:] = ["No final run yet."]
     lines += other_rank_table(out, variants, epsilons)
@@ -260,8 +263,9 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
     return markdown
 
 
-def other_rank_folder(out: Path, variant: str, rank: int, epsilon: str, seed: int) -> Path:
-    return out / "runs" / "ranks" / f"{variant}_r{rank}_eps{epsilon}_seed{seed}"
+def other_rank_name(variant: str, rank: int, epsilon: str, seed: int | str) -> str:
+    """The run folder's name under OUT/runs (seed "*": every seed's, as a glob)."""
+    return f"ranks/{variant}_r{rank}_eps{epsilon}_seed{seed}"
 
 
 def other_rank_runs(out: Path, record: dict, variants: list[str], epsilons: list[str], seeds: list[int]) -> None:
@@ -271,8 +275,8 @@ def other_rank_runs(out: Path, record: dict, variants: list[str], epsilons: list
             setting = tuned(out, record, variant, epsilon)
             for rank in OTHER_RANKS[variant]:
                 for seed in seeds:
-                    folder = other_rank_folder(out, variant, rank, epsilon, seed)
-                    final_run(out, record, variant, epsilon, seed, setting, name=str(folder.relative_to(out / "runs")),
+                    name = other_rank_name(variant, rank, epsilon, seed)
+                    final_run(out, record, variant, epsilon, seed, setting, name=name,
                               extra=("--set", f"adapter.rank={rank}"))
 
 
@@ -281,14 +285,12 @@ def other_rank_table(out: Path, variants: list[str], epsilons: list[str]) -> lis
     for epsilon in [e for e in OTHER_RANK_EPSILONS if e in epsilons]:
         for variant in variants:
             for rank in OTHER_RANKS[variant]:
-                folders = [f for f in sorted((out / "runs" / "ranks").glob(f"{variant}_r{rank}_eps{epsilon}_seed*"))
+                folders = [f for f in sorted((out / "runs").glob(other_rank_name(variant, rank, epsilon, "*")))
                            if (f / "summary.json").is_file()]
                 if folders:
                     row = row_of(folders)
-                    trained = row["trained"] or {}
                     lines.append(f"| {VARIANTS[variant][2]} | {rank} | {epsilon} | {row['lr']:g} | "
-                                 f"{row['local_steps']} | {trained.get('adapter', 0):,} / {trained.get('head', 0):,} | "
-                                 f"{row['megabytes']:.1f} | {cell(row)} |")
+                                 f"{row['local_steps']} | {trained_text(row)} | {row['megabytes']:.1f} | {cell(row)} |")
     if not lines:
         return []
     return ["", "Other ranks, for the accuracy-per-byte front, each at the setting tuned for its method's main rank "
