@@ -187,3 +187,27 @@ def test_fedlora_plot_pareto_draws_means_spreads_and_the_front(tmp_path, capsys)
     out = tmp_path / "pareto.png"
     assert main(["plot", "--pareto", str(runs), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_pareto_labels_of_crowded_points_do_not_overlap(tmp_path):
+    from fedlora.plots import pareto_figure, read_run
+
+    def with_total(folder, total):
+        summary = json.loads((folder / "summary.json").read_text())
+        (folder / "summary.json").write_text(json.dumps(summary | {"bytes_up_total": total, "bytes_down_total": 0}))
+        return folder
+
+    # five (method, rank) points within 10% in bytes and 0.004 in accuracy, on an axis that spans 0.2 for a sixth:
+    # their labels would all print at one spot
+    runs = [with_total(write_run(tmp_path / f"{method}{rank}", [0.5, accuracy], [5, 5], method=method, rank=rank),
+                       total)
+            for method, rank, accuracy, total in [("ffa", 4, 0.800, 14_000_000), ("fedsb", 32, 0.801, 14_300_000),
+                                                  ("fedit", 4, 0.802, 14_600_000), ("ffa", 8, 0.803, 14_900_000),
+                                                  ("fedsb", 16, 0.804, 15_200_000), ("fedit", 8, 0.6, 90_000_000)]]
+    fig = pareto_figure([read_run(f) for f in runs])
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(text, renderer) for text in fig.axes[0].texts if text.get_text()]  # not leaders
+    assert len(boxes) == 6
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

@@ -231,6 +231,7 @@ def pareto_figure(runs: list[Run], metric: str = "accuracy", title: str | None =
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.6), squeeze=False)
     higher = higher_is_better(metric)
+    labels = []
     for ax, eps in zip(axes[0], settings):
         points, shown = [], set()
         for (label, e), members in groups.items():
@@ -243,8 +244,10 @@ def pareto_figure(runs: list[Run], metric: str = "accuracy", title: str | None =
             ax.errorbar([x], [y], yerr=[spread], marker="o", capsize=3, color=colours[method],
                         label=method if method not in shown else None, linestyle="none")
             shown.add(method)
-            ax.annotate(f"{label[len(method):].strip()} (n={len(finals)})", (x, y), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7, color=colours[method])
+            labels.append(ax.annotate(f"{label[len(method):].strip()} (n={len(finals)})", (x, y),
+                                      textcoords="offset points", xytext=(5, 4), fontsize=7, color=colours[method],
+                                      bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none",
+                                            "alpha": 0.8}, zorder=4))
             points.append((x, y))
         front = pareto_front(points, higher)
         # ringed as well as joined, so that a front of one point shows
@@ -259,7 +262,32 @@ def pareto_figure(runs: list[Run], metric: str = "accuracy", title: str | None =
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _keep_apart(fig, labels)
     return fig
+
+
+def _keep_apart(fig, labels) -> None:
+    """Move each point's label up or down, in steps of its height, to the nearest place inside its panel where it
+    overlaps no label placed before it, and join a moved label to its point: points a few MB and a few tenths of
+    a point apart would otherwise print their labels over each other."""
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for label in sorted(labels, key=lambda a: (a.xy[1], a.xy[0])):
+        x, y = label.xyann
+        step = Text.get_window_extent(label, renderer).height * 72 / fig.dpi + 1
+        panel = label.axes.get_window_extent(renderer)
+        for k in (0, *[sign * k for k in range(1, 12) for sign in (1, -1)], 0):  # none free: where it was
+            label.xyann = (x, y + k * step)
+            box = Text.get_window_extent(label, renderer)  # the text's own box
+            if (panel.y0 <= box.y0 and box.y1 <= panel.y1) and not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
+        if k:
+            label.axes.annotate("", label.xy, xytext=label.xyann, textcoords="offset points", zorder=3,
+                                arrowprops={"arrowstyle": "-", "color": label.get_color(), "linewidth": 0.5,
+                                            "shrinkA": 0, "shrinkB": 3})
 
 
 def plot_pareto(runs: list[Run], out: str | Path, metric: str = "accuracy", title: str | None = None) -> Path:
