@@ -36,6 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from dp_comparison import DEV_EXAMPLES, verdict  # noqa: E402
+from fedlora.run_folder import read_log  # noqa: E402
 
 RECIPE = HERE.parent / "examples" / "sst2_dp.toml"
 RESULTS = HERE.parent / "results"
@@ -157,6 +158,12 @@ def ran_with(folder: Path, setting: dict) -> bool:
     return True
 
 
+def run_minutes(folder: Path) -> float:
+    """The run's wall time: its rounds' seconds summed (the set-up and the final evaluation included), so that a
+    run resumed after a stop counts every part of it."""
+    return sum(row.get("seconds") or 0 for row in read_log(folder / "rounds.jsonl")) / 60
+
+
 def row_of(folders: list[Path]) -> dict:
     summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
     accuracies = [s["final_eval"]["accuracy"] for s in summaries]
@@ -166,7 +173,8 @@ def row_of(folders: list[Path]) -> dict:
             "lr": config["train"]["lr"], "init_lr": config["fedsb"]["init_lr"], "rank": config["adapter"]["rank"],
             "local_steps": config["federation"]["rounds"] * config["train"]["local_steps"],
             "trained": summaries[0].get("trained_numbers"),
-            "megabytes": statistics.mean((s["bytes_up_total"] + s["bytes_down_total"]) / 1e6 for s in summaries)}
+            "megabytes": statistics.mean((s["bytes_up_total"] + s["bytes_down_total"]) / 1e6 for s in summaries),
+            "minutes": statistics.mean(run_minutes(f) for f in folders)}
 
 
 def trained_text(row: dict) -> str:
@@ -194,8 +202,9 @@ def tuning_table(out: Path, variants: list[str], epsilons: list[str]) -> list[st
             folder = out / "tune" / f"{variant}_eps{epsilon}"
             tuning = json.loads((folder / "tuning.json").read_text()) if (folder / "tuning.json").is_file() else None
             chosen = {t["folder"] for t in tuning["trials"] if t["setting"] == tuning["best"]} if tuning else set()
-            cells = []
+            cells, minutes = [], 0.0
             for summary in sorted(folder.glob("trials/*/summary.json")):
+                minutes += run_minutes(summary.parent)
                 config = json.loads(summary.read_text())
                 label = f"lr {config['config']['train']['lr']:g}"
                 if variant.startswith("fedsb"):
@@ -205,12 +214,13 @@ def tuning_table(out: Path, variants: list[str], epsilons: list[str]) -> list[st
                 cells.append(f"**{text}**" if str(summary.parent.relative_to(folder)) in chosen else text)
             if cells:
                 state = "" if tuning else " (tuning not finished)"
-                lines.append(f"| {VARIANTS[variant][2]}, r = {VARIANTS[variant][1]} | {epsilon} | "
+                lines.append(f"| {VARIANTS[variant][2]}, r = {VARIANTS[variant][1]} | {epsilon} | {minutes:.0f} | "
                              + "; ".join(cells) + state + " |")
     if not lines:
         return []
     return ["", "Held-out accuracy of every tuning trial (a tenth of the training rows, seed 0; the chosen setting "
-            "in bold):", "", "| method | epsilon | trials |", "|---|---|---|", *lines]
+            "in bold) and the tuning's minutes (its trials' summed):", "", "| method | epsilon | minutes | trials |",
+            "|---|---|---|---|", *lines]
 
 
 def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: dict[str, list[Path]]) -> str:
@@ -226,14 +236,15 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
              f"Fed-SB also its set-up step: the reference's rule or 1e-5), "
              f"then the dev split ({DEV_EXAMPLES} sentences), mean ± sample std over seeds.", "",
              "| method | rank | epsilon | lr | Fed-SB set-up step | local steps | trained numbers (adapter / head) "
-             "| MB per run | accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+             "| MB per run | minutes a run | accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, epsilon), row in rows.items():
         if row is None:
             continue
         step = ("-" if not variant.startswith("fedsb") else
                 "rule" if row["init_lr"] is None else f"{row['init_lr']:g}")
         lines.append(f"| {VARIANTS[variant][2]} | {row['rank']} | {epsilon} | {row['lr']:g} | {step} | "
-                     f"{row['local_steps']} | {trained_text(row)} | {row['megabytes']:.1f} | {cell(row)} |")
+                     f"{row['local_steps']} | {trained_text(row)} | {row['megabytes']:.1f} | {row['minutes']:.1f} | "
+                     f"{cell(row)} |")
     if not any(rows.values()):
         lines[2:] = ["No final run yet."]
     lines += other_rank_table(out, variants, epsilons)
@@ -245,12 +256,19 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
         lines.append(f"- {claim}: " + "; ".join(verdicts))
     if ablation:
         lines += ["", "Fed-SB's set-up without DP, at its tuned rate (mean ± sample std over seeds):", "",
-                  "| rank | set-up step | set-up data | accuracy |", "|---|---|---|---|"]
+                  "| rank | set-up step | set-up data | minutes a run | accuracy |", "|---|---|---|---|---|"]
         for name, folders in ablation.items():
             done = [f for f in folders if (f / "summary.json").is_file()]
             if done:
                 rank, step, data = name.split("_")[:3]
-                lines.append(f"| {rank[1:]} | {step} | {data} | {cell(row_of(done))} |")
+                row = row_of(done)
+                lines.append(f"| {rank[1:]} | {step} | {data} | {row['minutes']:.1f} | {cell(row)} |")
+    runs = [f.parent for f in (out / "runs").rglob("summary.json")]
+    trials = [f.parent for f in (out / "tune").rglob("trials/*/summary.json")]
+    lines += ["", f"Wall time of what is recorded, the rounds' seconds summed: {len(runs)} runs, "
+              f"{sum(map(run_minutes, runs)) / 60:.1f} h; {len(trials)} tuning trials, "
+              f"{sum(map(run_minutes, trials)) / 60:.1f} h, on a 2-core CPU, most of them two at a time with one torch "
+              "thread each (a run's minutes vary with what else ran beside it)."]
     markdown = "\n".join(lines) + "\n"
     (RESULTS / "tuned_comparison.md").write_text(markdown)
     finals = [f for pattern in ("*_eps*_seed*", "ranks/*_eps*_seed*") for f in sorted((out / "runs").glob(pattern))
@@ -290,13 +308,14 @@ def other_rank_table(out: Path, variants: list[str], epsilons: list[str]) -> lis
                 if folders:
                     row = row_of(folders)
                     lines.append(f"| {VARIANTS[variant][2]} | {rank} | {epsilon} | {row['lr']:g} | "
-                                 f"{row['local_steps']} | {trained_text(row)} | {row['megabytes']:.1f} | {cell(row)} |")
+                                 f"{row['local_steps']} | {trained_text(row)} | {row['megabytes']:.1f} | "
+                                 f"{row['minutes']:.1f} | {cell(row)} |")
     if not lines:
         return []
     return ["", "Other ranks, for the accuracy-per-byte front, each at the setting tuned for its method's main rank "
             "(r = 8; Fed-SB r = 16 at r = 32's, r = 128 at r = 64's):", "",
-            "| method | rank | epsilon | lr | local steps | trained numbers (adapter / head) | MB per run | accuracy |",
-            "|---|---|---|---|---|---|---|---|", *lines]
+            "| method | rank | epsilon | lr | local steps | trained numbers (adapter / head) | MB per run | "
+            "minutes a run | accuracy |", "|---|---|---|---|---|---|---|---|---|", *lines]
 
 
 def ablation_runs(out: Path, record: dict, seeds: list[int], run: bool = True) -> dict[str, list[Path]]:
