@@ -36,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from dp_comparison import DEV_EXAMPLES, verdict  # noqa: E402
-from fedlora.run_folder import read_log  # noqa: E402
+from fedlora.run_folder import logged_seconds  # noqa: E402
 
 RECIPE = HERE.parent / "examples" / "sst2_dp.toml"
 RESULTS = HERE.parent / "results"
@@ -159,9 +159,7 @@ def ran_with(folder: Path, setting: dict) -> bool:
 
 
 def run_minutes(folder: Path) -> float:
-    """The run's wall time: its rounds' seconds summed (the set-up and the final evaluation included), so that a
-    run resumed after a stop counts every part of it."""
-    return sum(row.get("seconds") or 0 for row in read_log(folder / "rounds.jsonl")) / 60
+    return logged_seconds(folder) / 60
 
 
 def row_of(folders: list[Path]) -> dict:

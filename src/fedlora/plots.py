@@ -278,7 +278,7 @@ def _keep_apart(fig, labels) -> None:
         x, y = label.xyann
         step = Text.get_window_extent(label, renderer).height * 72 / fig.dpi + 1
         panel = label.axes.get_window_extent(renderer)
-        for k in (0, *[sign * k for k in range(1, 12) for sign in (1, -1)], 0):  # none free: where it was
+        for k in (0, *(sign * i for i in range(1, 12) for sign in (1, -1)), 0):  # none free: where it was
             label.xyann = (x, y + k * step)
             box = Text.get_window_extent(label, renderer)  # the text's own box
             if (panel.y0 <= box.y0 and box.y1 <= panel.y1) and not any(box.overlaps(other) for other in placed):

@@ -83,6 +83,12 @@ def read_log(path: Path) -> list[dict]:
     return rows
 
 
+def logged_seconds(folder: str | Path) -> float:
+    """The run's wall time: the seconds of every round its log holds (set-up and final evaluation included), so
+    that a run resumed after a stop counts every part of it."""
+    return sum(row.get("seconds") or 0.0 for row in read_log(Path(folder) / ROUNDS_LOG))
+
+
 def read_summary(folder: str | Path) -> dict:
     """A finished run's summary.json (with its config), or one line saying why the folder has none."""
     folder = Path(folder)

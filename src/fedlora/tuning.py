@@ -25,7 +25,7 @@ from . import config as config_module
 from .config import Config, apply_overrides, map_paths, parse_override, toml_value
 from .errors import ConfigError
 from .files import atomic_write
-from .run_folder import ROUNDS_LOG, read_log, read_summary
+from .run_folder import ROUNDS_LOG, logged_seconds, read_log, read_summary
 
 DEFAULT_HOLDOUT = 0.1
 # Tuning on private data is itself a release: the cost of choosing among runs is not in any run's epsilon.
@@ -129,7 +129,7 @@ def _read_trial(trial: Trial, metric: str, pick: str) -> None:
     summary = read_summary(trial.folder)
     trial.metric = _metric_of(trial.folder, metric, pick)
     trial.bytes_up, trial.bytes_down = summary["bytes_up_total"], summary["bytes_down_total"]
-    trial.seconds = round(sum(r.get("seconds") or 0.0 for r in read_log(trial.folder / ROUNDS_LOG)), 2)
+    trial.seconds = round(logged_seconds(trial.folder), 2)
     privacy = summary.get("privacy") or {}
     trial.epsilon = privacy.get("epsilon", privacy.get("epsilon_max"))
 
