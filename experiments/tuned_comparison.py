@@ -253,14 +253,19 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
                     for e in epsilons if e != "none"]
         lines.append(f"- {claim}: " + "; ".join(verdicts))
     if ablation:
-        lines += ["", "Fed-SB's set-up without DP, at its tuned rate (mean ± sample std over seeds):", "",
-                  "| rank | set-up step | set-up data | minutes a run | accuracy |", "|---|---|---|---|---|"]
+        lines += ["", "Fed-SB's set-up without DP, at its tuned rate (mean ± sample std over seeds; the tuned set-up's "
+                  "cell is the main table's runs; the clients' set-up charges their uploads):", "",
+                  "| rank | lr | set-up step | set-up data | MB per run | minutes a run | accuracy |",
+                  "|---|---|---|---|---|---|---|"]
         for name, folders in ablation.items():
             done = [f for f in folders if (f / "summary.json").is_file()]
             if done:
                 rank, step, data = name.split("_")[:3]
                 row = row_of(done)
-                lines.append(f"| {rank[1:]} | {step} | {data} | {row['minutes']:.1f} | {cell(row)} |")
+                if row["init_lr"] is not None:
+                    step = f"{row['init_lr']:g}" + (" (train.lr)" if step == "train.lr" else "")
+                lines.append(f"| {rank[1:]} | {row['lr']:g} | {step} | {data} | {row['megabytes']:.1f} | "
+                             f"{row['minutes']:.1f} | {cell(row)} |")
     runs = [f.parent for f in (out / "runs").rglob("summary.json")]
     trials = [f.parent for f in (out / "tune").rglob("trials/*/summary.json")]
     lines += ["", f"Wall time of what is recorded, the rounds' seconds summed: {len(runs)} runs, "
