@@ -141,6 +141,11 @@ def final_run(out: Path, record: dict, variant: str, epsilon: str, seed: int, se
     return folder
 
 
+def step_text(step: float | None) -> str:
+    """Fed-SB's set-up step as the tables give it (None: the reference's rule)."""
+    return "rule" if step is None else f"{step:g}"
+
+
 def rate_text(rate: float) -> str:
     """1e-05 as 1e-5, 0.05 as 5e-2."""
     return f"{rate:.0e}".replace("e-0", "e-")
@@ -207,7 +212,7 @@ def tuning_table(out: Path, variants: list[str], epsilons: list[str]) -> list[st
                 label = f"lr {config['config']['train']['lr']:g}"
                 if variant.startswith("fedsb"):
                     step = config["config"]["fedsb"]["init_lr"]
-                    label += ", step " + ("rule" if step is None else f"{step:g}")
+                    label += ", step " + step_text(step)
                 text = f"{label}: {config['final_eval']['accuracy']:.4f}"
                 cells.append(f"**{text}**" if str(summary.parent.relative_to(folder)) in chosen else text)
             if cells:
@@ -238,8 +243,7 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
     for (variant, epsilon), row in rows.items():
         if row is None:
             continue
-        step = ("-" if not variant.startswith("fedsb") else
-                "rule" if row["init_lr"] is None else f"{row['init_lr']:g}")
+        step = step_text(row["init_lr"]) if variant.startswith("fedsb") else "-"
         lines.append(f"| {VARIANTS[variant][2]} | {row['rank']} | {epsilon} | {row['lr']:g} | {step} | "
                      f"{row['local_steps']} | {trained_text(row)} | {row['megabytes']:.1f} | {row['minutes']:.1f} | "
                      f"{cell(row)} |")
@@ -262,8 +266,7 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
             if done:
                 rank, step, data = name.split("_")[:3]
                 row = row_of(done)
-                if row["init_lr"] is not None:
-                    step = f"{row['init_lr']:g}" + (" (train.lr)" if step == "train.lr" else "")
+                step = step_text(row["init_lr"]) + (" (train.lr)" if step == "train.lr" else "")
                 lines.append(f"| {rank[1:]} | {row['lr']:g} | {step} | {data} | {row['megabytes']:.1f} | "
                              f"{row['minutes']:.1f} | {cell(row)} |")
     runs = [f.parent for f in (out / "runs").rglob("summary.json")]
