@@ -274,7 +274,10 @@ def write_tables(out: Path, variants: list[str], epsilons: list[str], ablation: 
     lines += ["", f"Wall time of what is recorded, the rounds' seconds summed: {len(runs)} runs, "
               f"{sum(map(run_minutes, runs)) / 60:.1f} h; {len(trials)} tuning trials, "
               f"{sum(map(run_minutes, trials)) / 60:.1f} h, on a 2-core CPU, most of them two at a time with one torch "
-              "thread each (a run's minutes vary with what else ran beside it)."]
+              "thread each (a run's minutes vary with what else ran beside it). Made by "
+              "`FEDLORA_DATA_DIR=../shared/data .venv/bin/python experiments/tuned_comparison.py`; every finished "
+              "run and tuning is recorded in results/tuned_comparison.json, and `--keep-recorded --report` rewrites "
+              "these tables and the figure from that record alone."]
     markdown = "\n".join(lines) + "\n"
     (RESULTS / "tuned_comparison.md").write_text(markdown)
     finals = [f for pattern in ("*_eps*_seed*", "ranks/*_eps*_seed*") for f in sorted((out / "runs").glob(pattern))
